@@ -1,0 +1,364 @@
+//! The idempotency key: parsing, validation and the header names.
+//!
+//! A key is 1 to 255 characters of visible ASCII. On the wire it is either a bare token
+//! (`Idempotency-Key: order-42`) or, as the IETF draft "The Idempotency-Key HTTP Header Field"
+//! writes it, a structured-field string (`Idempotency-Key: "order-42"`). Both name the same key,
+//! and a quoted string may also contain spaces.
+//!
+//! # Example
+//!
+//! ```
+//! use http::HeaderValue;
+//! use tower_idempotency::IdempotencyKey;
+//!
+//! let bare = IdempotencyKey::new("deploy-v1")?;
+//! let quoted = IdempotencyKey::from_header_value(&HeaderValue::from_static("\"deploy-v1\""))?;
+//! assert_eq!(bare, quoted);
+//! assert_eq!(quoted.as_str(), "deploy-v1");
+//!
+//! // `auto()` gives a fresh UUID v4.
+//! let auto = IdempotencyKey::auto();
+//! assert_eq!(auto.as_str().len(), 36);
+//!
+//! // Bad keys say what is wrong with them.
+//! let err = IdempotencyKey::new("").unwrap_err();
+//! assert_eq!(err.to_string(), "the idempotency key is empty; send 1 to 255 visible ASCII characters");
+//! # Ok::<(), tower_idempotency::InvalidKey>(())
+//! ```
+
+use std::{fmt, str::FromStr, sync::Arc};
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// The `Idempotency-Key` request header.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// The `Idempotent-Replayed` response header, set to `true` on a replayed response.
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// The longest key accepted, in characters.
+pub const MAX_KEY_LEN: usize = 255;
+
+/// An idempotency key: 1 to 255 characters of visible ASCII (and spaces, which only the quoted
+/// form can carry).
+///
+/// Cloning is cheap. On the client, put one in a request's extensions to have
+/// [`IdempotencyLayer`](crate::client::IdempotencyLayer) send it.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IdempotencyKey(Arc<str>);
+
+impl IdempotencyKey {
+    /// Checks `key` and wraps it: 1 to 255 characters of visible ASCII or spaces. The value is
+    /// taken as it is, not unquoted.
+    pub fn new(key: impl AsRef<str>) -> Result<Self, InvalidKey> {
+        let key = key.as_ref();
+        validate(key.as_bytes(), true)?;
+        Ok(Self(Arc::from(key)))
+    }
+
+    /// A fresh random key, a UUID v4 in its hyphenated form.
+    pub fn auto() -> Self {
+        let mut buf = uuid::Uuid::encode_buffer();
+        let s = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+        Self(Arc::from(&*s))
+    }
+
+    /// The key itself, without quotes.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Parses one header value, in the bare form or as a structured-field string.
+    pub fn from_header_value(value: &HeaderValue) -> Result<Self, InvalidKey> {
+        let raw = trim_ows(value.as_bytes());
+        match raw {
+            [b'"', inner @ ..] => {
+                let Some(inner) = inner.strip_suffix(b"\"") else {
+                    return Err(InvalidKey::UnterminatedQuote);
+                };
+                let unescaped = unescape(inner)?;
+                validate(&unescaped, true)?;
+                // `validate` admitted only ASCII.
+                Ok(Self(Arc::from(String::from_utf8_lossy(&unescaped).as_ref())))
+            }
+            _ => {
+                validate(raw, false)?;
+                Ok(Self(Arc::from(String::from_utf8_lossy(raw).as_ref())))
+            }
+        }
+    }
+
+    /// Reads the key from `headers[name]`: `Ok(None)` when the header is absent, an error when it
+    /// is invalid or given more than once.
+    pub fn from_headers(headers: &HeaderMap, name: &HeaderName) -> Result<Option<Self>, InvalidKey> {
+        let mut values = headers.get_all(name).iter();
+        let Some(first) = values.next() else {
+            return Ok(None);
+        };
+        if values.next().is_some() {
+            return Err(InvalidKey::Repeated);
+        }
+        Self::from_header_value(first).map(Some)
+    }
+
+    /// The key as a header value: the bare form, or a quoted string when the key has a space or
+    /// starts with a quote.
+    pub fn to_header_value(&self) -> HeaderValue {
+        if self.0.contains(' ') || self.0.starts_with('"') {
+            let mut quoted = String::with_capacity(self.0.len() + 2);
+            quoted.push('"');
+            for c in self.0.chars() {
+                if c == '"' || c == '\\' {
+                    quoted.push('\\');
+                }
+                quoted.push(c);
+            }
+            quoted.push('"');
+            HeaderValue::try_from(quoted).expect("a validated key is a valid header value")
+        } else {
+            HeaderValue::from_str(&self.0).expect("a validated key is a valid header value")
+        }
+    }
+}
+
+impl fmt::Debug for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for IdempotencyKey {
+    type Err = InvalidKey;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+impl AsRef<str> for IdempotencyKey {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Why a key was refused. The message says what a valid key looks like.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InvalidKey {
+    /// The key has no characters.
+    Empty,
+    /// The key is longer than [`MAX_KEY_LEN`].
+    TooLong {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// The key holds a byte that is not visible ASCII (a control character, non-ASCII, or a
+    /// space outside a quoted string).
+    InvalidCharacter {
+        /// Where it is, counted in bytes from the start of the key.
+        position: usize,
+    },
+    /// A quoted key has no closing quote.
+    UnterminatedQuote,
+    /// A quoted key has a backslash that escapes neither `"` nor `\`.
+    InvalidEscape,
+    /// The header was given more than once.
+    Repeated,
+}
+
+impl fmt::Display for InvalidKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const HINT: &str = "send 1 to 255 visible ASCII characters";
+        match self {
+            Self::Empty => write!(f, "the idempotency key is empty; {HINT}"),
+            Self::TooLong { len } => write!(
+                f,
+                "the idempotency key is {len} characters long, more than {MAX_KEY_LEN}; {HINT}"
+            ),
+            Self::InvalidCharacter { position } => write!(
+                f,
+                "the idempotency key has a control, non-ASCII or space character at position {position}; \
+                 {HINT} (spaces only inside a quoted key)"
+            ),
+            Self::UnterminatedQuote => {
+                write!(f, "the quoted idempotency key has no closing quote; send \"key\" or key")
+            }
+            Self::InvalidEscape => write!(
+                f,
+                "the quoted idempotency key has a backslash that escapes neither '\"' nor '\\'"
+            ),
+            Self::Repeated => write!(
+                f,
+                "the idempotency key header was given more than once; send it exactly once"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for InvalidKey {}
+
+fn trim_ows(mut b: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = b {
+        b = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = b {
+        b = rest;
+    }
+    b
+}
+
+fn unescape(inner: &[u8]) -> Result<Vec<u8>, InvalidKey> {
+    let mut out = Vec::with_capacity(inner.len());
+    let mut bytes = inner.iter().copied();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'\\' => match bytes.next() {
+                Some(e @ (b'"' | b'\\')) => out.push(e),
+                _ => return Err(InvalidKey::InvalidEscape),
+            },
+            // An unescaped quote inside the string ends it early: the value is malformed.
+            b'"' => return Err(InvalidKey::InvalidCharacter { position: out.len() }),
+            b => out.push(b),
+        }
+    }
+    Ok(out)
+}
+
+fn validate(key: &[u8], spaces_allowed: bool) -> Result<(), InvalidKey> {
+    if key.is_empty() {
+        return Err(InvalidKey::Empty);
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(InvalidKey::TooLong { len: key.len() });
+    }
+    match key
+        .iter()
+        .position(|&b| !(b.is_ascii_graphic() || (spaces_allowed && b == b' ')))
+    {
+        Some(position) => Err(InvalidKey::InvalidCharacter { position }),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &[u8]) -> Result<IdempotencyKey, InvalidKey> {
+        IdempotencyKey::from_header_value(&HeaderValue::from_bytes(raw).unwrap())
+    }
+
+    #[test]
+    fn bare_and_quoted_forms_name_the_same_key() {
+        assert_eq!(parse(b"abc").unwrap(), parse(b"\"abc\"").unwrap());
+        assert_eq!(parse(b"\"abc\"").unwrap().as_str(), "abc");
+        assert_eq!(parse(b"  abc\t").unwrap().as_str(), "abc");
+    }
+
+    #[test]
+    fn quoted_form_allows_spaces_and_escapes() {
+        assert_eq!(parse(b"\"a b\"").unwrap().as_str(), "a b");
+        assert_eq!(parse(br#""a\"b\\c""#).unwrap().as_str(), r#"a"b\c"#);
+        assert_eq!(parse(br#""a\nb""#), Err(InvalidKey::InvalidEscape));
+        assert_eq!(parse(b"\"abc"), Err(InvalidKey::UnterminatedQuote));
+        assert_eq!(parse(b"\"\""), Err(InvalidKey::Empty));
+        assert!(matches!(parse(b"\"a\"b\""), Err(InvalidKey::InvalidCharacter { .. })));
+    }
+
+    #[test]
+    fn bare_form_rejects_spaces() {
+        assert_eq!(
+            parse(b"a b"),
+            Err(InvalidKey::InvalidCharacter { position: 1 })
+        );
+        // A key with a space is still a key; it travels quoted.
+        let spaced = IdempotencyKey::new("a b").unwrap();
+        assert_eq!(spaced.to_header_value(), "\"a b\"");
+    }
+
+    #[test]
+    fn length_boundary_is_255() {
+        let ok = "k".repeat(255);
+        assert_eq!(parse(ok.as_bytes()).unwrap().as_str(), ok);
+        assert_eq!(parse(format!("\"{ok}\"").as_bytes()).unwrap().as_str(), ok);
+        let long = "k".repeat(256);
+        assert_eq!(parse(long.as_bytes()), Err(InvalidKey::TooLong { len: 256 }));
+        assert_eq!(
+            parse(format!("\"{long}\"").as_bytes()),
+            Err(InvalidKey::TooLong { len: 256 })
+        );
+        assert_eq!(parse(b""), Err(InvalidKey::Empty));
+    }
+
+    #[test]
+    fn control_characters_and_non_ascii_are_refused() {
+        // DEL and NUL cannot even form a header value; keys built in code are checked too.
+        assert!(HeaderValue::from_bytes(b"ab\x7fc").is_err());
+        assert_eq!(
+            IdempotencyKey::new("ab\x7fc"),
+            Err(InvalidKey::InvalidCharacter { position: 2 })
+        );
+        assert_eq!(
+            IdempotencyKey::new("\0"),
+            Err(InvalidKey::InvalidCharacter { position: 0 })
+        );
+        assert_eq!(
+            parse("clé".as_bytes()),
+            Err(InvalidKey::InvalidCharacter { position: 2 })
+        );
+        assert_eq!(
+            parse("\"clé\"".as_bytes()),
+            Err(InvalidKey::InvalidCharacter { position: 2 })
+        );
+        assert_eq!(
+            IdempotencyKey::new("a\tb"),
+            Err(InvalidKey::InvalidCharacter { position: 1 })
+        );
+        assert_eq!(
+            IdempotencyKey::new("a\nb"),
+            Err(InvalidKey::InvalidCharacter { position: 1 })
+        );
+    }
+
+    #[test]
+    fn header_given_twice_is_refused() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(IdempotencyKey::from_headers(&headers, &IDEMPOTENCY_KEY), Ok(None));
+        headers.append(IDEMPOTENCY_KEY, HeaderValue::from_static("a"));
+        assert_eq!(
+            IdempotencyKey::from_headers(&headers, &IDEMPOTENCY_KEY)
+                .unwrap()
+                .unwrap()
+                .as_str(),
+            "a"
+        );
+        headers.append(IDEMPOTENCY_KEY, HeaderValue::from_static("a"));
+        assert_eq!(
+            IdempotencyKey::from_headers(&headers, &IDEMPOTENCY_KEY),
+            Err(InvalidKey::Repeated)
+        );
+    }
+
+    #[test]
+    fn auto_keys_are_uuid_v4() {
+        let a = IdempotencyKey::auto();
+        let b = IdempotencyKey::auto();
+        assert_ne!(a, b);
+        let uuid = uuid::Uuid::parse_str(a.as_str()).unwrap();
+        assert_eq!(uuid.get_version_num(), 4);
+    }
+
+    #[test]
+    fn header_value_round_trips() {
+        for key in ["plain", "with space", r#"q"uo\te d"#, " padded ", r#""starts-quoted"#] {
+            let key = IdempotencyKey::new(key).unwrap();
+            assert_eq!(IdempotencyKey::from_header_value(&key.to_header_value()).unwrap(), key);
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! An order service behind `IdempotencyService`, to try with curl.
+//!
+//! ```text
+//! cargo run --release --example server -- [--addr 127.0.0.1:3000] [--store memory]
+//!     [--on-conflict wait|reject] [--ttl-secs N] [--wait-timeout-ms N] [--lease-ms N]
+//!     [--scope-header NAME] [--require-key] [--bare]
+//! ```
+//!
+//! - `POST /orders[?delay_ms=N][&status=CODE]` sleeps N ms, counts an execution and answers CODE
+//!   (default 201) with `{"id": .., "executions": .., "request": ..}` and a `Location` header.
+//! - `PATCH /orders/ID` does the same and answers 200.
+//! - `GET /stats` answers `{"executions": N}`.
+//!
+//! `--store` takes `memory` (the default), or with the `redis` feature `redis://HOST:PORT` and
+//! `redis+cluster://HOST:PORT[,HOST:PORT...]`. `--bare` serves the same handlers without the
+//! idempotency layer, as a baseline for benchmarks.
+//!
+//! ```text
+//! curl -i -X POST localhost:3000/orders -H 'Idempotency-Key: order-1' -d '{"sku":"tea"}'
+//! curl -i -X POST localhost:3000/orders -H 'Idempotency-Key: order-1' -d '{"sku":"tea"}'   # replayed
+//! curl -i -X POST localhost:3000/orders -H 'Idempotency-Key: order-1' -d '{"sku":"milk"}'  # 422
+//! ```
+
+use std::{
+    collections::HashMap,
+    process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{Path, Query, State},
+    http::{HeaderName, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, patch, post},
+};
+use serde_json::{Value, json};
+use tower_idempotency::{
+    IdempotencyServiceLayer,
+    server::OnConflict,
+    store::{KeyStore, MemoryStore},
+};
+
+const USAGE: &str = "usage: server [--addr 127.0.0.1:3000] [--store memory|redis://HOST:PORT|redis+cluster://HOST:PORT[,HOST:PORT...]]
+              [--on-conflict wait|reject] [--ttl-secs N] [--wait-timeout-ms N] [--lease-ms N]
+              [--scope-header NAME] [--require-key] [--bare]";
+
+#[derive(Debug)]
+struct Options {
+    addr: String,
+    store: String,
+    on_conflict: OnConflict,
+    ttl: Option<Duration>,
+    wait_timeout: Option<Duration>,
+    lease: Option<Duration>,
+    scope_header: Option<HeaderName>,
+    require_key: bool,
+    bare: bool,
+}
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
+    let mut opts = Options {
+        addr: "127.0.0.1:3000".into(),
+        store: "memory".into(),
+        on_conflict: OnConflict::Wait,
+        ttl: None,
+        wait_timeout: None,
+        lease: None,
+        scope_header: None,
+        require_key: false,
+        bare: false,
+    };
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
+        let number = |v: String| v.parse::<u64>().map_err(|_| format!("{arg} takes a whole number, not {v:?}"));
+        match arg.as_str() {
+            "--addr" => opts.addr = value()?,
+            "--store" => opts.store = value()?,
+            "--on-conflict" => {
+                opts.on_conflict = match value()?.as_str() {
+                    "wait" => OnConflict::Wait,
+                    "reject" => OnConflict::Reject,
+                    other => return Err(format!("--on-conflict takes wait or reject, not {other:?}")),
+                }
+            }
+            "--ttl-secs" => opts.ttl = Some(Duration::from_secs(number(value()?)?)),
+            "--wait-timeout-ms" => opts.wait_timeout = Some(Duration::from_millis(number(value()?)?)),
+            "--lease-ms" => opts.lease = Some(Duration::from_millis(number(value()?)?)),
+            "--scope-header" => {
+                let name = value()?;
+                opts.scope_header =
+                    Some(HeaderName::try_from(name.as_str()).map_err(|_| format!("{name:?} is not a header name"))?);
+            }
+            "--require-key" => opts.require_key = true,
+            "--bare" => opts.bare = true,
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(opts)
+}
+
+async fn open_store(url: &str) -> Result<Arc<dyn KeyStore>, String> {
+    match url {
+        "memory" => Ok(Arc::new(MemoryStore::new())),
+        #[cfg(feature = "redis")]
+        url if url.starts_with("redis://") || url.starts_with("rediss://") => {
+            let store = tower_idempotency::store::RedisStore::connect(url)
+                .await
+                .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+            Ok(Arc::new(store))
+        }
+        #[cfg(feature = "redis")]
+        url if url.starts_with("redis+cluster://") => {
+            let nodes: Vec<String> = url["redis+cluster://".len()..].split(',').map(|n| format!("redis://{n}")).collect();
+            let store = tower_idempotency::store::RedisStore::connect_cluster(nodes)
+                .await
+                .map_err(|e| format!("cannot connect to the cluster {url}: {e}"))?;
+            Ok(Arc::new(store))
+        }
+        #[cfg(not(feature = "redis"))]
+        url if url.starts_with("redis") => {
+            Err(format!("{url}: this build has no Redis store; run with --features redis"))
+        }
+        other => Err(format!("unknown store {other:?}: use memory, redis://HOST:PORT or redis+cluster://HOST:PORT,...")),
+    }
+}
+
+#[derive(Clone, Default)]
+struct AppState {
+    executions: Arc<AtomicU64>,
+}
+
+/// The order handlers, without idempotency.
+fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/orders", post(create_order))
+        .route("/orders/{id}", patch(update_order))
+        .route("/stats", get(stats))
+        .with_state(state)
+}
+
+async fn create_order(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Response {
+    let status = match query.get("status").map(|s| s.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok())) {
+        None => StatusCode::CREATED,
+        Some(Some(status)) => status,
+        Some(None) => return (StatusCode::BAD_REQUEST, "status must be an HTTP status code\n").into_response(),
+    };
+    execute(&state, &query, status, uuid::Uuid::new_v4().to_string(), &body).await
+}
+
+async fn update_order(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Response {
+    execute(&state, &query, StatusCode::OK, id, &body).await
+}
+
+async fn execute(state: &AppState, query: &HashMap<String, String>, status: StatusCode, id: String, body: &[u8]) -> Response {
+    if let Some(delay) = query.get("delay_ms") {
+        let Ok(ms) = delay.parse::<u64>() else {
+            return (StatusCode::BAD_REQUEST, "delay_ms must be a whole number\n").into_response();
+        };
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let executions = state.executions.fetch_add(1, Ordering::SeqCst) + 1;
+    let request = serde_json::from_slice::<Value>(body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into()));
+    let location = format!("/orders/{id}");
+    (status, [(header::LOCATION, location)], Json(json!({ "id": id, "executions": executions, "request": request })))
+        .into_response()
+}
+
+async fn stats(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({ "executions": state.executions.load(Ordering::SeqCst) }))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .init();
+    let opts = match parse_args(std::env::args().skip(1)) {
+        Ok(opts) => opts,
+        Err(err) => {
+            if !err.is_empty() {
+                eprintln!("error: {err}");
+            }
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let store = match open_store(&opts.store).await {
+        Ok(store) => store,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+
+    let mut layer = IdempotencyServiceLayer::with_shared_store(store)
+        .on_conflict(opts.on_conflict)
+        .require_key(opts.require_key);
+    if let Some(ttl) = opts.ttl {
+        layer = layer.retention(ttl);
+    }
+    if let Some(timeout) = opts.wait_timeout {
+        layer = layer.wait_timeout(timeout);
+    }
+    if let Some(lease) = opts.lease {
+        layer = layer.lease(lease);
+    }
+    if let Some(name) = opts.scope_header {
+        layer = layer.scope_by_header(name);
+    }
+    let app = if opts.bare { app(AppState::default()) } else { app(AppState::default()).layer(layer) };
+
+    let listener = match tokio::net::TcpListener::bind(&opts.addr).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            eprintln!("error: cannot listen on {}: {err}", opts.addr);
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = listener.local_addr().expect("a bound listener has an address");
+    println!("listening on {addr} (store: {}{})", opts.store, if opts.bare { ", bare: no idempotency" } else { "" });
+    if let Err(err) = axum::serve(listener, app).await {
+        eprintln!("error: {err}");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,235 @@
+//! The request and response bodies the service hands on.
+
+use std::{
+    collections::VecDeque,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+pin_project! {
+    /// The request body the inner service sees: the original body, or, for a request with an
+    /// idempotency key, the buffered bytes that were fingerprinted.
+    pub struct RequestBody<B> {
+        #[pin]
+        kind: RequestKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = RequestKindProj]
+    enum RequestKind<B> {
+        Inner { #[pin] body: B },
+        Buffered { data: Option<Bytes> },
+    }
+}
+
+impl<B> RequestBody<B> {
+    pub(crate) fn inner(body: B) -> Self {
+        Self { kind: RequestKind::Inner { body } }
+    }
+
+    pub(crate) fn buffered(data: Bytes) -> Self {
+        Self { kind: RequestKind::Buffered { data: (!data.is_empty()).then_some(data) } }
+    }
+}
+
+impl<B> std::fmt::Debug for RequestBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            RequestKind::Inner { .. } => f.write_str("RequestBody::Inner"),
+            RequestKind::Buffered { data } => {
+                write!(f, "RequestBody::Buffered({} bytes)", data.as_ref().map_or(0, Bytes::len))
+            }
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for RequestBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.project().kind.project() {
+            RequestKindProj::Inner { body } => body.poll_frame(cx),
+            RequestKindProj::Buffered { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            RequestKind::Inner { body } => body.is_end_stream(),
+            RequestKind::Buffered { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            RequestKind::Inner { body } => body.size_hint(),
+            RequestKind::Buffered { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+        }
+    }
+}
+
+pin_project! {
+    /// The response body the service answers with: the inner service's body, a buffered or
+    /// replayed one, or an error response's.
+    pub struct ResponseBody<B: Body> {
+        #[pin]
+        kind: ResponseKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = ResponseKindProj]
+    enum ResponseKind<B: Body> {
+        Inner { #[pin] body: B },
+        // Buffered frames, then (when the response was too large to buffer whole) the rest of
+        // the inner body, or the error that cut it short.
+        Buffered { data: VecDeque<Bytes>, trailers: Option<HeaderMap>, rest: Option<Pin<Box<B>>>, error: Option<B::Error> },
+    }
+}
+
+impl<B: Body> ResponseBody<B> {
+    pub(crate) fn inner(body: B) -> Self {
+        Self { kind: ResponseKind::Inner { body } }
+    }
+
+    pub(crate) fn full(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        let data = if data.is_empty() { VecDeque::new() } else { VecDeque::from([data]) };
+        Self::buffered(data, trailers, None, None)
+    }
+
+    pub(crate) fn buffered(
+        data: VecDeque<Bytes>,
+        trailers: Option<HeaderMap>,
+        rest: Option<Pin<Box<B>>>,
+        error: Option<B::Error>,
+    ) -> Self {
+        Self { kind: ResponseKind::Buffered { data, trailers, rest, error } }
+    }
+}
+
+impl<B: Body> std::fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            ResponseKind::Inner { .. } => f.write_str("ResponseBody::Inner"),
+            ResponseKind::Buffered { data, .. } => write!(f, "ResponseBody::Buffered({} chunks)", data.len()),
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.project().kind.project() {
+            ResponseKindProj::Inner { body } => body.poll_frame(cx),
+            ResponseKindProj::Buffered { data, trailers, rest, error } => {
+                if let Some(chunk) = data.pop_front() {
+                    return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                }
+                if let Some(rest) = rest {
+                    return rest.as_mut().poll_frame(cx);
+                }
+                if let Some(error) = error.take() {
+                    return Poll::Ready(Some(Err(error)));
+                }
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            ResponseKind::Inner { body } => body.is_end_stream(),
+            ResponseKind::Buffered { data, trailers, rest, error } => {
+                data.is_empty() && trailers.is_none() && error.is_none() && rest.as_ref().is_none_or(|r| r.is_end_stream())
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            ResponseKind::Inner { body } => body.size_hint(),
+            ResponseKind::Buffered { data, rest, .. } => {
+                let buffered: u64 = data.iter().map(|d| d.len() as u64).sum();
+                match rest {
+                    None => SizeHint::with_exact(buffered),
+                    Some(rest) => {
+                        let hint = rest.size_hint();
+                        let mut out = SizeHint::new();
+                        out.set_lower(hint.lower() + buffered);
+                        if let Some(upper) = hint.upper() {
+                            out.set_upper(upper + buffered);
+                        }
+                        out
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How a response body was buffered for storing.
+pub(crate) enum Buffered<B: Body> {
+    /// The whole body, within the limit.
+    Whole { data: Bytes, trailers: Option<HeaderMap> },
+    /// The limit was passed: what was read so far and the rest, to stream to the caller.
+    TooLarge { chunks: VecDeque<Bytes>, rest: Pin<Box<B>> },
+    /// The body failed part way.
+    Failed { chunks: VecDeque<Bytes>, error: B::Error },
+}
+
+/// Reads `body` until its end or until more than `limit` bytes have come.
+pub(crate) async fn buffer<B>(body: B, limit: usize) -> Buffered<B>
+where
+    B: Body<Data = Bytes>,
+{
+    use http_body_util::BodyExt;
+
+    let mut body = Box::pin(body);
+    let mut chunks = VecDeque::new();
+    let mut len = 0usize;
+    let mut trailers = None;
+    loop {
+        if len > limit {
+            return Buffered::TooLarge { chunks, rest: body };
+        }
+        match body.frame().await {
+            None => break,
+            Some(Err(error)) => return Buffered::Failed { chunks, error },
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    len += data.len();
+                    if !data.is_empty() {
+                        chunks.push_back(data);
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        trailers.get_or_insert_with(HeaderMap::new).extend(t);
+                    }
+                }
+            },
+        }
+    }
+    let data = match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks[0].clone(),
+        _ => {
+            let mut joined = bytes::BytesMut::with_capacity(len);
+            for chunk in &chunks {
+                joined.extend_from_slice(chunk);
+            }
+            joined.freeze()
+        }
+    };
+    Buffered::Whole { data, trailers }
+}
+

@@ -1,0 +1,138 @@
+//! The service's settings and their defaults.
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use http::{HeaderName, Method, StatusCode, header, request, response};
+
+use super::flight::Flights;
+use crate::{IDEMPOTENCY_KEY, store::KeyStore};
+
+/// What a request does when another request with the same key is still running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum OnConflict {
+    /// Wait for the running request, up to the wait timeout, and answer with its response
+    /// (the default). Past the timeout: 409 with `Retry-After`.
+    #[default]
+    Wait,
+    /// Answer 409 with `Retry-After` at once.
+    Reject,
+}
+
+/// What the service does when its store fails or does not answer in time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum OnStoreError {
+    /// Answer 503 with `Retry-After` and do not run the request (the default): a retry with
+    /// the same key is safe once the store is back.
+    #[default]
+    FailClosed,
+    /// Run the request without idempotency, and log a warning. Duplicates in this process
+    /// are still coalesced; duplicates elsewhere may run again.
+    FailOpen,
+}
+
+pub(crate) type ScopeFn = dyn Fn(&request::Parts) -> Option<String> + Send + Sync;
+pub(crate) type StorePredicate = dyn Fn(&response::Parts) -> bool + Send + Sync;
+
+/// The settings shared by every service a layer makes.
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) store: Arc<dyn KeyStore>,
+    pub(crate) header: HeaderName,
+    pub(crate) methods: Vec<Method>,
+    pub(crate) require_key: bool,
+    pub(crate) scope: Option<Arc<ScopeFn>>,
+    pub(crate) fingerprint_headers: Vec<HeaderName>,
+    pub(crate) on_conflict: OnConflict,
+    pub(crate) wait_timeout: Duration,
+    pub(crate) retention: Duration,
+    pub(crate) lease: Duration,
+    pub(crate) keep_lease_alive: bool,
+    pub(crate) max_request_body: usize,
+    pub(crate) max_stored_response: usize,
+    pub(crate) store_if: Arc<StorePredicate>,
+    pub(crate) replay_excluded: Vec<HeaderName>,
+    pub(crate) on_store_error: OnStoreError,
+    pub(crate) store_timeout: Duration,
+    pub(crate) detach: bool,
+}
+
+/// Every response but 5xx, 408 and 429 is stored.
+pub(crate) fn default_store_if(parts: &response::Parts) -> bool {
+    let status = parts.status;
+    !(status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT || status == StatusCode::TOO_MANY_REQUESTS)
+}
+
+/// Hop-by-hop headers (RFC 9110 section 7.6.1), plus `Date` and `Set-Cookie`.
+pub(crate) fn default_replay_excluded() -> Vec<HeaderName> {
+    vec![
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::DATE,
+        header::SET_COOKIE,
+    ]
+}
+
+impl Config {
+    pub(crate) fn new(store: Arc<dyn KeyStore>) -> Self {
+        Self {
+            store,
+            header: IDEMPOTENCY_KEY,
+            methods: vec![Method::POST, Method::PATCH],
+            require_key: false,
+            scope: None,
+            fingerprint_headers: Vec::new(),
+            on_conflict: OnConflict::Wait,
+            wait_timeout: Duration::from_secs(30),
+            retention: Duration::from_secs(24 * 60 * 60),
+            lease: Duration::from_secs(60),
+            keep_lease_alive: true,
+            max_request_body: 1024 * 1024,
+            max_stored_response: 1024 * 1024,
+            store_if: Arc::new(default_store_if),
+            replay_excluded: default_replay_excluded(),
+            on_store_error: OnStoreError::FailClosed,
+            store_timeout: Duration::from_secs(2),
+            detach: true,
+        }
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("store", &self.store)
+            .field("header", &self.header)
+            .field("methods", &self.methods)
+            .field("require_key", &self.require_key)
+            .field("scoped", &self.scope.is_some())
+            .field("fingerprint_headers", &self.fingerprint_headers)
+            .field("on_conflict", &self.on_conflict)
+            .field("wait_timeout", &self.wait_timeout)
+            .field("retention", &self.retention)
+            .field("lease", &self.lease)
+            .field("keep_lease_alive", &self.keep_lease_alive)
+            .field("max_request_body", &self.max_request_body)
+            .field("max_stored_response", &self.max_stored_response)
+            .field("replay_excluded", &self.replay_excluded)
+            .field("on_store_error", &self.on_store_error)
+            .field("store_timeout", &self.store_timeout)
+            .field("detach", &self.detach)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The settings and the in-process flights, shared by a layer and every service it makes.
+#[derive(Clone, Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) flights: Arc<Flights>,
+}

@@ -1,0 +1,111 @@
+//! In-process coalescing: one request per key leads, duplicates in this process follow it.
+
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    sync::{Arc, Mutex},
+};
+
+use tokio::{sync::watch, time::Instant};
+
+use super::problem::Problem;
+use crate::store::{Fingerprint, Record, StoreKey};
+
+/// How a flight ended, as its followers learn it.
+#[derive(Clone, Debug)]
+pub(crate) enum Outcome {
+    /// The response was stored (or found stored): replay it.
+    Completed(Arc<Record>),
+    /// The claim was given up (the handler failed, or its answer is not stored): try again.
+    Released,
+    /// Every request with this key and fingerprint gets this answer.
+    Respond(Problem),
+}
+
+type Slot = Option<Outcome>;
+
+/// The requests being led in this process, one per key, in independently locked shards.
+#[derive(Debug)]
+pub(crate) struct Flights {
+    shards: Box<[Mutex<HashMap<StoreKey, (Fingerprint, watch::Sender<Slot>)>>]>,
+}
+
+pub(crate) enum Join {
+    /// No request with this key runs here: the caller leads.
+    Lead(Lead),
+    /// One does, with the same fingerprint: wait for its outcome.
+    Follow(watch::Receiver<Slot>),
+    /// One does, with another fingerprint.
+    Mismatch,
+}
+
+/// What the leading request holds. Dropping it without [`finish`](Lead::finish) tells the
+/// followers the flight was released.
+#[derive(Debug)]
+pub(crate) struct Lead {
+    flights: Arc<Flights>,
+    key: StoreKey,
+    done: bool,
+}
+
+impl Flights {
+    pub(crate) fn new() -> Self {
+        let shards = std::thread::available_parallelism().map_or(4, |n| n.get()) * 4;
+        Self { shards: (0..shards.next_power_of_two()).map(|_| Mutex::default()).collect() }
+    }
+
+    fn shard(&self, key: &StoreKey) -> std::sync::MutexGuard<'_, HashMap<StoreKey, (Fingerprint, watch::Sender<Slot>)>> {
+        let b = key.as_bytes();
+        let i = u64::from_le_bytes(b[16..24].try_into().expect("8 bytes")) as usize & (self.shards.len() - 1);
+        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn join(self: &Arc<Self>, key: StoreKey, fingerprint: Fingerprint) -> Join {
+        match self.shard(&key).entry(key) {
+            Entry::Occupied(e) if e.get().0 != fingerprint => Join::Mismatch,
+            Entry::Occupied(e) => Join::Follow(e.get().1.subscribe()),
+            Entry::Vacant(e) => {
+                e.insert((fingerprint, watch::Sender::new(None)));
+                Join::Lead(Lead { flights: self.clone(), key, done: false })
+            }
+        }
+    }
+
+    /// How many keys are being led now.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().unwrap().len()).sum()
+    }
+}
+
+impl Lead {
+    /// Ends the flight and tells every follower how.
+    pub(crate) fn finish(mut self, outcome: Outcome) {
+        self.end(outcome);
+    }
+
+    fn end(&mut self, outcome: Outcome) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let removed = self.flights.shard(&self.key).remove(&self.key);
+        if let Some((_, sender)) = removed {
+            sender.send_replace(Some(outcome));
+        }
+    }
+}
+
+impl Drop for Lead {
+    fn drop(&mut self) {
+        self.end(Outcome::Released);
+    }
+}
+
+/// Waits for the flight a follower joined to end, until `deadline`; `None` when it passes.
+pub(crate) async fn follow(mut receiver: watch::Receiver<Slot>, deadline: Instant) -> Option<Outcome> {
+    match tokio::time::timeout_at(deadline, receiver.wait_for(Option::is_some)).await {
+        Ok(Ok(slot)) => slot.clone(),
+        // The leader vanished without a word: treat it as released.
+        Ok(Err(_)) => Some(Outcome::Released),
+        Err(_) => None,
+    }
+}

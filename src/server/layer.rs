@@ -1,0 +1,209 @@
+use std::{sync::Arc, time::Duration};
+
+use http::{HeaderName, Method, request, response};
+use tower_layer::Layer;
+
+use super::{
+    IdempotencyService,
+    config::{Config, OnConflict, OnStoreError, Shared},
+    flight::Flights,
+};
+use crate::store::{KeyStore, MemoryStore};
+
+/// Applies [`IdempotencyService`] to a service, with its settings.
+///
+/// Every setter consumes and returns the layer. Services made by one layer share its settings
+/// and its in-process coalescing: a duplicate that reaches another route's service still waits
+/// for the first request.
+///
+/// # Defaults
+///
+/// | setting | default |
+/// | --- | --- |
+/// | [`header_name`](Self::header_name) | `Idempotency-Key` |
+/// | [`methods`](Self::methods) | `POST`, `PATCH` |
+/// | [`require_key`](Self::require_key) | `false`: requests without a key pass through |
+/// | [`scope`](Self::scope) | none: one key space for every caller |
+/// | [`fingerprint_headers`](Self::fingerprint_headers) | none: method, path, query and body |
+/// | [`on_conflict`](Self::on_conflict) | [`OnConflict::Wait`] |
+/// | [`wait_timeout`](Self::wait_timeout) | 30 s |
+/// | [`retention`](Self::retention) | 24 h |
+/// | [`lease`](Self::lease) | 60 s, renewed while the handler runs |
+/// | [`max_request_body`](Self::max_request_body) | 1 MiB (413 above) |
+/// | [`max_stored_response`](Self::max_stored_response) | 1 MiB |
+/// | [`store_if`](Self::store_if) | every status but 5xx, 408 and 429 |
+/// | [`replay_excluded_headers`](Self::replay_excluded_headers) | hop-by-hop headers, `Date`, `Set-Cookie` |
+/// | [`on_store_error`](Self::on_store_error) | [`OnStoreError::FailClosed`] (503) |
+/// | [`store_timeout`](Self::store_timeout) | 2 s per store call |
+/// | [`detach`](Self::detach) | `true` |
+#[derive(Clone, Debug)]
+pub struct IdempotencyServiceLayer {
+    shared: Arc<Shared>,
+}
+
+impl Default for IdempotencyServiceLayer {
+    /// A layer on a new [`MemoryStore`].
+    fn default() -> Self {
+        Self::new(MemoryStore::new())
+    }
+}
+
+impl IdempotencyServiceLayer {
+    /// A layer keeping keys in `store`, with the default settings.
+    pub fn new(store: impl KeyStore) -> Self {
+        Self::with_shared_store(Arc::new(store))
+    }
+
+    /// A layer keeping keys in a store that is already shared.
+    pub fn with_shared_store(store: Arc<dyn KeyStore>) -> Self {
+        Self { shared: Arc::new(Shared { config: Config::new(store), flights: Arc::new(Flights::new()) }) }
+    }
+
+    fn config(&mut self) -> &mut Config {
+        &mut Arc::make_mut(&mut self.shared).config
+    }
+
+    /// The request header the key is read from.
+    pub fn header_name(mut self, name: HeaderName) -> Self {
+        self.config().header = name;
+        self
+    }
+
+    /// The methods the service makes idempotent; requests with other methods pass through
+    /// untouched, with or without a key.
+    pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
+        self.config().methods = methods.into_iter().collect();
+        self
+    }
+
+    /// Whether a request with one of the [`methods`](Self::methods) must carry a key. When it
+    /// must, a request without one is answered 400 and does not run.
+    pub fn require_key(mut self, require: bool) -> Self {
+        self.config().require_key = require;
+        self
+    }
+
+    /// Scopes keys by what `scope` reads from the request head: a tenant, an API token, a user
+    /// id. Requests in different scopes never share a key, so one caller can never be answered
+    /// with another's response. When `scope` returns `None`, a keyed request is answered 400.
+    ///
+    /// **A server with more than one client must set a scope.** Without one, every caller
+    /// shares one key space, and a caller who guesses or reuses another's key gets that
+    /// caller's response.
+    pub fn scope<F>(mut self, scope: F) -> Self
+    where
+        F: Fn(&request::Parts) -> Option<String> + Send + Sync + 'static,
+    {
+        self.config().scope = Some(Arc::new(scope));
+        self
+    }
+
+    /// Scopes keys by the value of the request header `name` (for example an API key or a
+    /// tenant id that an authentication layer has checked). A keyed request without the header
+    /// is answered 400.
+    pub fn scope_by_header(self, name: HeaderName) -> Self {
+        self.scope(move |parts| parts.headers.get(&name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()))
+    }
+
+    /// Request headers that count towards the fingerprint, beside the method, path, query and
+    /// body: a request that reuses a key with other values for them gets 422.
+    pub fn fingerprint_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
+        self.config().fingerprint_headers = names.into_iter().collect();
+        self
+    }
+
+    /// What a duplicate does while the first request with its key is still running.
+    pub fn on_conflict(mut self, on_conflict: OnConflict) -> Self {
+        self.config().on_conflict = on_conflict;
+        self
+    }
+
+    /// How long a duplicate waits for the first request before it is answered 409.
+    pub fn wait_timeout(mut self, timeout: Duration) -> Self {
+        self.config().wait_timeout = timeout;
+        self
+    }
+
+    /// How long a completed response is kept and replayed; after it, the key may be used again.
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.config().retention = retention;
+        self
+    }
+
+    /// The lease of a claim: if the process running the request dies, another may run it once
+    /// this long has passed. While the handler runs, the lease is renewed every third of it.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.config().lease = lease;
+        self
+    }
+
+    /// Whether the lease is renewed while the handler runs (on by default). Without renewal, a
+    /// handler slower than the lease loses its claim: a duplicate may run, and the slow run's
+    /// response is not stored (it is fenced).
+    pub fn keep_lease_alive(mut self, keep_alive: bool) -> Self {
+        self.config().keep_lease_alive = keep_alive;
+        self
+    }
+
+    /// The largest request body, in bytes, buffered for the fingerprint; a larger one is
+    /// answered 413 and does not run.
+    pub fn max_request_body(mut self, bytes: usize) -> Self {
+        self.config().max_request_body = bytes;
+        self
+    }
+
+    /// The largest response body, in bytes, that is stored. A larger response still reaches
+    /// its caller whole, streamed; the key is then done but cannot be replayed, and duplicates
+    /// are told so with 409. The request never runs twice.
+    pub fn max_stored_response(mut self, bytes: usize) -> Self {
+        self.config().max_stored_response = bytes;
+        self
+    }
+
+    /// Which responses are stored and replayed. For the others the claim is released, so a
+    /// retry runs the request again. The default stores every response but 5xx, 408 and 429.
+    pub fn store_if<F>(mut self, predicate: F) -> Self
+    where
+        F: Fn(&response::Parts) -> bool + Send + Sync + 'static,
+    {
+        self.config().store_if = Arc::new(predicate);
+        self
+    }
+
+    /// The response headers left out of a stored response, and so out of every replay. The
+    /// first caller still gets them. The default is the hop-by-hop headers, `Date` and
+    /// `Set-Cookie`.
+    pub fn replay_excluded_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
+        self.config().replay_excluded = names.into_iter().collect();
+        self
+    }
+
+    /// What happens when the store fails.
+    pub fn on_store_error(mut self, on_store_error: OnStoreError) -> Self {
+        self.config().on_store_error = on_store_error;
+        self
+    }
+
+    /// The longest the service waits for one store call before treating the store as failed.
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.config().store_timeout = timeout;
+        self
+    }
+
+    /// Whether the first request for a key runs in a task of its own (on by default). Then a
+    /// caller who disconnects does not cancel a half-done operation: it runs to the end and
+    /// its response is stored for the retry. Off, the handler runs in the caller's task and a
+    /// disconnect cancels it; the claim is released at once so a retry can run.
+    pub fn detach(mut self, detach: bool) -> Self {
+        self.config().detach = detach;
+        self
+    }
+}
+
+impl<S> Layer<S> for IdempotencyServiceLayer {
+    type Service = IdempotencyService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        IdempotencyService::from_shared(inner, self.shared.clone())
+    }
+}

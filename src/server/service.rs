@@ -1,0 +1,494 @@
+use std::{
+    future::Future,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, header};
+use http_body::Body;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tokio::time::Instant;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::{
+    IdempotencyServiceLayer, ResponseFuture,
+    body::{Buffered, RequestBody, ResponseBody, buffer},
+    config::{Config, OnConflict, OnStoreError, Shared},
+    fingerprint::fingerprint,
+    flight::{Join, Lead, Outcome, follow},
+    problem::Problem,
+};
+use crate::{
+    IDEMPOTENT_REPLAYED, IdempotencyKey,
+    store::{BoxError, Claim, Completion, FencingToken, Fingerprint, Holder, KeyStore, Record, StoreError, StoreKey},
+};
+
+/// Runs the first request for each idempotency key once, stores its response, and replays it
+/// to every later request with that key.
+///
+/// See the [module docs](super) for the behaviour and an example, and
+/// [`IdempotencyServiceLayer`] for the settings.
+///
+/// # Runtime
+///
+/// The service needs a tokio runtime: it runs handlers in tasks of their own (see
+/// [`detach`](IdempotencyServiceLayer::detach)) and gives up claims from a task when a request
+/// is dropped.
+#[derive(Clone, Debug)]
+pub struct IdempotencyService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
+
+impl<S> IdempotencyService<S> {
+    /// Wraps `inner`, keeping keys in `store`, with the default settings.
+    pub fn new(inner: S, store: impl KeyStore) -> Self {
+        IdempotencyServiceLayer::new(store).layer(inner)
+    }
+
+    /// A layer keeping keys in `store`; its setters change the settings.
+    pub fn layer(store: impl KeyStore) -> IdempotencyServiceLayer {
+        IdempotencyServiceLayer::new(store)
+    }
+
+    pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for IdempotencyService<S>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send + 'static,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let config = &self.shared.config;
+        if !config.methods.contains(req.method()) {
+            return ResponseFuture::passthrough(self.inner.call(req.map(RequestBody::inner)));
+        }
+        let key = match IdempotencyKey::from_headers(req.headers(), &config.header) {
+            Ok(Some(key)) => key,
+            Ok(None) if config.require_key => {
+                return ResponseFuture::ready(reject(Problem::MissingKey { header: config.header.clone() }));
+            }
+            Ok(None) => return ResponseFuture::passthrough(self.inner.call(req.map(RequestBody::inner))),
+            Err(err) => return ResponseFuture::ready(reject(Problem::InvalidKey(err))),
+        };
+        // The ready service handles this request; a clone takes its place for the next one.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::keyed(Box::pin(handle(self.shared.clone(), inner, req, key)))
+    }
+}
+
+fn reject<B: Body>(problem: Problem) -> Response<ResponseBody<B>> {
+    tracing::debug!(status = problem.status().as_u16(), ?problem, "idempotency: answered without running");
+    problem.into_response()
+}
+
+/// Everything about a keyed request once its body is read.
+struct Keyed {
+    shared: Arc<Shared>,
+    key: IdempotencyKey,
+    store_key: StoreKey,
+    fingerprint: Fingerprint,
+    deadline: Instant,
+}
+
+async fn handle<S, ReqBody, ResBody>(
+    shared: Arc<Shared>,
+    inner: S,
+    req: Request<ReqBody>,
+    key: IdempotencyKey,
+) -> Answer<ResBody, S::Error>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send + 'static,
+{
+    let config = &shared.config;
+    let (parts, body) = req.into_parts();
+    let scope = match &config.scope {
+        None => String::new(),
+        Some(scope) => match scope(&parts) {
+            Some(scope) => scope,
+            None => return Ok(reject(Problem::MissingScope)),
+        },
+    };
+    let store_key = StoreKey::new(scope.as_bytes(), &key);
+
+    let limit = config.max_request_body;
+    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Ok(reject(Problem::BodyTooLarge { limit }));
+    }
+    let bytes = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) if err.is::<LengthLimitError>() => return Ok(reject(Problem::BodyTooLarge { limit })),
+        Err(_) => return Ok(reject(Problem::BodyUnreadable)),
+    };
+    let fingerprint = fingerprint(&parts, &config.fingerprint_headers, &bytes);
+    let request = Request::from_parts(parts, RequestBody::buffered(bytes));
+    let keyed = Keyed {
+        deadline: Instant::now() + config.wait_timeout,
+        shared: shared.clone(),
+        key,
+        store_key,
+        fingerprint,
+    };
+
+    loop {
+        let lead = match shared.flights.join(store_key, fingerprint) {
+            Join::Lead(lead) => lead,
+            Join::Mismatch => return Ok(reject(Problem::KeyReused)),
+            Join::Follow(_) if config.on_conflict == OnConflict::Reject => return Ok(reject(Problem::InFlight)),
+            Join::Follow(receiver) => {
+                tracing::debug!(key = %keyed.key, "idempotency: waiting for the same request in this process");
+                match follow(receiver, keyed.deadline).await {
+                    None => return Ok(reject(Problem::WaitTimedOut)),
+                    Some(Outcome::Released) => continue,
+                    Some(Outcome::Completed(record)) => return Ok(keyed.replay(&record)),
+                    Some(Outcome::Respond(problem)) => return Ok(reject(problem)),
+                }
+            }
+        };
+        return keyed.lead(lead, inner, request).await;
+    }
+}
+
+/// A call to the store, bounded by the store timeout.
+async fn store_call<T>(config: &Config, call: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+    tokio::time::timeout(config.store_timeout, call)
+        .await
+        .unwrap_or(Err(StoreError::Timeout(config.store_timeout)))
+}
+
+impl Keyed {
+    fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// The stored response, marked as replayed; or why it cannot be.
+    fn replay<B: Body>(&self, record: &Record) -> Response<ResponseBody<B>> {
+        if record.fingerprint != self.fingerprint {
+            return reject(Problem::KeyReused);
+        }
+        if !record.replayable {
+            return reject(Problem::NotReplayable { status: record.status });
+        }
+        tracing::debug!(key = %self.key, status = record.status.as_u16(), "idempotency: replaying the stored response");
+        let mut response = Response::new(ResponseBody::full(record.body.clone(), record.trailers.clone()));
+        *response.status_mut() = record.status;
+        *response.headers_mut() = record.headers.clone();
+        response.headers_mut().insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+        response
+    }
+
+    /// Ends this process's flight with `problem`, and answers with it.
+    fn give_up<B: Body>(&self, lead: Lead, problem: Problem) -> Response<ResponseBody<B>> {
+        lead.finish(Outcome::Respond(problem.clone()));
+        reject(problem)
+    }
+
+    /// Replays `record` and hands it to this process's followers.
+    fn settle<B: Body>(&self, lead: Lead, record: Record) -> Response<ResponseBody<B>> {
+        let record = Arc::new(record);
+        let response = self.replay(&record);
+        lead.finish(Outcome::Completed(record));
+        response
+    }
+
+    fn store_failed<B: Body>(&self, lead: Lead, err: &StoreError) -> Result<Lead, Response<ResponseBody<B>>> {
+        match self.config().on_store_error {
+            OnStoreError::FailClosed => {
+                tracing::error!(key = %self.key, error = %err, "idempotency: store failed; answering 503");
+                Err(self.give_up(lead, Problem::StoreUnavailable))
+            }
+            OnStoreError::FailOpen => {
+                tracing::warn!(key = %self.key, error = %err, "idempotency: store failed; running without idempotency");
+                Ok(lead)
+            }
+        }
+    }
+
+    /// Leads the request in this process: claims the key in the store, or waits for whoever
+    /// holds it there.
+    async fn lead<S, ReqBody, ResBody>(
+        self,
+        lead: Lead,
+        inner: S,
+        request: Request<RequestBody<ReqBody>>,
+    ) -> Answer<ResBody, S::Error>
+    where
+        S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+        ReqBody: Body<Data = Bytes> + Send + 'static,
+        ResBody: Body<Data = Bytes> + Send + 'static,
+        ResBody::Error: Send + 'static,
+    {
+        let config = self.config();
+        loop {
+            let held = match store_call(config, config.store.claim(&self.store_key, &self.fingerprint, config.lease)).await {
+                Ok(Claim::Claimed(token)) => return self.run(lead, Some(token), inner, request).await,
+                Ok(Claim::Held(holder)) => holder,
+                Err(err) => match self.store_failed(lead, &err) {
+                    Ok(lead) => return self.run(lead, None, inner, request).await,
+                    Err(response) => return Ok(response),
+                },
+            };
+            match held {
+                Holder::Completed(record) => return Ok(self.settle(lead, record)),
+                Holder::InFlight { fingerprint } if fingerprint != self.fingerprint => {
+                    return Ok(self.give_up(lead, Problem::KeyReused));
+                }
+                Holder::InFlight { .. } if config.on_conflict == OnConflict::Reject => {
+                    return Ok(self.give_up(lead, Problem::InFlight));
+                }
+                Holder::InFlight { .. } => {}
+            }
+            let remaining = self.deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Ok(self.give_up(lead, Problem::WaitTimedOut));
+            }
+            tracing::debug!(key = %self.key, "idempotency: waiting for the same request in another process");
+            let waited = tokio::time::timeout(remaining + config.store_timeout, config.store.wait(&self.store_key, remaining))
+                .await
+                .unwrap_or(Err(StoreError::Timeout(remaining + config.store_timeout)));
+            match waited {
+                Ok(None) => continue,
+                Ok(Some(Holder::Completed(record))) => return Ok(self.settle(lead, record)),
+                Ok(Some(Holder::InFlight { .. })) => return Ok(self.give_up(lead, Problem::WaitTimedOut)),
+                Err(err) => match self.store_failed(lead, &err) {
+                    Ok(lead) => return self.run(lead, None, inner, request).await,
+                    Err(response) => return Ok(response),
+                },
+            }
+        }
+    }
+
+    /// Runs the handler under a claim (`token`), or without one when the store failed open.
+    async fn run<S, ReqBody, ResBody>(
+        self,
+        lead: Lead,
+        token: Option<FencingToken>,
+        inner: S,
+        request: Request<RequestBody<ReqBody>>,
+    ) -> Answer<ResBody, S::Error>
+    where
+        S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+        ReqBody: Body<Data = Bytes> + Send + 'static,
+        ResBody: Body<Data = Bytes> + Send + 'static,
+        ResBody::Error: Send + 'static,
+    {
+        tracing::debug!(key = %self.key, "idempotency: running the first request");
+        let detach = self.config().detach;
+        let claim = ClaimGuard { keyed: self, token, lead: Some(lead) };
+        if !detach {
+            return claim.execute(inner, request).await;
+        }
+        match tokio::spawn(claim.execute(inner, request)).await {
+            Ok(answer) => answer,
+            // The handler panicked: its claim was released as the task unwound. Let the panic
+            // go on in the caller's task, as it would without this layer.
+            Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+            // The runtime is shutting down.
+            Err(_) => Ok(reject(Problem::StoreUnavailable)),
+        }
+    }
+}
+
+/// A claim being run. Dropped before it is completed or released (the handler panicked, or the
+/// caller went away), it releases the claim from a task at once and then tells this process's
+/// followers, so one of them can run.
+struct ClaimGuard {
+    keyed: Keyed,
+    token: Option<FencingToken>,
+    lead: Option<Lead>,
+}
+
+impl ClaimGuard {
+    async fn execute<S, ReqBody, ResBody>(
+        self,
+        mut inner: S,
+        request: Request<RequestBody<ReqBody>>,
+    ) -> Answer<ResBody, S::Error>
+    where
+        S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+        ResBody: Body<Data = Bytes>,
+    {
+        let shared = self.keyed.shared.clone();
+        let config = &shared.config;
+        let call = inner.call(request);
+        let response = match self.token {
+            Some(token) if config.keep_lease_alive => self.keep_alive(call, token).await,
+            _ => call.await,
+        };
+        let response = match response {
+            Ok(response) => response,
+            Err(err) => {
+                self.release().await;
+                return Err(err);
+            }
+        };
+        let (parts, body) = response.into_parts();
+        if !(config.store_if)(&parts) {
+            tracing::debug!(key = %self.keyed.key, status = parts.status.as_u16(), "idempotency: response not stored; releasing the key");
+            self.release().await;
+            return Ok(Response::from_parts(parts, ResponseBody::inner(body)));
+        }
+        let fingerprint = self.keyed.fingerprint;
+        match buffer(body, config.max_stored_response).await {
+            Buffered::Whole { data, trailers } => {
+                let mut headers = parts.headers.clone();
+                for name in &config.replay_excluded {
+                    headers.remove(name);
+                }
+                let record = Record::response(fingerprint, parts.status, headers, data.clone(), trailers.clone());
+                self.complete(record).await;
+                Ok(Response::from_parts(parts, ResponseBody::full(data, trailers)))
+            }
+            Buffered::TooLarge { chunks, rest } => {
+                tracing::warn!(
+                    key = %self.keyed.key,
+                    limit = config.max_stored_response,
+                    "idempotency: response too large to store; duplicates will be told it cannot be replayed"
+                );
+                self.complete(Record::not_replayable(fingerprint, parts.status)).await;
+                Ok(Response::from_parts(parts, ResponseBody::buffered(chunks, None, Some(rest), None)))
+            }
+            Buffered::Failed { chunks, error } => {
+                self.release().await;
+                Ok(Response::from_parts(parts, ResponseBody::buffered(chunks, None, None, Some(error))))
+            }
+        }
+    }
+
+    /// Runs `call` while renewing the claim's lease every third of it.
+    async fn keep_alive<F: Future>(&self, call: F, token: FencingToken) -> F::Output {
+        let config = self.keyed.config();
+        let period = (config.lease / 3).max(std::time::Duration::from_millis(1));
+        let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut call = std::pin::pin!(call);
+        loop {
+            tokio::select! {
+                biased;
+                output = &mut call => return output,
+                _ = ticker.tick() => {
+                    match store_call(config, config.store.extend(&self.keyed.store_key, token, config.lease)).await {
+                        Ok(true) => {}
+                        Ok(false) => tracing::warn!(
+                            key = %self.keyed.key,
+                            "idempotency: the claim was lost while the handler ran; its response will not be stored"
+                        ),
+                        Err(err) => tracing::warn!(key = %self.keyed.key, error = %err, "idempotency: could not renew the lease"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stores the record, if the claim still holds, and hands it to the followers.
+    async fn complete(mut self, record: Record) {
+        let record = Arc::new(record);
+        let Some(token) = self.token.take() else {
+            // Failing open: nothing to store, but this process's duplicates get the answer.
+            self.finish(Outcome::Completed(record));
+            return;
+        };
+        let config = self.keyed.config();
+        let stored = store_call(
+            config,
+            config.store.complete(&self.keyed.store_key, token, &record, config.retention),
+        )
+        .await;
+        match stored {
+            Ok(Completion::Stored) => self.finish(Outcome::Completed(record)),
+            Ok(Completion::Fenced) => {
+                tracing::warn!(
+                    key = %self.keyed.key,
+                    "idempotency: the claim's lease lapsed before the handler finished; its response was not stored (fenced)"
+                );
+                self.finish(Outcome::Released);
+            }
+            Err(err) => {
+                tracing::error!(key = %self.keyed.key, error = %err, "idempotency: could not store the response");
+                self.token = Some(token);
+                self.release().await;
+            }
+        }
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        self.token = None;
+        if let Some(lead) = self.lead.take() {
+            lead.finish(outcome);
+        }
+    }
+
+    /// Gives up the claim so a retry can run, then tells the followers.
+    async fn release(mut self) {
+        if let Some(token) = self.token.take() {
+            let config = self.keyed.config();
+            if let Err(err) = store_call(config, config.store.release(&self.keyed.store_key, token)).await {
+                tracing::warn!(key = %self.keyed.key, error = %err, "idempotency: could not release the claim; it frees itself when its lease lapses");
+            }
+        }
+        self.finish(Outcome::Released);
+    }
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        let Some(token) = self.token.take() else { return };
+        let lead = self.lead.take();
+        let shared = self.keyed.shared.clone();
+        let key = self.keyed.store_key;
+        tracing::debug!(key = %self.keyed.key, "idempotency: request dropped before it finished; releasing the key");
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = store_call(&shared.config, shared.config.store.release(&key, token)).await;
+                drop(lead);
+            });
+        }
+    }
+}

@@ -77,7 +77,10 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String>
     };
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
-        let number = |v: String| v.parse::<u64>().map_err(|_| format!("{arg} takes a whole number, not {v:?}"));
+        let number = |v: String| {
+            v.parse::<u64>()
+                .map_err(|_| format!("{arg} takes a whole number, not {v:?}"))
+        };
         match arg.as_str() {
             "--addr" => opts.addr = value()?,
             "--store" => opts.store = value()?,
@@ -85,16 +88,22 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String>
                 opts.on_conflict = match value()?.as_str() {
                     "wait" => OnConflict::Wait,
                     "reject" => OnConflict::Reject,
-                    other => return Err(format!("--on-conflict takes wait or reject, not {other:?}")),
+                    other => {
+                        return Err(format!("--on-conflict takes wait or reject, not {other:?}"));
+                    }
                 }
             }
             "--ttl-secs" => opts.ttl = Some(Duration::from_secs(number(value()?)?)),
-            "--wait-timeout-ms" => opts.wait_timeout = Some(Duration::from_millis(number(value()?)?)),
+            "--wait-timeout-ms" => {
+                opts.wait_timeout = Some(Duration::from_millis(number(value()?)?))
+            }
             "--lease-ms" => opts.lease = Some(Duration::from_millis(number(value()?)?)),
             "--scope-header" => {
                 let name = value()?;
-                opts.scope_header =
-                    Some(HeaderName::try_from(name.as_str()).map_err(|_| format!("{name:?} is not a header name"))?);
+                opts.scope_header = Some(
+                    HeaderName::try_from(name.as_str())
+                        .map_err(|_| format!("{name:?} is not a header name"))?,
+                );
             }
             "--require-key" => opts.require_key = true,
             "--bare" => opts.bare = true,
@@ -108,26 +117,12 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String>
 async fn open_store(url: &str) -> Result<Arc<dyn KeyStore>, String> {
     match url {
         "memory" => Ok(Arc::new(MemoryStore::new())),
-        #[cfg(feature = "redis")]
-        url if url.starts_with("redis://") || url.starts_with("rediss://") => {
-            let store = tower_idempotency::store::RedisStore::connect(url)
-                .await
-                .map_err(|e| format!("cannot connect to {url}: {e}"))?;
-            Ok(Arc::new(store))
-        }
-        #[cfg(feature = "redis")]
-        url if url.starts_with("redis+cluster://") => {
-            let nodes: Vec<String> = url["redis+cluster://".len()..].split(',').map(|n| format!("redis://{n}")).collect();
-            let store = tower_idempotency::store::RedisStore::connect_cluster(nodes)
-                .await
-                .map_err(|e| format!("cannot connect to the cluster {url}: {e}"))?;
-            Ok(Arc::new(store))
-        }
-        #[cfg(not(feature = "redis"))]
-        url if url.starts_with("redis") => {
-            Err(format!("{url}: this build has no Redis store; run with --features redis"))
-        }
-        other => Err(format!("unknown store {other:?}: use memory, redis://HOST:PORT or redis+cluster://HOST:PORT,...")),
+        url if url.starts_with("redis") => Err(format!(
+            "{url}: the Redis store is not available in this build"
+        )),
+        other => Err(format!(
+            "unknown store {other:?}: use memory, redis://HOST:PORT or redis+cluster://HOST:PORT,..."
+        )),
     }
 }
 
@@ -150,12 +145,29 @@ async fn create_order(
     Query(query): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Response {
-    let status = match query.get("status").map(|s| s.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok())) {
+    let status = match query.get("status").map(|s| {
+        s.parse::<u16>()
+            .ok()
+            .and_then(|c| StatusCode::from_u16(c).ok())
+    }) {
         None => StatusCode::CREATED,
         Some(Some(status)) => status,
-        Some(None) => return (StatusCode::BAD_REQUEST, "status must be an HTTP status code\n").into_response(),
+        Some(None) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                "status must be an HTTP status code\n",
+            )
+                .into_response();
+        }
     };
-    execute(&state, &query, status, uuid::Uuid::new_v4().to_string(), &body).await
+    execute(
+        &state,
+        &query,
+        status,
+        uuid::Uuid::new_v4().to_string(),
+        &body,
+    )
+    .await
 }
 
 async fn update_order(
@@ -167,7 +179,13 @@ async fn update_order(
     execute(&state, &query, StatusCode::OK, id, &body).await
 }
 
-async fn execute(state: &AppState, query: &HashMap<String, String>, status: StatusCode, id: String, body: &[u8]) -> Response {
+async fn execute(
+    state: &AppState,
+    query: &HashMap<String, String>,
+    status: StatusCode,
+    id: String,
+    body: &[u8],
+) -> Response {
     if let Some(delay) = query.get("delay_ms") {
         let Ok(ms) = delay.parse::<u64>() else {
             return (StatusCode::BAD_REQUEST, "delay_ms must be a whole number\n").into_response();
@@ -175,9 +193,14 @@ async fn execute(state: &AppState, query: &HashMap<String, String>, status: Stat
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let executions = state.executions.fetch_add(1, Ordering::SeqCst) + 1;
-    let request = serde_json::from_slice::<Value>(body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into()));
+    let request = serde_json::from_slice::<Value>(body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into()));
     let location = format!("/orders/{id}");
-    (status, [(header::LOCATION, location)], Json(json!({ "id": id, "executions": executions, "request": request })))
+    (
+        status,
+        [(header::LOCATION, location)],
+        Json(json!({ "id": id, "executions": executions, "request": request })),
+    )
         .into_response()
 }
 
@@ -188,7 +211,9 @@ async fn stats(State(state): State<AppState>) -> Json<Value> {
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .init();
     let opts = match parse_args(std::env::args().skip(1)) {
         Ok(opts) => opts,
@@ -223,7 +248,11 @@ async fn main() -> ExitCode {
     if let Some(name) = opts.scope_header {
         layer = layer.scope_by_header(name);
     }
-    let app = if opts.bare { app(AppState::default()) } else { app(AppState::default()).layer(layer) };
+    let app = if opts.bare {
+        app(AppState::default())
+    } else {
+        app(AppState::default()).layer(layer)
+    };
 
     let listener = match tokio::net::TcpListener::bind(&opts.addr).await {
         Ok(listener) => listener,
@@ -232,8 +261,18 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let addr = listener.local_addr().expect("a bound listener has an address");
-    println!("listening on {addr} (store: {}{})", opts.store, if opts.bare { ", bare: no idempotency" } else { "" });
+    let addr = listener
+        .local_addr()
+        .expect("a bound listener has an address");
+    println!(
+        "listening on {addr} (store: {}{})",
+        opts.store,
+        if opts.bare {
+            ", bare: no idempotency"
+        } else {
+            ""
+        }
+    );
     if let Err(err) = axum::serve(listener, app).await {
         eprintln!("error: {err}");
         return ExitCode::FAILURE;

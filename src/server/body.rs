@@ -30,11 +30,17 @@ pin_project! {
 
 impl<B> RequestBody<B> {
     pub(crate) fn inner(body: B) -> Self {
-        Self { kind: RequestKind::Inner { body } }
+        Self {
+            kind: RequestKind::Inner { body },
+        }
     }
 
     pub(crate) fn buffered(data: Bytes) -> Self {
-        Self { kind: RequestKind::Buffered { data: (!data.is_empty()).then_some(data) } }
+        Self {
+            kind: RequestKind::Buffered {
+                data: (!data.is_empty()).then_some(data),
+            },
+        }
     }
 }
 
@@ -43,7 +49,11 @@ impl<B> std::fmt::Debug for RequestBody<B> {
         match &self.kind {
             RequestKind::Inner { .. } => f.write_str("RequestBody::Inner"),
             RequestKind::Buffered { data } => {
-                write!(f, "RequestBody::Buffered({} bytes)", data.as_ref().map_or(0, Bytes::len))
+                write!(
+                    f,
+                    "RequestBody::Buffered({} bytes)",
+                    data.as_ref().map_or(0, Bytes::len)
+                )
             }
         }
     }
@@ -53,10 +63,15 @@ impl<B: Body<Data = Bytes>> Body for RequestBody<B> {
     type Data = Bytes;
     type Error = B::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project().kind.project() {
             RequestKindProj::Inner { body } => body.poll_frame(cx),
-            RequestKindProj::Buffered { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            RequestKindProj::Buffered { data } => {
+                Poll::Ready(data.take().map(|d| Ok(Frame::data(d))))
+            }
         }
     }
 
@@ -70,7 +85,9 @@ impl<B: Body<Data = Bytes>> Body for RequestBody<B> {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             RequestKind::Inner { body } => body.size_hint(),
-            RequestKind::Buffered { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            RequestKind::Buffered { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
         }
     }
 }
@@ -96,11 +113,17 @@ pin_project! {
 
 impl<B: Body> ResponseBody<B> {
     pub(crate) fn inner(body: B) -> Self {
-        Self { kind: ResponseKind::Inner { body } }
+        Self {
+            kind: ResponseKind::Inner { body },
+        }
     }
 
     pub(crate) fn full(data: Bytes, trailers: Option<HeaderMap>) -> Self {
-        let data = if data.is_empty() { VecDeque::new() } else { VecDeque::from([data]) };
+        let data = if data.is_empty() {
+            VecDeque::new()
+        } else {
+            VecDeque::from([data])
+        };
         Self::buffered(data, trailers, None, None)
     }
 
@@ -110,7 +133,14 @@ impl<B: Body> ResponseBody<B> {
         rest: Option<Pin<Box<B>>>,
         error: Option<B::Error>,
     ) -> Self {
-        Self { kind: ResponseKind::Buffered { data, trailers, rest, error } }
+        Self {
+            kind: ResponseKind::Buffered {
+                data,
+                trailers,
+                rest,
+                error,
+            },
+        }
     }
 }
 
@@ -118,7 +148,9 @@ impl<B: Body> std::fmt::Debug for ResponseBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.kind {
             ResponseKind::Inner { .. } => f.write_str("ResponseBody::Inner"),
-            ResponseKind::Buffered { data, .. } => write!(f, "ResponseBody::Buffered({} chunks)", data.len()),
+            ResponseKind::Buffered { data, .. } => {
+                write!(f, "ResponseBody::Buffered({} chunks)", data.len())
+            }
         }
     }
 }
@@ -127,10 +159,18 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
     type Data = Bytes;
     type Error = B::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project().kind.project() {
             ResponseKindProj::Inner { body } => body.poll_frame(cx),
-            ResponseKindProj::Buffered { data, trailers, rest, error } => {
+            ResponseKindProj::Buffered {
+                data,
+                trailers,
+                rest,
+                error,
+            } => {
                 if let Some(chunk) = data.pop_front() {
                     return Poll::Ready(Some(Ok(Frame::data(chunk))));
                 }
@@ -148,8 +188,16 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             ResponseKind::Inner { body } => body.is_end_stream(),
-            ResponseKind::Buffered { data, trailers, rest, error } => {
-                data.is_empty() && trailers.is_none() && error.is_none() && rest.as_ref().is_none_or(|r| r.is_end_stream())
+            ResponseKind::Buffered {
+                data,
+                trailers,
+                rest,
+                error,
+            } => {
+                data.is_empty()
+                    && trailers.is_none()
+                    && error.is_none()
+                    && rest.as_ref().is_none_or(|r| r.is_end_stream())
             }
         }
     }
@@ -179,11 +227,20 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
 /// How a response body was buffered for storing.
 pub(crate) enum Buffered<B: Body> {
     /// The whole body, within the limit.
-    Whole { data: Bytes, trailers: Option<HeaderMap> },
+    Whole {
+        data: Bytes,
+        trailers: Option<HeaderMap>,
+    },
     /// The limit was passed: what was read so far and the rest, to stream to the caller.
-    TooLarge { chunks: VecDeque<Bytes>, rest: Pin<Box<B>> },
+    TooLarge {
+        chunks: VecDeque<Bytes>,
+        rest: Pin<Box<B>>,
+    },
     /// The body failed part way.
-    Failed { chunks: VecDeque<Bytes>, error: B::Error },
+    Failed {
+        chunks: VecDeque<Bytes>,
+        error: B::Error,
+    },
 }
 
 /// Reads `body` until its end or until more than `limit` bytes have come.
@@ -232,4 +289,3 @@ where
     };
     Buffered::Whole { data, trailers }
 }
-

@@ -61,7 +61,9 @@ pub(crate) struct Config {
 /// Every response but 5xx, 408 and 429 is stored.
 pub(crate) fn default_store_if(parts: &response::Parts) -> bool {
     let status = parts.status;
-    !(status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT || status == StatusCode::TOO_MANY_REQUESTS)
+    !(status.is_server_error()
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS)
 }
 
 /// Hop-by-hop headers (RFC 9110 section 7.6.1), plus `Date` and `Set-Cookie`.

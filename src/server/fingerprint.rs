@@ -14,7 +14,13 @@ pub(crate) fn fingerprint(parts: &Parts, headers: &[HeaderName], body: &[u8]) ->
         hasher.update(bytes);
     };
     field(parts.method.as_str().as_bytes());
-    field(parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).as_bytes());
+    field(
+        parts
+            .uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .as_bytes(),
+    );
     for name in headers {
         field(name.as_str().as_bytes());
         let values = parts.headers.get_all(name);
@@ -33,7 +39,13 @@ mod tests {
 
     use super::*;
 
-    fn fp(method: Method, uri: &str, tenant: Option<&str>, extra: &[HeaderName], body: &[u8]) -> Fingerprint {
+    fn fp(
+        method: Method,
+        uri: &str,
+        tenant: Option<&str>,
+        extra: &[HeaderName],
+        body: &[u8],
+    ) -> Fingerprint {
         let mut req = Request::builder().method(method).uri(uri);
         if let Some(t) = tenant {
             req = req.header("x-tenant", t);
@@ -46,13 +58,28 @@ mod tests {
     fn every_part_of_the_request_counts() {
         let tenant = [HeaderName::from_static("x-tenant")];
         let base = fp(Method::POST, "/orders?a=1", Some("t"), &tenant, b"{}");
-        assert_eq!(base, fp(Method::POST, "/orders?a=1", Some("t"), &tenant, b"{}"));
-        assert_ne!(base, fp(Method::PATCH, "/orders?a=1", Some("t"), &tenant, b"{}"));
-        assert_ne!(base, fp(Method::POST, "/orders?a=2", Some("t"), &tenant, b"{}"));
+        assert_eq!(
+            base,
+            fp(Method::POST, "/orders?a=1", Some("t"), &tenant, b"{}")
+        );
+        assert_ne!(
+            base,
+            fp(Method::PATCH, "/orders?a=1", Some("t"), &tenant, b"{}")
+        );
+        assert_ne!(
+            base,
+            fp(Method::POST, "/orders?a=2", Some("t"), &tenant, b"{}")
+        );
         assert_ne!(base, fp(Method::POST, "/orders", Some("t"), &tenant, b"{}"));
-        assert_ne!(base, fp(Method::POST, "/orders?a=1", Some("u"), &tenant, b"{}"));
+        assert_ne!(
+            base,
+            fp(Method::POST, "/orders?a=1", Some("u"), &tenant, b"{}")
+        );
         assert_ne!(base, fp(Method::POST, "/orders?a=1", None, &tenant, b"{}"));
-        assert_ne!(base, fp(Method::POST, "/orders?a=1", Some("t"), &tenant, b"{ }"));
+        assert_ne!(
+            base,
+            fp(Method::POST, "/orders?a=1", Some("t"), &tenant, b"{ }")
+        );
         // Headers not named do not count.
         assert_eq!(
             fp(Method::POST, "/o", Some("t"), &[], b""),

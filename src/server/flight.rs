@@ -22,11 +22,12 @@ pub(crate) enum Outcome {
 }
 
 type Slot = Option<Outcome>;
+type Shard = HashMap<StoreKey, (Fingerprint, watch::Sender<Slot>)>;
 
 /// The requests being led in this process, one per key, in independently locked shards.
 #[derive(Debug)]
 pub(crate) struct Flights {
-    shards: Box<[Mutex<HashMap<StoreKey, (Fingerprint, watch::Sender<Slot>)>>]>,
+    shards: Box<[Mutex<Shard>]>,
 }
 
 pub(crate) enum Join {
@@ -50,12 +51,17 @@ pub(crate) struct Lead {
 impl Flights {
     pub(crate) fn new() -> Self {
         let shards = std::thread::available_parallelism().map_or(4, |n| n.get()) * 4;
-        Self { shards: (0..shards.next_power_of_two()).map(|_| Mutex::default()).collect() }
+        Self {
+            shards: (0..shards.next_power_of_two())
+                .map(|_| Mutex::default())
+                .collect(),
+        }
     }
 
-    fn shard(&self, key: &StoreKey) -> std::sync::MutexGuard<'_, HashMap<StoreKey, (Fingerprint, watch::Sender<Slot>)>> {
+    fn shard(&self, key: &StoreKey) -> std::sync::MutexGuard<'_, Shard> {
         let b = key.as_bytes();
-        let i = u64::from_le_bytes(b[16..24].try_into().expect("8 bytes")) as usize & (self.shards.len() - 1);
+        let i = u64::from_le_bytes(b[16..24].try_into().expect("8 bytes")) as usize
+            & (self.shards.len() - 1);
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -65,7 +71,11 @@ impl Flights {
             Entry::Occupied(e) => Join::Follow(e.get().1.subscribe()),
             Entry::Vacant(e) => {
                 e.insert((fingerprint, watch::Sender::new(None)));
-                Join::Lead(Lead { flights: self.clone(), key, done: false })
+                Join::Lead(Lead {
+                    flights: self.clone(),
+                    key,
+                    done: false,
+                })
             }
         }
     }
@@ -101,11 +111,70 @@ impl Drop for Lead {
 }
 
 /// Waits for the flight a follower joined to end, until `deadline`; `None` when it passes.
-pub(crate) async fn follow(mut receiver: watch::Receiver<Slot>, deadline: Instant) -> Option<Outcome> {
+pub(crate) async fn follow(
+    mut receiver: watch::Receiver<Slot>,
+    deadline: Instant,
+) -> Option<Outcome> {
     match tokio::time::timeout_at(deadline, receiver.wait_for(Option::is_some)).await {
         Ok(Ok(slot)) => slot.clone(),
         // The leader vanished without a word: treat it as released.
         Ok(Err(_)) => Some(Outcome::Released),
         Err(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::IdempotencyKey;
+
+    #[tokio::test]
+    async fn every_way_a_flight_ends_removes_it_and_wakes_its_followers() {
+        let flights = Arc::new(Flights::new());
+        let key = StoreKey::new(b"", &IdempotencyKey::new("k").unwrap());
+        let fp = Fingerprint::from_bytes([1; 32]);
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+
+        let Join::Lead(lead) = flights.join(key, fp) else {
+            panic!("the first request leads")
+        };
+        let Join::Follow(follower) = flights.join(key, fp) else {
+            panic!("a duplicate follows")
+        };
+        assert!(matches!(
+            flights.join(key, Fingerprint::from_bytes([2; 32])),
+            Join::Mismatch
+        ));
+        lead.finish(Outcome::Respond(Problem::InFlight));
+        assert!(matches!(
+            follow(follower, deadline).await,
+            Some(Outcome::Respond(Problem::InFlight))
+        ));
+        assert_eq!(flights.len(), 0);
+
+        let Join::Lead(lead) = flights.join(key, fp) else {
+            panic!("a finished flight frees the key")
+        };
+        let Join::Follow(follower) = flights.join(key, fp) else {
+            panic!()
+        };
+        drop(lead);
+        assert!(matches!(
+            follow(follower, deadline).await,
+            Some(Outcome::Released)
+        ));
+        assert_eq!(flights.len(), 0);
+
+        let Join::Lead(_lead) = flights.join(key, fp) else {
+            panic!()
+        };
+        let Join::Follow(follower) = flights.join(key, fp) else {
+            panic!()
+        };
+        let soon = Instant::now() + std::time::Duration::from_millis(50);
+        assert!(
+            follow(follower, soon).await.is_none(),
+            "a follower gives up at its deadline"
+        );
     }
 }

@@ -35,15 +35,23 @@ pin_project! {
 
 impl<F, B: Body, E> ResponseFuture<F, B, E> {
     pub(crate) fn passthrough(future: F) -> Self {
-        Self { kind: Kind::Passthrough { future } }
+        Self {
+            kind: Kind::Passthrough { future },
+        }
     }
 
     pub(crate) fn ready(response: Response<ResponseBody<B>>) -> Self {
-        Self { kind: Kind::Ready { response: Some(response) } }
+        Self {
+            kind: Kind::Ready {
+                response: Some(response),
+            },
+        }
     }
 
     pub(crate) fn keyed(future: BoxFuture<B, E>) -> Self {
-        Self { kind: Kind::Keyed { future } }
+        Self {
+            kind: Kind::Keyed { future },
+        }
     }
 }
 
@@ -60,9 +68,9 @@ where
                 let response = ready!(future.poll(cx))?;
                 Poll::Ready(Ok(response.map(ResponseBody::inner)))
             }
-            KindProj::Ready { response } => {
-                Poll::Ready(Ok(response.take().expect("ResponseFuture polled after completion")))
-            }
+            KindProj::Ready { response } => Poll::Ready(Ok(response
+                .take()
+                .expect("ResponseFuture polled after completion"))),
             KindProj::Keyed { future } => future.as_mut().poll(cx),
         }
     }
@@ -75,6 +83,8 @@ impl<F, B: Body, E> std::fmt::Debug for ResponseFuture<F, B, E> {
             Kind::Ready { .. } => "Ready",
             Kind::Keyed { .. } => "Keyed",
         };
-        f.debug_struct("ResponseFuture").field("kind", &kind).finish()
+        f.debug_struct("ResponseFuture")
+            .field("kind", &kind)
+            .finish()
     }
 }

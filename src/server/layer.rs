@@ -56,7 +56,12 @@ impl IdempotencyServiceLayer {
 
     /// A layer keeping keys in a store that is already shared.
     pub fn with_shared_store(store: Arc<dyn KeyStore>) -> Self {
-        Self { shared: Arc::new(Shared { config: Config::new(store), flights: Arc::new(Flights::new()) }) }
+        Self {
+            shared: Arc::new(Shared {
+                config: Config::new(store),
+                flights: Arc::new(Flights::new()),
+            }),
+        }
     }
 
     fn config(&mut self) -> &mut Config {
@@ -102,7 +107,12 @@ impl IdempotencyServiceLayer {
     /// tenant id that an authentication layer has checked). A keyed request without the header
     /// is answered 400.
     pub fn scope_by_header(self, name: HeaderName) -> Self {
-        self.scope(move |parts| parts.headers.get(&name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        self.scope(move |parts| {
+            parts
+                .headers
+                .get(&name)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        })
     }
 
     /// Request headers that count towards the fingerprint, beside the method, path, query and

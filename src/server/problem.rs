@@ -136,9 +136,14 @@ impl Problem {
         let mut response = Response::new(ResponseBody::full(Bytes::from(json), None));
         *response.status_mut() = status;
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
-        if matches!(status, StatusCode::CONFLICT | StatusCode::SERVICE_UNAVAILABLE)
-            && !matches!(self, Self::NotReplayable { .. })
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if matches!(
+            status,
+            StatusCode::CONFLICT | StatusCode::SERVICE_UNAVAILABLE
+        ) && !matches!(self, Self::NotReplayable { .. })
         {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
@@ -169,25 +174,45 @@ mod tests {
 
     #[tokio::test]
     async fn bodies_are_problem_json_with_escaped_details() {
-        let response = Problem::InvalidKey(InvalidKey::InvalidEscape).into_response::<Full<Bytes>>();
+        let response =
+            Problem::InvalidKey(InvalidKey::InvalidEscape).into_response::<Full<Bytes>>();
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/problem+json");
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
         let body = response.into_body().collect().await.unwrap().to_bytes();
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(json["status"], 400);
         assert_eq!(json["title"], "Invalid idempotency key");
-        assert!(json["detail"].as_str().unwrap().contains("escapes neither '\"' nor '\\'"));
-        assert!(json["type"].as_str().unwrap().ends_with(":invalid-idempotency-key"));
+        assert!(
+            json["detail"]
+                .as_str()
+                .unwrap()
+                .contains("escapes neither '\"' nor '\\'")
+        );
+        assert!(
+            json["type"]
+                .as_str()
+                .unwrap()
+                .ends_with(":invalid-idempotency-key")
+        );
     }
 
     #[test]
     fn conflicts_and_outages_carry_retry_after() {
-        for problem in [Problem::InFlight, Problem::WaitTimedOut, Problem::StoreUnavailable] {
+        for problem in [
+            Problem::InFlight,
+            Problem::WaitTimedOut,
+            Problem::StoreUnavailable,
+        ] {
             let response = problem.into_response::<Full<Bytes>>();
             assert_eq!(response.headers()[header::RETRY_AFTER], "1");
         }
-        let response =
-            Problem::NotReplayable { status: StatusCode::OK }.into_response::<Full<Bytes>>();
+        let response = Problem::NotReplayable {
+            status: StatusCode::OK,
+        }
+        .into_response::<Full<Bytes>>();
         assert_eq!(response.status(), StatusCode::CONFLICT);
         assert!(response.headers().get(header::RETRY_AFTER).is_none());
     }

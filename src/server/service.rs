@@ -22,7 +22,10 @@ use super::{
 };
 use crate::{
     IDEMPOTENT_REPLAYED, IdempotencyKey,
-    store::{BoxError, Claim, Completion, FencingToken, Fingerprint, Holder, KeyStore, Record, StoreError, StoreKey},
+    store::{
+        BoxError, Claim, Completion, FencingToken, Fingerprint, Holder, KeyStore, Record,
+        StoreError, StoreKey,
+    },
 };
 
 /// Runs the first request for each idempotency key once, stores its response, and replays it
@@ -77,7 +80,10 @@ impl<S> IdempotencyService<S> {
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for IdempotencyService<S>
 where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     ReqBody: Body<Data = Bytes> + Send + 'static,
@@ -101,9 +107,13 @@ where
         let key = match IdempotencyKey::from_headers(req.headers(), &config.header) {
             Ok(Some(key)) => key,
             Ok(None) if config.require_key => {
-                return ResponseFuture::ready(reject(Problem::MissingKey { header: config.header.clone() }));
+                return ResponseFuture::ready(reject(Problem::MissingKey {
+                    header: config.header.clone(),
+                }));
             }
-            Ok(None) => return ResponseFuture::passthrough(self.inner.call(req.map(RequestBody::inner))),
+            Ok(None) => {
+                return ResponseFuture::passthrough(self.inner.call(req.map(RequestBody::inner)));
+            }
             Err(err) => return ResponseFuture::ready(reject(Problem::InvalidKey(err))),
         };
         // The ready service handles this request; a clone takes its place for the next one.
@@ -114,7 +124,11 @@ where
 }
 
 fn reject<B: Body>(problem: Problem) -> Response<ResponseBody<B>> {
-    tracing::debug!(status = problem.status().as_u16(), ?problem, "idempotency: answered without running");
+    tracing::debug!(
+        status = problem.status().as_u16(),
+        ?problem,
+        "idempotency: answered without running"
+    );
     problem.into_response()
 }
 
@@ -154,13 +168,18 @@ where
     let store_key = StoreKey::new(scope.as_bytes(), &key);
 
     let limit = config.max_request_body;
-    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit as u64) {
         return Ok(reject(Problem::BodyTooLarge { limit }));
     }
     let bytes = match Limited::new(body, limit).collect().await {
         Ok(collected) => collected.to_bytes(),
-        Err(err) if err.is::<LengthLimitError>() => return Ok(reject(Problem::BodyTooLarge { limit })),
+        Err(err) if err.is::<LengthLimitError>() => {
+            return Ok(reject(Problem::BodyTooLarge { limit }));
+        }
         Err(_) => return Ok(reject(Problem::BodyUnreadable)),
     };
     let fingerprint = fingerprint(&parts, &config.fingerprint_headers, &bytes);
@@ -177,7 +196,9 @@ where
         let lead = match shared.flights.join(store_key, fingerprint) {
             Join::Lead(lead) => lead,
             Join::Mismatch => return Ok(reject(Problem::KeyReused)),
-            Join::Follow(_) if config.on_conflict == OnConflict::Reject => return Ok(reject(Problem::InFlight)),
+            Join::Follow(_) if config.on_conflict == OnConflict::Reject => {
+                return Ok(reject(Problem::InFlight));
+            }
             Join::Follow(receiver) => {
                 tracing::debug!(key = %keyed.key, "idempotency: waiting for the same request in this process");
                 match follow(receiver, keyed.deadline).await {
@@ -193,7 +214,10 @@ where
 }
 
 /// A call to the store, bounded by the store timeout.
-async fn store_call<T>(config: &Config, call: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+async fn store_call<T>(
+    config: &Config,
+    call: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
     tokio::time::timeout(config.store_timeout, call)
         .await
         .unwrap_or(Err(StoreError::Timeout(config.store_timeout)))
@@ -210,13 +234,20 @@ impl Keyed {
             return reject(Problem::KeyReused);
         }
         if !record.replayable {
-            return reject(Problem::NotReplayable { status: record.status });
+            return reject(Problem::NotReplayable {
+                status: record.status,
+            });
         }
         tracing::debug!(key = %self.key, status = record.status.as_u16(), "idempotency: replaying the stored response");
-        let mut response = Response::new(ResponseBody::full(record.body.clone(), record.trailers.clone()));
+        let mut response = Response::new(ResponseBody::full(
+            record.body.clone(),
+            record.trailers.clone(),
+        ));
         *response.status_mut() = record.status;
         *response.headers_mut() = record.headers.clone();
-        response.headers_mut().insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+        response
+            .headers_mut()
+            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
         response
     }
 
@@ -234,11 +265,13 @@ impl Keyed {
         response
     }
 
-    fn store_failed<B: Body>(&self, lead: Lead, err: &StoreError) -> Result<Lead, Response<ResponseBody<B>>> {
+    /// Fails open (the lead goes on, without a claim) or closed (the flight ends with 503).
+    fn store_failed(&self, lead: Lead, err: &StoreError) -> Result<Lead, Problem> {
         match self.config().on_store_error {
             OnStoreError::FailClosed => {
                 tracing::error!(key = %self.key, error = %err, "idempotency: store failed; answering 503");
-                Err(self.give_up(lead, Problem::StoreUnavailable))
+                lead.finish(Outcome::Respond(Problem::StoreUnavailable));
+                Err(Problem::StoreUnavailable)
             }
             OnStoreError::FailOpen => {
                 tracing::warn!(key = %self.key, error = %err, "idempotency: store failed; running without idempotency");
@@ -265,12 +298,21 @@ impl Keyed {
     {
         let config = self.config();
         loop {
-            let held = match store_call(config, config.store.claim(&self.store_key, &self.fingerprint, config.lease)).await {
-                Ok(Claim::Claimed(token)) => return self.run(lead, Some(token), inner, request).await,
+            let held = match store_call(
+                config,
+                config
+                    .store
+                    .claim(&self.store_key, &self.fingerprint, config.lease),
+            )
+            .await
+            {
+                Ok(Claim::Claimed(token)) => {
+                    return self.run(lead, Some(token), inner, request).await;
+                }
                 Ok(Claim::Held(holder)) => holder,
                 Err(err) => match self.store_failed(lead, &err) {
                     Ok(lead) => return self.run(lead, None, inner, request).await,
-                    Err(response) => return Ok(response),
+                    Err(problem) => return Ok(reject(problem)),
                 },
             };
             match held {
@@ -288,16 +330,21 @@ impl Keyed {
                 return Ok(self.give_up(lead, Problem::WaitTimedOut));
             }
             tracing::debug!(key = %self.key, "idempotency: waiting for the same request in another process");
-            let waited = tokio::time::timeout(remaining + config.store_timeout, config.store.wait(&self.store_key, remaining))
-                .await
-                .unwrap_or(Err(StoreError::Timeout(remaining + config.store_timeout)));
+            let waited = tokio::time::timeout(
+                remaining + config.store_timeout,
+                config.store.wait(&self.store_key, remaining),
+            )
+            .await
+            .unwrap_or(Err(StoreError::Timeout(remaining + config.store_timeout)));
             match waited {
                 Ok(None) => continue,
                 Ok(Some(Holder::Completed(record))) => return Ok(self.settle(lead, record)),
-                Ok(Some(Holder::InFlight { .. })) => return Ok(self.give_up(lead, Problem::WaitTimedOut)),
+                Ok(Some(Holder::InFlight { .. })) => {
+                    return Ok(self.give_up(lead, Problem::WaitTimedOut));
+                }
                 Err(err) => match self.store_failed(lead, &err) {
                     Ok(lead) => return self.run(lead, None, inner, request).await,
-                    Err(response) => return Ok(response),
+                    Err(problem) => return Ok(reject(problem)),
                 },
             }
         }
@@ -321,7 +368,11 @@ impl Keyed {
     {
         tracing::debug!(key = %self.key, "idempotency: running the first request");
         let detach = self.config().detach;
-        let claim = ClaimGuard { keyed: self, token, lead: Some(lead) };
+        let claim = ClaimGuard {
+            keyed: self,
+            token,
+            lead: Some(lead),
+        };
         if !detach {
             return claim.execute(inner, request).await;
         }
@@ -382,9 +433,18 @@ impl ClaimGuard {
                 for name in &config.replay_excluded {
                     headers.remove(name);
                 }
-                let record = Record::response(fingerprint, parts.status, headers, data.clone(), trailers.clone());
+                let record = Record::response(
+                    fingerprint,
+                    parts.status,
+                    headers,
+                    data.clone(),
+                    trailers.clone(),
+                );
                 self.complete(record).await;
-                Ok(Response::from_parts(parts, ResponseBody::full(data, trailers)))
+                Ok(Response::from_parts(
+                    parts,
+                    ResponseBody::full(data, trailers),
+                ))
             }
             Buffered::TooLarge { chunks, rest } => {
                 tracing::warn!(
@@ -392,12 +452,19 @@ impl ClaimGuard {
                     limit = config.max_stored_response,
                     "idempotency: response too large to store; duplicates will be told it cannot be replayed"
                 );
-                self.complete(Record::not_replayable(fingerprint, parts.status)).await;
-                Ok(Response::from_parts(parts, ResponseBody::buffered(chunks, None, Some(rest), None)))
+                self.complete(Record::not_replayable(fingerprint, parts.status))
+                    .await;
+                Ok(Response::from_parts(
+                    parts,
+                    ResponseBody::buffered(chunks, None, Some(rest), None),
+                ))
             }
             Buffered::Failed { chunks, error } => {
                 self.release().await;
-                Ok(Response::from_parts(parts, ResponseBody::buffered(chunks, None, None, Some(error))))
+                Ok(Response::from_parts(
+                    parts,
+                    ResponseBody::buffered(chunks, None, None, Some(error)),
+                ))
             }
         }
     }
@@ -438,7 +505,9 @@ impl ClaimGuard {
         let config = self.keyed.config();
         let stored = store_call(
             config,
-            config.store.complete(&self.keyed.store_key, token, &record, config.retention),
+            config
+                .store
+                .complete(&self.keyed.store_key, token, &record, config.retention),
         )
         .await;
         match stored {
@@ -469,7 +538,9 @@ impl ClaimGuard {
     async fn release(mut self) {
         if let Some(token) = self.token.take() {
             let config = self.keyed.config();
-            if let Err(err) = store_call(config, config.store.release(&self.keyed.store_key, token)).await {
+            if let Err(err) =
+                store_call(config, config.store.release(&self.keyed.store_key, token)).await
+            {
                 tracing::warn!(key = %self.keyed.key, error = %err, "idempotency: could not release the claim; it frees itself when its lease lapses");
             }
         }
@@ -479,7 +550,9 @@ impl ClaimGuard {
 
 impl Drop for ClaimGuard {
     fn drop(&mut self) {
-        let Some(token) = self.token.take() else { return };
+        let Some(token) = self.token.take() else {
+            return;
+        };
         let lead = self.lead.take();
         let shared = self.keyed.shared.clone();
         let key = self.keyed.store_key;

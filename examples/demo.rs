@@ -1,0 +1,254 @@
+//! The whole story in one run: `cargo run --example demo`.
+//!
+//! An order service sits behind `IdempotencyService` on a real socket, with a faulty proxy in
+//! front of it that loses responses. A client creates orders through the proxy and retries
+//! with the same key; it then fires a storm of concurrent duplicates and reuses a key with
+//! another body. Last, the demo counts how many times the handler ran for each key.
+//!
+//! With `REDIS_URL` set (and the `redis` feature) the service keeps its keys in Redis.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    routing::post,
+};
+use http_body_util::{BodyExt, Full};
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use tower_idempotency::{
+    IdempotencyKey, IdempotencyServiceLayer,
+    store::{KeyStore, MemoryStore},
+};
+
+/// How many times the handler ran, per idempotency key.
+#[derive(Clone, Default)]
+struct Ledger(Arc<Mutex<BTreeMap<String, usize>>>);
+
+async fn create_order(
+    State(ledger): State<Ledger>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, String) {
+    // The work a create does: here, a little time.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let key = headers
+        .get("idempotency-key")
+        .map_or("-", |v| v.to_str().unwrap_or("?"))
+        .trim_matches('"')
+        .to_owned();
+    let runs = {
+        let mut ledger = ledger.0.lock().unwrap();
+        let runs = ledger.entry(key).or_default();
+        *runs += 1;
+        *runs
+    };
+    let order = uuid::Uuid::new_v4();
+    (
+        StatusCode::CREATED,
+        format!(
+            "{{\"order\":\"{order}\",\"run\":{runs},\"request\":{}}}",
+            String::from_utf8_lossy(&body)
+        ),
+    )
+}
+
+/// What the proxy does to the next connection.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Forward the request, then close the connection instead of relaying the response.
+    LoseResponse,
+}
+
+/// A TCP proxy in front of the server that applies queued faults, one per connection.
+async fn faulty_proxy(upstream: SocketAddr, faults: Arc<Mutex<VecDeque<Fault>>>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut client, _) = listener.accept().await.unwrap();
+            let fault = faults.lock().unwrap().pop_front();
+            tokio::spawn(async move {
+                let mut server = TcpStream::connect(upstream).await.unwrap();
+                match fault {
+                    None => {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                    Some(Fault::LoseResponse) => {
+                        // Relay the request, wait for the answer, and throw it away.
+                        let mut buf = vec![0; 64 * 1024];
+                        let n = client.read(&mut buf).await.unwrap_or(0);
+                        let _ = server.write_all(&buf[..n]).await;
+                        let _ = server.read(&mut buf).await;
+                        println!(
+                            "   [proxy] the server answered, but the proxy drops the response"
+                        );
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn open_store() -> (Arc<dyn KeyStore>, String) {
+    if std::env::var_os("REDIS_URL").is_some() {
+        eprintln!("REDIS_URL is set, but this build has no Redis store yet; using MemoryStore");
+    }
+    (Arc::new(MemoryStore::new()), "MemoryStore".to_owned())
+}
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+struct Reply {
+    status: StatusCode,
+    replayed: bool,
+    body: String,
+}
+
+async fn send(
+    client: &HttpClient,
+    url: &str,
+    key: &IdempotencyKey,
+    body: &str,
+) -> Result<Reply, String> {
+    let request = http::Request::post(url)
+        .header("content-type", "application/json")
+        .header("idempotency-key", key.to_header_value())
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap();
+    let response = client.request(request).await.map_err(|e| format!("{e}"))?;
+    let status = response.status();
+    let replayed = response.headers().contains_key("idempotent-replayed");
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok(Reply {
+        status,
+        replayed,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+#[tokio::main]
+async fn main() {
+    let (store, store_name) = open_store().await;
+    let ledger = Ledger::default();
+    let app = Router::new()
+        .route("/orders", post(create_order))
+        .with_state(ledger.clone())
+        .layer(IdempotencyServiceLayer::with_shared_store(store));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let faults = Arc::new(Mutex::new(VecDeque::new()));
+    let proxy = faulty_proxy(server, faults.clone()).await;
+    let url = format!("http://{proxy}/orders");
+
+    println!("tower-idempotency demo");
+    println!("An order service runs behind IdempotencyService ({store_name}) on {server}.");
+    println!("Clients reach it through a proxy on {proxy} that can lose responses.\n");
+
+    // Each request on a fresh connection, so the proxy's faults hit exactly one attempt.
+    let client: HttpClient = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http();
+
+    // 1. A lost response, and a retry with the same key.
+    let key =
+        IdempotencyKey::new(format!("order-{}", &uuid::Uuid::new_v4().to_string()[..8])).unwrap();
+    println!(
+        "1. Create an order with Idempotency-Key: {key}; its response is lost on the way back."
+    );
+    faults.lock().unwrap().push_back(Fault::LoseResponse);
+    let body = r#"{"sku":"tea","qty":2}"#;
+    let mut attempt = 1;
+    let first = loop {
+        match send(&client, &url, &key, body).await {
+            Ok(reply) => break reply,
+            Err(err) => {
+                println!("   attempt {attempt}: no response ({err}); retrying with the same key");
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    println!(
+        "   attempt {attempt}: {} {}{}",
+        first.status,
+        first.body,
+        if first.replayed {
+            "  <- replayed from the store (Idempotent-Replayed: true)"
+        } else {
+            ""
+        }
+    );
+    println!("   The order was created once; the retry got the first run's answer.\n");
+
+    // 2. A storm of concurrent duplicates.
+    let storm =
+        IdempotencyKey::new(format!("storm-{}", &uuid::Uuid::new_v4().to_string()[..8])).unwrap();
+    println!(
+        "2. 100 concurrent requests with one new key ({storm}), while the handler takes 200 ms."
+    );
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let (client, url, storm) = (client.clone(), url.clone(), storm.clone());
+            tokio::spawn(async move { send(&client, &url, &storm, r#"{"sku":"coffee"}"#).await })
+        })
+        .collect();
+    let mut statuses = BTreeMap::new();
+    let mut bodies = std::collections::BTreeSet::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(reply) => {
+                *statuses.entry(reply.status.to_string()).or_insert(0) += 1;
+                bodies.insert(reply.body);
+            }
+            Err(err) => *statuses.entry(format!("error: {err}")).or_insert(0) += 1,
+        }
+    }
+    println!(
+        "   answers: {statuses:?} in {} ms",
+        started.elapsed().as_millis()
+    );
+    println!(
+        "   distinct bodies: {} (every duplicate waited for the first and got its answer)\n",
+        bodies.len()
+    );
+
+    // 3. The same key with a different body.
+    println!("3. Reuse {key} with a different body.");
+    let reused = send(&client, &url, &key, r#"{"sku":"tea","qty":200}"#)
+        .await
+        .expect("an answer");
+    println!("   {} {}\n", reused.status, reused.body);
+
+    println!("Handler runs per key:");
+    let ledger = ledger.0.lock().unwrap();
+    for (key, runs) in ledger.iter() {
+        println!("   {key}: {runs}");
+    }
+    let total: usize = ledger.values().sum();
+    println!(
+        "{total} handler runs for {} keys, across {} requests.",
+        ledger.len(),
+        attempt + 100 + 1
+    );
+    assert_eq!(total, ledger.len(), "every key ran exactly once");
+}

@@ -1,0 +1,939 @@
+//! The server half end to end: an axum app behind `IdempotencyService`, over real sockets, driven
+//! by a hyper client. Each test asserts what a client would notice: status, headers, body, and
+//! how many times the handler ran.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use axum::{
+    Router,
+    body::Bytes,
+    extract::{Query, State},
+    http::{HeaderMap, Method, Request, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::post,
+};
+use http_body_util::{BodyExt, Full};
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use rand::Rng;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tower::{ServiceExt, service_fn};
+use tower_idempotency::{
+    IdempotencyService, IdempotencyServiceLayer,
+    server::{OnConflict, OnStoreError},
+    store::{
+        Claim, Completion, FencingToken, Fingerprint, Holder, KeyStore, MemoryStore, Record,
+        StoreError, StoreKey,
+    },
+};
+
+#[derive(Clone, Default)]
+struct Counter(Arc<AtomicUsize>);
+
+impl Counter {
+    fn runs(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// `POST /orders?delay_ms=N&status=CODE&size=BYTES&panic=1`: sleeps, counts a run, answers
+/// `run=N body=...` (or `size` bytes), with a `Location`, a `Set-Cookie` and a custom header.
+async fn orders(
+    State(runs): State<Counter>,
+    Query(q): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Response {
+    if let Some(ms) = q.get("delay_ms") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+    }
+    if q.contains_key("panic") {
+        runs.0.fetch_add(1, Ordering::SeqCst);
+        panic!("the handler panicked on purpose");
+    }
+    let run = runs.0.fetch_add(1, Ordering::SeqCst) + 1;
+    let status = q.get("status").map_or(StatusCode::CREATED, |s| {
+        StatusCode::from_u16(s.parse().unwrap()).unwrap()
+    });
+    let body = match q.get("size") {
+        Some(size) => vec![b'x'; size.parse().unwrap()],
+        None => format!("run={run} body={}", String::from_utf8_lossy(&body)).into_bytes(),
+    };
+    (
+        status,
+        [
+            (header::LOCATION, format!("/orders/{run}")),
+            (header::SET_COOKIE, "session=secret".to_string()),
+            (
+                header::HeaderName::from_static("x-order-run"),
+                run.to_string(),
+            ),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+fn app(runs: Counter) -> Router {
+    Router::new()
+        .route("/orders", post(orders).get(orders))
+        .with_state(runs)
+}
+
+struct TestServer {
+    addr: SocketAddr,
+    runs: Counter,
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Answer {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    fn replayed(&self) -> bool {
+        self.headers
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true")
+    }
+
+    fn problem(&self) -> serde_json::Value {
+        assert_eq!(
+            self.headers[header::CONTENT_TYPE],
+            "application/problem+json",
+            "{}",
+            self.text()
+        );
+        let json: serde_json::Value = serde_json::from_slice(&self.body).unwrap();
+        assert_eq!(json["status"], self.status.as_u16(), "{json}");
+        for field in ["type", "title", "detail"] {
+            assert!(
+                json[field].as_str().is_some_and(|s| !s.is_empty()),
+                "problem without {field}: {json}"
+            );
+        }
+        json
+    }
+}
+
+async fn serve(router: Router, runs: Counter) -> TestServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    TestServer { addr, runs, client }
+}
+
+async fn server(layer: IdempotencyServiceLayer) -> TestServer {
+    let runs = Counter::default();
+    serve(app(runs.clone()).layer(layer), runs).await
+}
+
+impl TestServer {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        keys: &[&[u8]],
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Answer {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr));
+        for key in keys {
+            req = req.header(
+                "idempotency-key",
+                axum::http::HeaderValue::from_bytes(key).unwrap(),
+            );
+        }
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let response = self
+            .client
+            .request(req.body(Full::new(Bytes::from(body.to_owned()))).unwrap())
+            .await
+            .unwrap();
+        let (parts, body) = response.into_parts();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
+    }
+
+    async fn post(&self, path: &str, key: &str, body: &str) -> Answer {
+        self.send(Method::POST, path, &[key.as_bytes()], &[], body)
+            .await
+    }
+}
+
+#[tokio::test]
+async fn first_request_runs_once_and_retries_get_the_stored_response() {
+    let s = server(IdempotencyServiceLayer::default()).await;
+    let first = s.post("/orders", "order-1", "tea").await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(first.text(), "run=1 body=tea");
+    assert!(!first.replayed());
+    assert_eq!(
+        first.headers[header::SET_COOKIE],
+        "session=secret",
+        "the first caller gets every header"
+    );
+
+    for _ in 0..3 {
+        let retry = s.post("/orders", "order-1", "tea").await;
+        assert_eq!(retry.status, StatusCode::CREATED);
+        assert_eq!(retry.body, first.body);
+        assert!(retry.replayed());
+        assert_eq!(retry.headers[header::LOCATION], "/orders/1");
+        assert_eq!(retry.headers["x-order-run"], "1");
+        assert!(
+            retry.headers.get(header::SET_COOKIE).is_none(),
+            "Set-Cookie must not be replayed"
+        );
+    }
+    // The quoted form of the draft names the same key.
+    let quoted = s.post("/orders", "\"order-1\"", "tea").await;
+    assert!(quoted.replayed());
+    assert_eq!(quoted.body, first.body);
+    assert_eq!(s.runs.runs(), 1);
+}
+
+#[tokio::test]
+async fn a_key_reused_with_another_request_is_422_and_does_not_run() {
+    let s = server(IdempotencyServiceLayer::default()).await;
+    assert_eq!(
+        s.post("/orders", "k", "tea").await.status,
+        StatusCode::CREATED
+    );
+    let other_body = s.post("/orders", "k", "coffee").await;
+    assert_eq!(other_body.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        other_body.problem()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("different request")
+    );
+    assert_eq!(
+        s.post("/orders?x=1", "k", "tea").await.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "query counts"
+    );
+    assert_eq!(s.runs.runs(), 1);
+}
+
+#[tokio::test]
+async fn named_headers_count_towards_the_fingerprint() {
+    let layer = IdempotencyServiceLayer::default()
+        .fingerprint_headers([header::HeaderName::from_static("x-account")]);
+    let s = server(layer).await;
+    let send = async |account: &str| {
+        s.send(
+            Method::POST,
+            "/orders",
+            &[b"k"],
+            &[("x-account", account)],
+            "tea",
+        )
+        .await
+    };
+    assert_eq!(send("a").await.status, StatusCode::CREATED);
+    assert!(send("a").await.replayed());
+    assert_eq!(send("b").await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(s.runs.runs(), 1);
+}
+
+#[tokio::test]
+async fn a_duplicate_in_flight_waits_and_gets_the_same_answer() {
+    let s = Arc::new(server(IdempotencyServiceLayer::default()).await);
+    let first = tokio::spawn({
+        let s = s.clone();
+        async move { s.post("/orders?delay_ms=400", "slow", "tea").await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let duplicate = s.post("/orders?delay_ms=400", "slow", "tea").await;
+    let first = first.await.unwrap();
+    assert_eq!(duplicate.status, StatusCode::CREATED);
+    assert_eq!(duplicate.body, first.body);
+    assert!(duplicate.replayed());
+    assert_eq!(s.runs.runs(), 1);
+}
+
+#[tokio::test]
+async fn a_duplicate_in_flight_with_another_body_is_422_at_once() {
+    let s = Arc::new(server(IdempotencyServiceLayer::default()).await);
+    let first = tokio::spawn({
+        let s = s.clone();
+        async move { s.post("/orders?delay_ms=1000", "slow", "tea").await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let other = s.post("/orders?delay_ms=1000", "slow", "coffee").await;
+    assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        !first.is_finished(),
+        "the 422 must not wait for the first request"
+    );
+    assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+    assert_eq!(s.runs.runs(), 1);
+}
+
+#[tokio::test]
+async fn reject_mode_answers_409_with_retry_after_while_in_flight() {
+    let s =
+        Arc::new(server(IdempotencyServiceLayer::default().on_conflict(OnConflict::Reject)).await);
+    let first = tokio::spawn({
+        let s = s.clone();
+        async move { s.post("/orders?delay_ms=500", "k", "tea").await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let conflict = s.post("/orders?delay_ms=500", "k", "tea").await;
+    assert_eq!(conflict.status, StatusCode::CONFLICT);
+    assert_eq!(conflict.headers[header::RETRY_AFTER], "1");
+    conflict.problem();
+    assert!(!first.is_finished(), "reject mode must not wait");
+    let first = first.await.unwrap();
+    // Once it finished, the retry is a replay.
+    let retry = s.post("/orders?delay_ms=500", "k", "tea").await;
+    assert!(retry.replayed());
+    assert_eq!(retry.body, first.body);
+    assert_eq!(s.runs.runs(), 1);
+}
+
+#[tokio::test]
+async fn a_wait_past_its_timeout_is_409_with_retry_after() {
+    let s = Arc::new(
+        server(IdempotencyServiceLayer::default().wait_timeout(Duration::from_millis(200))).await,
+    );
+    let first = tokio::spawn({
+        let s = s.clone();
+        async move { s.post("/orders?delay_ms=1000", "k", "tea").await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let waited = s.post("/orders?delay_ms=1000", "k", "tea").await;
+    assert_eq!(waited.status, StatusCode::CONFLICT);
+    assert_eq!(waited.headers[header::RETRY_AFTER], "1");
+    assert!(
+        waited.problem()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("still being processed")
+    );
+    assert!(!first.is_finished());
+    assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+    assert_eq!(s.runs.runs(), 1);
+}
+
+#[tokio::test]
+async fn requests_without_a_key_or_with_other_methods_pass_through() {
+    let s = server(IdempotencyServiceLayer::default()).await;
+    assert_eq!(
+        s.send(Method::POST, "/orders", &[], &[], "tea")
+            .await
+            .text(),
+        "run=1 body=tea"
+    );
+    assert_eq!(
+        s.send(Method::POST, "/orders", &[], &[], "tea")
+            .await
+            .text(),
+        "run=2 body=tea"
+    );
+    // GET is not made idempotent, even with a key.
+    let get = s.send(Method::GET, "/orders", &[b"k"], &[], "").await;
+    assert!(!get.replayed());
+    assert!(
+        !s.send(Method::GET, "/orders", &[b"k"], &[], "")
+            .await
+            .replayed()
+    );
+    assert_eq!(s.runs.runs(), 4);
+}
+
+#[tokio::test]
+async fn require_key_answers_400_without_running() {
+    let s = server(IdempotencyServiceLayer::default().require_key(true)).await;
+    let missing = s.send(Method::POST, "/orders", &[], &[], "tea").await;
+    assert_eq!(missing.status, StatusCode::BAD_REQUEST);
+    assert!(
+        missing.problem()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Idempotency-Key")
+    );
+    assert_eq!(
+        s.send(Method::GET, "/orders", &[], &[], "").await.status,
+        StatusCode::CREATED,
+        "GET needs no key"
+    );
+    assert_eq!(s.runs.runs(), 1);
+}
+
+#[tokio::test]
+async fn invalid_keys_are_400_with_a_message_that_says_why() {
+    let s = server(IdempotencyServiceLayer::default()).await;
+    let long = "k".repeat(256);
+    let cases: [(&[&[u8]], &str); 5] = [
+        (&[b""], "empty"),
+        (&[long.as_bytes()], "256 characters"),
+        (&["clé".as_bytes()], "non-ASCII"),
+        (&[b"a", b"b"], "more than once"),
+        (&[b"\"unterminated"], "closing quote"),
+    ];
+    for (keys, why) in cases {
+        let answer = s.send(Method::POST, "/orders", keys, &[], "tea").await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{why}");
+        let detail = answer.problem()["detail"].as_str().unwrap().to_owned();
+        assert!(detail.contains(why), "{detail:?} should mention {why:?}");
+    }
+    let longest = "k".repeat(255);
+    assert_eq!(
+        s.post("/orders", &longest, "tea").await.status,
+        StatusCode::CREATED
+    );
+    assert_eq!(s.runs.runs(), 1);
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_413_and_does_not_run() {
+    let s = server(IdempotencyServiceLayer::default().max_request_body(1024)).await;
+    let big = "x".repeat(1025);
+    let answer = s.post("/orders", "k", &big).await;
+    assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(
+        answer.problem()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("1024 bytes")
+    );
+
+    // Without a Content-Length (chunked), the limit still holds.
+    let mut stream = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let chunk = "y".repeat(600);
+    let raw = format!(
+        "POST /orders HTTP/1.1\r\nhost: x\r\nidempotency-key: k2\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n\
+         258\r\n{chunk}\r\n258\r\n{chunk}\r\n0\r\n\r\n"
+    );
+    stream.write_all(raw.as_bytes()).await.unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).await.unwrap();
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+
+    assert_eq!(
+        s.post("/orders", "k", &"x".repeat(1024)).await.status,
+        StatusCode::CREATED
+    );
+    assert_eq!(s.runs.runs(), 1);
+}
+
+#[tokio::test]
+async fn server_errors_are_not_stored_so_a_retry_runs_again() {
+    let s = server(IdempotencyServiceLayer::default()).await;
+    for status in [500, 503, 408, 429] {
+        let key = format!("k{status}");
+        let path = format!("/orders?status={status}");
+        let first = s.post(&path, &key, "tea").await;
+        assert_eq!(first.status.as_u16(), status);
+        let retry = s.post(&path, &key, "tea").await;
+        assert_eq!(retry.status.as_u16(), status);
+        assert!(!retry.replayed(), "{status} must not be replayed");
+        assert_ne!(retry.body, first.body, "{status}: the retry ran again");
+    }
+    assert_eq!(s.runs.runs(), 8);
+    // A client error is an answer like any other: stored and replayed.
+    let bad = s.post("/orders?status=404", "k404", "tea").await;
+    let again = s.post("/orders?status=404", "k404", "tea").await;
+    assert_eq!(again.status, StatusCode::NOT_FOUND);
+    assert!(again.replayed());
+    assert_eq!(again.body, bad.body);
+    assert_eq!(s.runs.runs(), 9);
+}
+
+#[tokio::test]
+async fn the_store_predicate_is_configurable() {
+    let s = server(IdempotencyServiceLayer::default().store_if(|parts| parts.status.is_success()))
+        .await;
+    s.post("/orders?status=409", "k", "tea").await;
+    assert!(!s.post("/orders?status=409", "k", "tea").await.replayed());
+    assert_eq!(s.runs.runs(), 2);
+}
+
+#[tokio::test]
+async fn a_response_too_large_to_store_reaches_its_caller_and_never_runs_twice() {
+    let s = server(IdempotencyServiceLayer::default().max_stored_response(64 * 1024)).await;
+    let path = "/orders?size=200000";
+    let first = s.post(path, "big", "tea").await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(
+        first.body.len(),
+        200_000,
+        "the first caller gets the whole body"
+    );
+    assert!(first.body.iter().all(|&b| b == b'x'));
+    let duplicate = s.post(path, "big", "tea").await;
+    assert_eq!(duplicate.status, StatusCode::CONFLICT);
+    assert!(
+        duplicate.headers.get(header::RETRY_AFTER).is_none(),
+        "retrying would not help"
+    );
+    assert!(
+        duplicate.problem()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("too large")
+    );
+    assert_eq!(s.runs.runs(), 1);
+}
+
+#[tokio::test]
+async fn scopes_keep_callers_apart() {
+    let s = server(
+        IdempotencyServiceLayer::default()
+            .scope_by_header(header::HeaderName::from_static("x-tenant")),
+    )
+    .await;
+    let send = async |tenant: &str| {
+        s.send(
+            Method::POST,
+            "/orders",
+            &[b"same-key"],
+            &[("x-tenant", tenant)],
+            "tea",
+        )
+        .await
+    };
+    let a = send("a").await;
+    let b = send("b").await;
+    assert_eq!(
+        (a.status, b.status),
+        (StatusCode::CREATED, StatusCode::CREATED)
+    );
+    assert!(!b.replayed(), "tenant b must not get tenant a's response");
+    assert_ne!(a.body, b.body);
+    assert_eq!(send("a").await.body, a.body);
+    assert_eq!(send("b").await.body, b.body);
+    let unscoped = s
+        .send(Method::POST, "/orders", &[b"same-key"], &[], "tea")
+        .await;
+    assert_eq!(unscoped.status, StatusCode::BAD_REQUEST);
+    unscoped.problem();
+    assert_eq!(s.runs.runs(), 2);
+}
+
+/// A store whose every call fails, as a store whose backend is down would.
+#[derive(Debug)]
+struct DownStore;
+
+#[async_trait]
+impl KeyStore for DownStore {
+    async fn claim(&self, _: &StoreKey, _: &Fingerprint, _: Duration) -> Result<Claim, StoreError> {
+        Err(StoreError::backend("connection refused"))
+    }
+    async fn complete(
+        &self,
+        _: &StoreKey,
+        _: FencingToken,
+        _: &Record,
+        _: Duration,
+    ) -> Result<Completion, StoreError> {
+        Err(StoreError::backend("connection refused"))
+    }
+    async fn release(&self, _: &StoreKey, _: FencingToken) -> Result<bool, StoreError> {
+        Err(StoreError::backend("connection refused"))
+    }
+    async fn extend(&self, _: &StoreKey, _: FencingToken, _: Duration) -> Result<bool, StoreError> {
+        Err(StoreError::backend("connection refused"))
+    }
+    async fn read(&self, _: &StoreKey) -> Result<Option<Holder>, StoreError> {
+        Err(StoreError::backend("connection refused"))
+    }
+    async fn wait(&self, _: &StoreKey, _: Duration) -> Result<Option<Holder>, StoreError> {
+        Err(StoreError::backend("connection refused"))
+    }
+}
+
+/// A store that never answers.
+#[derive(Debug)]
+struct HungStore;
+
+#[async_trait]
+impl KeyStore for HungStore {
+    async fn claim(&self, _: &StoreKey, _: &Fingerprint, _: Duration) -> Result<Claim, StoreError> {
+        std::future::pending().await
+    }
+    async fn complete(
+        &self,
+        _: &StoreKey,
+        _: FencingToken,
+        _: &Record,
+        _: Duration,
+    ) -> Result<Completion, StoreError> {
+        std::future::pending().await
+    }
+    async fn release(&self, _: &StoreKey, _: FencingToken) -> Result<bool, StoreError> {
+        std::future::pending().await
+    }
+    async fn extend(&self, _: &StoreKey, _: FencingToken, _: Duration) -> Result<bool, StoreError> {
+        std::future::pending().await
+    }
+    async fn read(&self, _: &StoreKey) -> Result<Option<Holder>, StoreError> {
+        std::future::pending().await
+    }
+    async fn wait(&self, _: &StoreKey, _: Duration) -> Result<Option<Holder>, StoreError> {
+        std::future::pending().await
+    }
+}
+
+#[tokio::test]
+async fn a_failed_store_fails_closed_with_503_and_nothing_runs() {
+    let s = server(IdempotencyServiceLayer::new(DownStore)).await;
+    let answer = s.post("/orders", "k", "tea").await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(answer.headers[header::RETRY_AFTER], "1");
+    answer.problem();
+    let hung =
+        server(IdempotencyServiceLayer::new(HungStore).store_timeout(Duration::from_millis(100)))
+            .await;
+    assert_eq!(
+        hung.post("/orders", "k", "tea").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(s.runs.runs() + hung.runs.runs(), 0);
+    // Requests without a key never touch the store.
+    assert_eq!(
+        s.send(Method::POST, "/orders", &[], &[], "tea")
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+}
+
+#[tokio::test]
+async fn fail_open_runs_without_idempotency() {
+    let s = server(IdempotencyServiceLayer::new(DownStore).on_store_error(OnStoreError::FailOpen))
+        .await;
+    assert_eq!(
+        s.post("/orders", "k", "tea").await.status,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        s.post("/orders", "k", "tea").await.status,
+        StatusCode::CREATED
+    );
+    assert_eq!(s.runs.runs(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_storm_of_duplicates_with_random_delays_runs_once() {
+    let s = Arc::new(server(IdempotencyServiceLayer::default()).await);
+    let tasks: Vec<_> = (0..150)
+        .map(|_| {
+            let s = s.clone();
+            let delay = rand::rng().random_range(0..200);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                s.post("/orders?delay_ms=100", "storm", "tea").await
+            })
+        })
+        .collect();
+    let mut bodies = Vec::new();
+    for task in tasks {
+        let answer = task.await.unwrap();
+        assert_eq!(answer.status, StatusCode::CREATED);
+        bodies.push(answer.body);
+    }
+    assert!(
+        bodies.iter().all(|b| *b == bodies[0]),
+        "every duplicate gets the same body"
+    );
+    assert_eq!(s.runs.runs(), 1, "150 duplicates ran the handler once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_distinct_keys_run_a_thousand_times() {
+    let s = Arc::new(server(IdempotencyServiceLayer::default()).await);
+    let tasks: Vec<_> = (0..1000)
+        .map(|i| {
+            let s = s.clone();
+            let delay = rand::rng().random_range(0..20);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                // Two copies of each: one runs, one replays or waits.
+                let (key, body) = (format!("key-{i}"), i.to_string());
+                let (a, b) = tokio::join!(
+                    s.post("/orders", &key, &body),
+                    s.post("/orders", &key, &body)
+                );
+                assert_eq!(a.body, b.body);
+                assert!(a.text().ends_with(&format!("body={i}")));
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(s.runs.runs(), 1000);
+}
+
+/// Two services that share a store but not their in-process coalescing, as two processes
+/// sharing Redis would.
+async fn two_servers(
+    store: MemoryStore,
+    configure: impl Fn(IdempotencyServiceLayer) -> IdempotencyServiceLayer,
+) -> (TestServer, TestServer) {
+    let runs = Counter::default();
+    let a = serve(
+        app(runs.clone()).layer(configure(IdempotencyServiceLayer::new(store.clone()))),
+        runs.clone(),
+    )
+    .await;
+    let b = serve(
+        app(runs.clone()).layer(configure(IdempotencyServiceLayer::new(store))),
+        runs,
+    )
+    .await;
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn duplicates_split_across_two_services_on_one_store_run_once() {
+    let (a, b) = two_servers(MemoryStore::new(), |l| l).await;
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    let tasks: Vec<_> = (0..100)
+        .map(|i| {
+            let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let delay = rand::rng().random_range(0..100);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                s.post("/orders?delay_ms=150", "shared", "tea").await
+            })
+        })
+        .collect();
+    let mut bodies = Vec::new();
+    for task in tasks {
+        let answer = task.await.unwrap();
+        assert_eq!(answer.status, StatusCode::CREATED);
+        bodies.push(answer.body);
+    }
+    assert!(bodies.iter().all(|b| *b == bodies[0]));
+    assert_eq!(a.runs.runs(), 1);
+}
+
+#[tokio::test]
+async fn a_lapsed_lease_lets_another_run_in_and_fences_the_stale_completion() {
+    let store = MemoryStore::new();
+    let runs = Counter::default();
+    // Service a never renews its short lease; service b keeps its claims alive.
+    let short = IdempotencyServiceLayer::new(store.clone())
+        .lease(Duration::from_millis(200))
+        .keep_lease_alive(false);
+    let a = Arc::new(serve(app(runs.clone()).layer(short), runs.clone()).await);
+    let b = serve(
+        app(runs.clone()).layer(IdempotencyServiceLayer::new(store)),
+        runs,
+    )
+    .await;
+    let slow = tokio::spawn({
+        let a = a.clone();
+        async move { a.post("/orders?delay_ms=700", "k", "tea").await }
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The first run's lease has lapsed: the second service takes the key over and runs.
+    let second = b.post("/orders?delay_ms=700", "k", "tea").await;
+    assert_eq!(second.status, StatusCode::CREATED);
+    assert!(!second.replayed());
+    let first = slow.await.unwrap();
+    assert_eq!(
+        first.status,
+        StatusCode::CREATED,
+        "the first caller still gets its own response"
+    );
+    assert_ne!(first.body, second.body);
+    assert_eq!(a.runs.runs(), 2);
+    // The stale run was fenced: what is replayed is the second run's answer.
+    let replay = a.post("/orders?delay_ms=700", "k", "tea").await;
+    assert!(replay.replayed());
+    assert_eq!(replay.body, second.body);
+    assert_eq!(a.runs.runs(), 2);
+}
+
+#[tokio::test]
+async fn with_keep_alive_a_slow_handler_keeps_its_claim() {
+    let (a, b) = two_servers(MemoryStore::new(), |l| l.lease(Duration::from_millis(200))).await;
+    let a = Arc::new(a);
+    let slow = tokio::spawn({
+        let a = a.clone();
+        async move { a.post("/orders?delay_ms=700", "k", "tea").await }
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let duplicate = b.post("/orders?delay_ms=700", "k", "tea").await;
+    let first = slow.await.unwrap();
+    assert!(
+        duplicate.replayed(),
+        "the duplicate waited for the renewed claim"
+    );
+    assert_eq!(duplicate.body, first.body);
+    assert_eq!(a.runs.runs(), 1);
+}
+
+#[tokio::test]
+async fn a_disconnected_caller_does_not_cancel_a_detached_handler() {
+    let s = server(IdempotencyServiceLayer::default()).await;
+    let mut stream = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    stream
+        .write_all(b"POST /orders?delay_ms=300 HTTP/1.1\r\nhost: x\r\nidempotency-key: k\r\ncontent-length: 3\r\n\r\ntea")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(stream);
+    // The retry arrives while the orphaned run is still going: it waits and gets its answer.
+    let retry = s.post("/orders?delay_ms=300", "k", "tea").await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(retry.replayed());
+    assert_eq!(retry.text(), "run=1 body=tea");
+    assert_eq!(s.runs.runs(), 1);
+}
+
+#[tokio::test]
+async fn without_detach_a_disconnect_releases_the_claim_at_once() {
+    // With a 60 s lease and a 2 s wait, a retry could only run if the claim was released.
+    let s = server(
+        IdempotencyServiceLayer::default()
+            .detach(false)
+            .wait_timeout(Duration::from_secs(2)),
+    )
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    stream
+        .write_all(b"POST /orders?delay_ms=1000 HTTP/1.1\r\nhost: x\r\nidempotency-key: k\r\ncontent-length: 3\r\n\r\ntea")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let retry = s.post("/orders", "k", "tea").await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(!retry.replayed(), "the retry ran itself");
+    assert_eq!(
+        s.runs.runs(),
+        1,
+        "the cancelled run never reached its count"
+    );
+}
+
+#[tokio::test]
+async fn a_panicking_handler_releases_its_claim_so_a_retry_runs() {
+    for detach in [true, false] {
+        let s = server(IdempotencyServiceLayer::default().detach(detach)).await;
+        let req = Request::post(format!("http://{}/orders?panic=1", s.addr))
+            .header("idempotency-key", "k")
+            .body(Full::new(Bytes::from("tea")))
+            .unwrap();
+        assert!(
+            s.client.request(req).await.is_err(),
+            "the panic dropped the connection"
+        );
+        let retry = s.post("/orders", "k", "tea").await;
+        assert_eq!(retry.status, StatusCode::CREATED, "detach={detach}");
+        assert!(!retry.replayed());
+        assert_eq!(
+            s.runs.runs(),
+            2,
+            "detach={detach}: the panicked run, then the retry"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_inner_service_error_releases_the_claim_so_a_retry_runs() {
+    let calls = Counter::default();
+    let counted = calls.clone();
+    let svc = IdempotencyService::new(
+        service_fn(move |_req: Request<_>| {
+            let n = counted.0.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    Err("backend unreachable")
+                } else {
+                    Ok(Response::new(Full::new(Bytes::from("created"))))
+                }
+            }
+        }),
+        MemoryStore::new(),
+    );
+    let req = || {
+        Request::post("/orders")
+            .header("idempotency-key", "k")
+            .body(Full::new(Bytes::from("tea")))
+            .unwrap()
+    };
+    assert_eq!(
+        svc.clone().oneshot(req()).await.unwrap_err(),
+        "backend unreachable"
+    );
+    let retry = svc.clone().oneshot(req()).await.unwrap();
+    assert_eq!(
+        retry.into_body().collect().await.unwrap().to_bytes(),
+        "created"
+    );
+    let replay = svc.clone().oneshot(req()).await.unwrap();
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(calls.runs(), 2);
+}
+
+#[tokio::test]
+async fn trailers_are_stored_and_replayed() {
+    let svc = IdempotencyService::new(
+        service_fn(|_req: Request<_>| async {
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", "0".parse().unwrap());
+            let body =
+                Full::new(Bytes::from("message")).with_trailers(async { Some(Ok(trailers)) });
+            Ok::<_, Infallible>(Response::new(body))
+        }),
+        MemoryStore::new(),
+    );
+    let req = || {
+        Request::post("/svc/Method")
+            .header("idempotency-key", "k")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    for replayed in [false, true] {
+        let response = svc.clone().oneshot(req()).await.unwrap();
+        assert_eq!(
+            response.headers().contains_key("idempotent-replayed"),
+            replayed
+        );
+        let collected = response.into_body().collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
+        assert_eq!(collected.to_bytes(), "message");
+    }
+}
+
+#[tokio::test]
+async fn records_expire_after_the_retention() {
+    let s = server(IdempotencyServiceLayer::default().retention(Duration::from_millis(300))).await;
+    let first = s.post("/orders", "k", "tea").await;
+    assert!(s.post("/orders", "k", "tea").await.replayed());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later = s.post("/orders", "k", "tea").await;
+    assert!(!later.replayed());
+    assert_ne!(later.body, first.body);
+    assert_eq!(s.runs.runs(), 2);
+}

@@ -481,12 +481,17 @@ impl ClaimGuard {
                 biased;
                 output = &mut call => return output,
                 _ = ticker.tick() => {
-                    match store_call(config, config.store.extend(&self.keyed.store_key, token, config.lease)).await {
+                    let renewed = config.store.extend(&self.keyed.store_key, token, config.lease);
+                    match store_call(config, renewed).await {
                         Ok(true) => {}
-                        Ok(false) => tracing::warn!(
-                            key = %self.keyed.key,
-                            "idempotency: the claim was lost while the handler ran; its response will not be stored"
-                        ),
+                        Ok(false) => {
+                            tracing::warn!(
+                                key = %self.keyed.key,
+                                "idempotency: the claim was lost while the handler ran; its response will not be stored"
+                            );
+                            // Nothing left to renew: let the handler finish on its own.
+                            return call.await;
+                        }
                         Err(err) => tracing::warn!(key = %self.keyed.key, error = %err, "idempotency: could not renew the lease"),
                     }
                 }

@@ -53,12 +53,17 @@ use crate::IdempotencyKey;
 
 mod memory;
 mod record;
+#[cfg(feature = "redis")]
+mod redis;
 
 #[cfg(any(test, feature = "test-util"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod conformance;
 
 pub use memory::MemoryStore;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use redis::{RedisStore, RedisStoreBuilder};
 pub use record::Record;
 
 /// A boxed error from a store's backend.

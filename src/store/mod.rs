@@ -61,10 +61,10 @@ mod redis;
 pub mod conformance;
 
 pub use memory::MemoryStore;
+pub use record::Record;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis::{RedisStore, RedisStoreBuilder};
-pub use record::Record;
 
 /// A boxed error from a store's backend.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -172,6 +172,8 @@ impl FencingToken {
 }
 
 /// What holds a key that could not be claimed.
+// A record is returned by value once per call; boxing it would cost an allocation per replay.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Holder {
     /// Another request is running under this key.
@@ -184,6 +186,7 @@ pub enum Holder {
 }
 
 /// The answer to [`KeyStore::claim`].
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Claim {
     /// The caller owns the key until its lease lapses; use the token to complete, release or
@@ -228,7 +231,10 @@ impl fmt::Display for StoreError {
         match self {
             Self::Backend(e) => write!(f, "idempotency store failed: {e}"),
             Self::Timeout(d) => write!(f, "idempotency store did not answer within {d:?}"),
-            Self::Corrupt(why) => write!(f, "idempotency store holds a value that does not decode: {why}"),
+            Self::Corrupt(why) => write!(
+                f,
+                "idempotency store holds a value that does not decode: {why}"
+            ),
         }
     }
 }
@@ -253,7 +259,12 @@ impl std::error::Error for StoreError {
 pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
     /// Claims `key` for a run of a request with `fingerprint`, for `lease`; or reports what
     /// holds the key.
-    async fn claim(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError>;
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError>;
 
     /// Stores `record` under `key`, kept for `retention`, if `token` still owns the claim.
     async fn complete(
@@ -268,7 +279,12 @@ pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
     async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<bool, StoreError>;
 
     /// Renews the claim's lease to `lease` from now; `false` when `token` no longer owns it.
-    async fn extend(&self, key: &StoreKey, token: FencingToken, lease: Duration) -> Result<bool, StoreError>;
+    async fn extend(
+        &self,
+        key: &StoreKey,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError>;
 
     /// What holds `key` now, if anything.
     async fn read(&self, key: &StoreKey) -> Result<Option<Holder>, StoreError>;
@@ -281,7 +297,12 @@ pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
 
 #[async_trait]
 impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {
-    async fn claim(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
         (**self).claim(key, fingerprint, lease).await
     }
 
@@ -299,7 +320,12 @@ impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {
         (**self).release(key, token).await
     }
 
-    async fn extend(&self, key: &StoreKey, token: FencingToken, lease: Duration) -> Result<bool, StoreError> {
+    async fn extend(
+        &self,
+        key: &StoreKey,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
         (**self).extend(key, token, lease).await
     }
 

@@ -26,7 +26,9 @@ use tokio::{
     time::Instant,
 };
 
-use super::{Claim, Completion, FencingToken, Fingerprint, Holder, KeyStore, Record, StoreError, StoreKey};
+use super::{
+    Claim, Completion, FencingToken, Fingerprint, Holder, KeyStore, Record, StoreError, StoreKey,
+};
 
 const DEFAULT_PREFIX: &str = "idem:";
 const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
@@ -227,7 +229,10 @@ impl RedisStoreBuilder {
         let client = Client::open(url).map_err(StoreError::backend)?;
         // RESP3, so that notifications arrive as pushes on a connection that still runs commands.
         let info = client.get_connection_info().clone();
-        let settings = info.redis_settings().clone().set_protocol(redis::ProtocolVersion::RESP3);
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
         let info = info.set_redis_settings(settings);
         let client = Client::open(info).map_err(StoreError::backend)?;
         let config = ConnectionManagerConfig::new()
@@ -238,11 +243,23 @@ impl RedisStoreBuilder {
             .set_max_delay(Duration::from_millis(500));
         let subscriptions = Subscriptions::new();
         let bound = self.call_timeout();
-        let conn = bounded(bound, ConnectionManager::new_with_config(client.clone(), config.clone())).await?;
+        let conn = bounded(
+            bound,
+            ConnectionManager::new_with_config(client.clone(), config.clone()),
+        )
+        .await?;
         let push = push_handler(&subscriptions);
-        let subscriber =
-            bounded(bound, ConnectionManager::new_with_config(client, config.set_push_sender(push))).await?;
-        Ok(self.build(Conn::Standalone(conn), Conn::Standalone(subscriber), subscriptions, false))
+        let subscriber = bounded(
+            bound,
+            ConnectionManager::new_with_config(client, config.set_push_sender(push)),
+        )
+        .await?;
+        Ok(self.build(
+            Conn::Standalone(conn),
+            Conn::Standalone(subscriber),
+            subscriptions,
+            false,
+        ))
     }
 
     /// Connects to a Redis Cluster (or Valkey cluster) through any of its nodes, such as
@@ -257,26 +274,40 @@ impl RedisStoreBuilder {
         let builder = || {
             ClusterClientBuilder::new(nodes.clone())
                 .use_protocol(redis::ProtocolVersion::RESP3)
-            .connection_timeout(self.connection_timeout)
-            .response_timeout(self.response_timeout)
-            .retries(2)
-            .min_retry_wait(20)
-            .max_retry_wait(500)
+                .connection_timeout(self.connection_timeout)
+                .response_timeout(self.response_timeout)
+                .retries(2)
+                .min_retry_wait(20)
+                .max_retry_wait(500)
         };
         let subscriptions = Subscriptions::new();
         let bound = self.call_timeout();
         let client = builder().build().map_err(StoreError::backend)?;
         let conn = bounded(bound, client.get_async_connection()).await?;
-        let client = builder().push_sender(push_handler(&subscriptions)).build().map_err(StoreError::backend)?;
+        let client = builder()
+            .push_sender(push_handler(&subscriptions))
+            .build()
+            .map_err(StoreError::backend)?;
         let subscriber = bounded(bound, client.get_async_connection()).await?;
-        Ok(self.build(Conn::Cluster(conn), Conn::Cluster(subscriber), subscriptions, true))
+        Ok(self.build(
+            Conn::Cluster(conn),
+            Conn::Cluster(subscriber),
+            subscriptions,
+            true,
+        ))
     }
 
     fn call_timeout(&self) -> Duration {
         self.connection_timeout + self.response_timeout
     }
 
-    fn build(self, conn: Conn, subscriber: Conn, subscriptions: Arc<Subscriptions>, cluster: bool) -> RedisStore {
+    fn build(
+        self,
+        conn: Conn,
+        subscriber: Conn,
+        subscriptions: Arc<Subscriptions>,
+        cluster: bool,
+    ) -> RedisStore {
         let call_timeout = self.call_timeout();
         let watchdog = tokio::spawn(run_subscriber(
             subscriber,
@@ -333,20 +364,48 @@ impl RedisStore {
         format!("{}{{{}}}:done", self.inner.prefix, key.to_hex())
     }
 
-    /// Runs one call against Redis, bounded by the call timeout.
-    async fn call<T>(&self, what: &str, fut: impl Future<Output = redis::RedisResult<T>>) -> Result<T, StoreError> {
-        bounded(self.inner.call_timeout, fut).await.inspect_err(|err| {
-            tracing::debug!(error = %err, "idempotency store: {what} failed");
-        })
+    /// Runs one step against Redis, bounded by the call timeout. A step that met a broken
+    /// connection is sent once more: the connection has begun to reconnect by then (the error
+    /// may be left over from before Redis came back), and every step is safe to run twice.
+    async fn call<T, F, Fut>(&self, what: &str, step: F) -> Result<T, StoreError>
+    where
+        F: Fn(Conn) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let attempts = async {
+            match step(self.inner.conn.clone()).await {
+                Err(err)
+                    if err.is_io_error()
+                        || err.is_connection_refusal()
+                        || err.is_connection_dropped() =>
+                {
+                    tracing::debug!(error = %err, "idempotency store: {what} met a broken connection; sending it again");
+                    step(self.inner.conn.clone()).await
+                }
+                result => result,
+            }
+        };
+        bounded(self.inner.call_timeout, attempts)
+            .await
+            .inspect_err(|err| {
+                tracing::debug!(error = %err, "idempotency store: {what} failed");
+            })
     }
 
     /// What holds `key` and for how long, in one round trip.
-    async fn read_with_ttl(&self, key: &StoreKey) -> Result<(Option<Holder>, Option<Duration>), StoreError> {
+    async fn read_with_ttl(
+        &self,
+        key: &StoreKey,
+    ) -> Result<(Option<Holder>, Option<Duration>), StoreError> {
         let redis_key = self.redis_key(key);
-        let mut conn = self.inner.conn.clone();
         let mut pipe = redis::pipe();
         pipe.get(&redis_key).pttl(&redis_key);
-        let (value, pttl): (Option<Vec<u8>>, i64) = self.call("read", pipe.query_async(&mut conn)).await?;
+        let pipe = &pipe;
+        let (value, pttl): (Option<Vec<u8>>, i64) = self
+            .call("read", |mut conn| async move {
+                pipe.query_async(&mut conn).await
+            })
+            .await?;
         let ttl = u64::try_from(pttl).ok().map(Duration::from_millis);
         match value {
             None => Ok((None, None)),
@@ -361,7 +420,8 @@ impl RedisStore {
     }
 
     fn corrupt_in_script(&self, key: &StoreKey) -> StoreError {
-        let err = StoreError::Corrupt("the stored value's header is not one this store writes".into());
+        let err =
+            StoreError::Corrupt("the stored value's header is not one this store writes".into());
         tracing::error!(key = %self.redis_key(key), error = %err, "idempotency store: a stored value does not decode");
         err
     }
@@ -376,7 +436,10 @@ impl RedisStore {
 }
 
 /// Waits for `fut` up to `limit`, turning Redis errors into store errors.
-async fn bounded<T>(limit: Duration, fut: impl Future<Output = redis::RedisResult<T>>) -> Result<T, StoreError> {
+async fn bounded<T>(
+    limit: Duration,
+    fut: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, StoreError> {
     match tokio::time::timeout(limit, fut).await {
         Err(_) => Err(StoreError::Timeout(limit)),
         Ok(Err(err)) if err.is_timeout() => Err(StoreError::Timeout(limit)),
@@ -410,26 +473,45 @@ impl Stored {
 
     fn decode(value: Bytes) -> Result<Self, StoreError> {
         if value.len() < HEADER_LEN {
-            return Err(StoreError::Corrupt(format!("a {}-byte value is shorter than its header", value.len())));
+            return Err(StoreError::Corrupt(format!(
+                "a {}-byte value is shorter than its header",
+                value.len()
+            )));
         }
         if value[0] != VALUE_VERSION {
-            return Err(StoreError::Corrupt(format!("unknown value version {}", value[0])));
+            return Err(StoreError::Corrupt(format!(
+                "unknown value version {}",
+                value[0]
+            )));
         }
         let state = value[1];
-        let token = FencingToken::from_u128(u128::from_be_bytes(value[2..18].try_into().expect("16 bytes")));
+        let token = FencingToken::from_u128(u128::from_be_bytes(
+            value[2..18].try_into().expect("16 bytes"),
+        ));
         let fingerprint = Fingerprint::from_bytes(value[18..50].try_into().expect("32 bytes"));
         match state {
             STATE_IN_FLIGHT if value.len() == HEADER_LEN => {}
-            STATE_IN_FLIGHT => return Err(StoreError::Corrupt("an in-flight value carries a record".into())),
+            STATE_IN_FLIGHT => {
+                return Err(StoreError::Corrupt(
+                    "an in-flight value carries a record".into(),
+                ));
+            }
             STATE_COMPLETED => {}
             other => return Err(StoreError::Corrupt(format!("unknown state {other}"))),
         }
-        Ok(Self { state, token, fingerprint, record: value.slice(HEADER_LEN..) })
+        Ok(Self {
+            state,
+            token,
+            fingerprint,
+            record: value.slice(HEADER_LEN..),
+        })
     }
 
     fn into_holder(self) -> Result<Holder, StoreError> {
         Ok(if self.state == STATE_IN_FLIGHT {
-            Holder::InFlight { fingerprint: self.fingerprint }
+            Holder::InFlight {
+                fingerprint: self.fingerprint,
+            }
         } else {
             Holder::Completed(Record::decode(self.record)?)
         })
@@ -453,7 +535,12 @@ fn millis(d: Duration) -> u64 {
 
 #[async_trait]
 impl KeyStore for RedisStore {
-    async fn claim(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
         let token = FencingToken::random();
         let mut cmd = redis::cmd("SET");
         cmd.arg(self.redis_key(key))
@@ -462,8 +549,12 @@ impl KeyStore for RedisStore {
             .arg("PX")
             .arg(millis(lease))
             .arg("GET");
-        let mut conn = self.inner.conn.clone();
-        let previous: Option<Vec<u8>> = self.call("claim", cmd.query_async(&mut conn)).await?;
+        let cmd = &cmd;
+        let previous: Option<Vec<u8>> = self
+            .call("claim", |mut conn| async move {
+                cmd.query_async(&mut conn).await
+            })
+            .await?;
         let Some(previous) = previous else {
             return Ok(Claim::Claimed(token));
         };
@@ -483,7 +574,6 @@ impl KeyStore for RedisStore {
         retention: Duration,
     ) -> Result<Completion, StoreError> {
         let value = Stored::completed(token, record);
-        let mut conn = self.inner.conn.clone();
         let mut invocation = self.inner.complete.prepare_invoke();
         invocation
             .key(self.redis_key(key))
@@ -491,7 +581,12 @@ impl KeyStore for RedisStore {
             .arg(&token_arg(token)[..])
             .arg(&value[..])
             .arg(millis(retention));
-        let outcome: i64 = self.call("complete", invocation.invoke_async(&mut conn)).await?;
+        let invocation = &invocation;
+        let outcome: i64 = self
+            .call("complete", |mut conn| async move {
+                invocation.invoke_async(&mut conn).await
+            })
+            .await?;
         match outcome {
             1 => Ok(Completion::Stored),
             0 => Ok(Completion::Fenced),
@@ -500,10 +595,17 @@ impl KeyStore for RedisStore {
     }
 
     async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<bool, StoreError> {
-        let mut conn = self.inner.conn.clone();
         let mut invocation = self.inner.release.prepare_invoke();
-        invocation.key(self.redis_key(key)).key(self.channel(key)).arg(&token_arg(token)[..]);
-        let outcome: i64 = self.call("release", invocation.invoke_async(&mut conn)).await?;
+        invocation
+            .key(self.redis_key(key))
+            .key(self.channel(key))
+            .arg(&token_arg(token)[..]);
+        let invocation = &invocation;
+        let outcome: i64 = self
+            .call("release", |mut conn| async move {
+                invocation.invoke_async(&mut conn).await
+            })
+            .await?;
         match outcome {
             1 => Ok(true),
             0 => Ok(false),
@@ -511,11 +613,23 @@ impl KeyStore for RedisStore {
         }
     }
 
-    async fn extend(&self, key: &StoreKey, token: FencingToken, lease: Duration) -> Result<bool, StoreError> {
-        let mut conn = self.inner.conn.clone();
+    async fn extend(
+        &self,
+        key: &StoreKey,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
         let mut invocation = self.inner.extend.prepare_invoke();
-        invocation.key(self.redis_key(key)).arg(&token_arg(token)[..]).arg(millis(lease));
-        let outcome: i64 = self.call("extend", invocation.invoke_async(&mut conn)).await?;
+        invocation
+            .key(self.redis_key(key))
+            .arg(&token_arg(token)[..])
+            .arg(millis(lease));
+        let invocation = &invocation;
+        let outcome: i64 = self
+            .call("extend", |mut conn| async move {
+                invocation.invoke_async(&mut conn).await
+            })
+            .await?;
         match outcome {
             1 => Ok(true),
             0 => Ok(false),
@@ -524,15 +638,27 @@ impl KeyStore for RedisStore {
     }
 
     async fn read(&self, key: &StoreKey) -> Result<Option<Holder>, StoreError> {
-        let mut conn = self.inner.conn.clone();
-        let value: Option<Vec<u8>> = self.call("read", redis::cmd("GET").arg(self.redis_key(key)).query_async(&mut conn)).await?;
-        value.map(|v| self.decode(key, v)?.into_holder()).transpose()
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(self.redis_key(key));
+        let cmd = &cmd;
+        let value: Option<Vec<u8>> = self
+            .call("read", |mut conn| async move {
+                cmd.query_async(&mut conn).await
+            })
+            .await?;
+        value
+            .map(|v| self.decode(key, v)?.into_holder())
+            .transpose()
     }
 
     async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<Option<Holder>, StoreError> {
         let deadline = Instant::now() + timeout;
         // Subscribe first, then read, so that a completion in between is not missed.
-        let watch = self.inner.subscriptions.watch(self.channel(key).into_bytes(), self.inner.call_timeout).await;
+        let watch = self
+            .inner
+            .subscriptions
+            .watch(self.channel(key).into_bytes(), self.inner.call_timeout)
+            .await;
         loop {
             let notified = watch.notify.notified();
             tokio::pin!(notified);
@@ -593,7 +719,9 @@ impl Subscriptions {
 
     fn lock(&self) -> MutexGuard<'_, HashMap<Vec<u8>, Channel>> {
         // Every critical section leaves the map consistent, so a poisoned lock is used as is.
-        self.channels.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.channels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Joins the waiters of `channel`, subscribing to it if this is the first, and waits (up to
@@ -604,12 +732,20 @@ impl Subscriptions {
             let mut channels = self.lock();
             let entry = channels.entry(channel.clone()).or_insert_with(|| {
                 let _ = self.requests.send(Request::Subscribe(channel.clone()));
-                Channel { waiters: 0, notify: Arc::default(), subscribed: watch::Sender::new(false) }
+                Channel {
+                    waiters: 0,
+                    notify: Arc::default(),
+                    subscribed: watch::Sender::new(false),
+                }
             });
             entry.waiters += 1;
             (entry.notify.clone(), entry.subscribed.subscribe())
         };
-        let watch = Watch { subscriptions: self.clone(), channel, notify };
+        let watch = Watch {
+            subscriptions: self.clone(),
+            channel,
+            notify,
+        };
         let _ = tokio::time::timeout(limit, subscribed.wait_for(|done| *done)).await;
         watch
     }
@@ -647,17 +783,24 @@ impl Drop for Watch {
             entry.waiters -= 1;
             if entry.waiters == 0 {
                 channels.remove(&self.channel);
-                let _ = self.subscriptions.requests.send(Request::Unsubscribe(std::mem::take(&mut self.channel)));
+                let _ = self
+                    .subscriptions
+                    .requests
+                    .send(Request::Unsubscribe(std::mem::take(&mut self.channel)));
             }
         }
     }
 }
 
 /// Hands each notification straight to the channel's waiters, on the connection's own task.
-fn push_handler(subscriptions: &Arc<Subscriptions>) -> impl Fn(PushInfo) -> Result<(), ()> + Send + Sync + 'static {
+fn push_handler(
+    subscriptions: &Arc<Subscriptions>,
+) -> impl Fn(PushInfo) -> Result<(), ()> + Send + Sync + 'static {
     let subscriptions: Weak<Subscriptions> = Arc::downgrade(subscriptions);
     move |push: PushInfo| {
-        let Some(subscriptions) = subscriptions.upgrade() else { return Ok(()) };
+        let Some(subscriptions) = subscriptions.upgrade() else {
+            return Ok(());
+        };
         match push.kind {
             PushKind::SMessage | PushKind::Message => {
                 if let Some(Value::BulkString(channel)) = push.data.first() {
@@ -676,8 +819,18 @@ fn push_handler(subscriptions: &Arc<Subscriptions>) -> impl Fn(PushInfo) -> Resu
 
 /// Owns the subscriber connection: subscribes and unsubscribes in order, pings it as a
 /// watchdog, and renews every subscription after it reconnected.
-async fn run_subscriber(mut conn: Conn, subscriptions: Arc<Subscriptions>, every: Duration, limit: Duration) {
-    let Some(mut requests) = subscriptions.requests_rx.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+async fn run_subscriber(
+    mut conn: Conn,
+    subscriptions: Arc<Subscriptions>,
+    every: Duration,
+    limit: Duration,
+) {
+    let Some(mut requests) = subscriptions
+        .requests_rx
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    else {
         return;
     };
     let mut ticker = tokio::time::interval(every);
@@ -729,7 +882,10 @@ async fn check_subscriber(conn: &mut Conn, subscriptions: &Subscriptions, limit:
         }
     }
     if !channels.is_empty() {
-        tracing::info!(channels = channels.len(), "idempotency store: subscriptions renewed after a reconnect");
+        tracing::info!(
+            channels = channels.len(),
+            "idempotency store: subscriptions renewed after a reconnect"
+        );
     }
     // Notifications sent while the connection was down are lost: every waiter looks again.
     subscriptions.wake_all();
@@ -782,9 +938,18 @@ mod tests {
         let fp = Fingerprint::from_bytes([3; 32]);
         let stored = Stored::decode(Stored::in_flight(token, &fp)).unwrap();
         assert_eq!((stored.state, stored.token), (STATE_IN_FLIGHT, token));
-        assert_eq!(stored.into_holder().unwrap(), Holder::InFlight { fingerprint: fp });
+        assert_eq!(
+            stored.into_holder().unwrap(),
+            Holder::InFlight { fingerprint: fp }
+        );
 
-        let record = Record::response(fp, StatusCode::CREATED, Default::default(), Bytes::from_static(b"hi"), None);
+        let record = Record::response(
+            fp,
+            StatusCode::CREATED,
+            Default::default(),
+            Bytes::from_static(b"hi"),
+            None,
+        );
         let stored = Stored::decode(Stored::completed(token, &record)).unwrap();
         assert_eq!(stored.token, token);
         assert_eq!(stored.into_holder().unwrap(), Holder::Completed(record));
@@ -793,10 +958,20 @@ mod tests {
         unknown_state[1] = 7;
         let mut in_flight_with_tail = Stored::in_flight(token, &fp).to_vec();
         in_flight_with_tail.push(0);
-        for garbage in [b"".to_vec(), b"hello".to_vec(), vec![9; 60], unknown_state, in_flight_with_tail] {
-            assert!(matches!(Stored::decode(Bytes::from(garbage)), Err(StoreError::Corrupt(_))));
+        for garbage in [
+            b"".to_vec(),
+            b"hello".to_vec(),
+            vec![9; 60],
+            unknown_state,
+            in_flight_with_tail,
+        ] {
+            assert!(matches!(
+                Stored::decode(Bytes::from(garbage)),
+                Err(StoreError::Corrupt(_))
+            ));
         }
-        let mut truncated = Stored::completed(token, &Record::not_replayable(fp, StatusCode::OK)).to_vec();
+        let mut truncated =
+            Stored::completed(token, &Record::not_replayable(fp, StatusCode::OK)).to_vec();
         truncated.pop();
         let stored = Stored::decode(Bytes::from(truncated)).unwrap();
         assert!(matches!(stored.into_holder(), Err(StoreError::Corrupt(_))));

@@ -70,6 +70,25 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the server (SIGSTOP): it keeps its connections but answers nothing.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("the server is running").id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid} failed");
+    }
+
     /// Starts the server again on the same port, with an empty dataset.
     pub fn restart(&mut self) {
         self.kill();
@@ -79,28 +98,50 @@ impl RedisServer {
     fn spawn(&mut self) {
         std::fs::create_dir_all(&self.dir).expect("create the server's directory");
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .arg("--logfile")
-            .arg(self.dir.join("redis.log"))
-            .args(&self.extra_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.args([
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(&self.dir)
+        .arg("--logfile")
+        .arg(self.dir.join("redis.log"))
+        .args(&self.extra_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
         let child = match cmd.spawn() {
             Ok(child) => child,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => panic!("{INSTALL_HINT} ({err})"),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                panic!("{INSTALL_HINT} ({err})")
+            }
             Err(err) => panic!("could not start redis-server: {err}"),
         };
         reap_with_this_process(child.id());
         self.child = Some(child);
         let started = Instant::now();
         while !ping(self.port) {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("redis-server exited at start ({status}); its log:\n{}", self.log());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "redis-server exited at start ({status}); its log:\n{}",
+                    self.log()
+                );
             }
-            assert!(started.elapsed() < Duration::from_secs(10), "redis-server did not answer PING; its log:\n{}", self.log());
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server did not answer PING; its log:\n{}",
+                self.log()
+            );
             thread::sleep(Duration::from_millis(10));
         }
     }
@@ -109,7 +150,11 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         if thread::panicking() {
-            eprintln!("--- log of redis-server on port {} ---\n{}--- end of log ---", self.port, self.log());
+            eprintln!(
+                "--- log of redis-server on port {} ---\n{}--- end of log ---",
+                self.port,
+                self.log()
+            );
         }
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -136,7 +181,10 @@ impl Cluster {
 
     /// Every node's log, for a failing test's message.
     pub fn logs(&self) -> String {
-        self.nodes.iter().map(|n| format!("--- node {} ---\n{}", n.port(), n.log())).collect()
+        self.nodes
+            .iter()
+            .map(|n| format!("--- node {} ---\n{}", n.port(), n.log()))
+            .collect()
     }
 }
 
@@ -146,11 +194,22 @@ pub fn cluster() -> &'static Cluster {
     CLUSTER.get_or_init(|| {
         let nodes: Vec<RedisServer> = (0..3)
             .map(|_| {
-                RedisServer::start_with(&["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000"])
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "5000",
+                ])
             })
             .collect();
         let cluster = Cluster { nodes };
-        let addresses: Vec<String> = cluster.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())).collect();
+        let addresses: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
         let output = Command::new("redis-cli")
             .arg("--cluster")
             .arg("create")
@@ -167,8 +226,16 @@ pub fn cluster() -> &'static Cluster {
             cluster.logs()
         );
         let started = Instant::now();
-        while !cluster.nodes.iter().all(|n| command(n.port(), "CLUSTER INFO").contains("cluster_state:ok")) {
-            assert!(started.elapsed() < Duration::from_secs(20), "the cluster did not settle:\n{}", cluster.logs());
+        while !cluster
+            .nodes
+            .iter()
+            .all(|n| command(n.port(), "CLUSTER INFO").contains("cluster_state:ok"))
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the cluster did not settle:\n{}",
+                cluster.logs()
+            );
             thread::sleep(Duration::from_millis(50));
         }
         cluster
@@ -181,7 +248,11 @@ fn free_port() -> u16 {
     static TAKEN: OnceLock<std::sync::Mutex<Vec<u16>>> = OnceLock::new();
     let taken = TAKEN.get_or_init(Default::default);
     loop {
-        let port = TcpListener::bind("127.0.0.1:0").expect("bind a free port").local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .expect("bind a free port")
+            .local_addr()
+            .unwrap()
+            .port();
         // A cluster node also listens on port + 10000.
         if port > 55_535 {
             continue;
@@ -224,7 +295,9 @@ fn ping(port: u16) -> bool {
 
 /// Sends one inline command and returns the raw reply ("" when the server cannot be reached).
 pub fn command(port: u16, line: &str) -> String {
-    let Ok(mut stream) = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)) else {
+    let Ok(mut stream) =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200))
+    else {
         return String::new();
     };
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
@@ -269,7 +342,12 @@ impl Monitor {
                 }
             }
         });
-        let mut monitor = Self { child, port, lines, marks: 0 };
+        let mut monitor = Self {
+            child,
+            port,
+            lines,
+            marks: 0,
+        };
         monitor.commands_since_last_call();
         monitor
     }

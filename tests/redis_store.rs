@@ -67,13 +67,6 @@ async fn claimed(
     }
 }
 
-/// A store whose waiters poll so rarely that only a notification can wake them quickly.
-async fn store_without_polling(
-    connect: impl std::future::Future<Output = Result<RedisStore, StoreError>>,
-) -> RedisStore {
-    connect.await.expect("connect")
-}
-
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
@@ -405,12 +398,11 @@ async fn cross_store_wake_up(a: RedisStore, b: RedisStore, setup: &str) {
 async fn a_waiter_on_another_store_is_woken_by_pub_sub() {
     let url = support::shared_server().url();
     let a = RedisStore::connect(&url).await.unwrap();
-    let b = store_without_polling(
-        RedisStore::builder()
-            .poll_interval(Duration::from_secs(5))
-            .connect(&url),
-    )
-    .await;
+    let b = RedisStore::builder()
+        .poll_interval(Duration::from_secs(5))
+        .connect(&url)
+        .await
+        .unwrap();
     cross_store_wake_up(a, b, "standalone").await;
 }
 
@@ -418,12 +410,11 @@ async fn a_waiter_on_another_store_is_woken_by_pub_sub() {
 async fn a_waiter_on_another_store_is_woken_by_pub_sub_on_a_cluster() {
     let urls = support::cluster().urls();
     let a = RedisStore::connect_cluster(&urls).await.unwrap();
-    let b = store_without_polling(
-        RedisStore::builder()
-            .poll_interval(Duration::from_secs(5))
-            .connect_cluster(&urls),
-    )
-    .await;
+    let b = RedisStore::builder()
+        .poll_interval(Duration::from_secs(5))
+        .connect_cluster(&urls)
+        .await
+        .unwrap();
     cross_store_wake_up(a, b, "cluster").await;
 }
 

@@ -559,7 +559,7 @@ impl KeyStore for RedisStore {
             return Ok(Claim::Claimed(token));
         };
         let stored = self.decode(key, previous)?;
-        if stored.token == token {
+        if stored.token == token && stored.state == STATE_IN_FLIGHT {
             // Our own claim, answered to a re-sent command.
             return Ok(Claim::Claimed(token));
         }

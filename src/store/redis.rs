@@ -100,6 +100,8 @@ return 1
 ///   with [`StoreError::Timeout`] or [`StoreError::Backend`]; the connections reconnect by
 ///   themselves once Redis is back. A value that does not decode is [`StoreError::Corrupt`].
 ///
+/// It needs Redis 7.0 or later (for `SET ... NX GET` and sharded pub/sub), or Valkey.
+///
 /// There is no connection pool: one multiplexed connection pipelines every concurrent request.
 /// Cloning a `RedisStore` is cheap and shares its connections.
 ///

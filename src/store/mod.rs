@@ -53,6 +53,8 @@ use crate::IdempotencyKey;
 
 mod memory;
 mod record;
+#[cfg(feature = "redis")]
+mod redis;
 
 #[cfg(any(test, feature = "test-util"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
@@ -60,6 +62,9 @@ pub mod conformance;
 
 pub use memory::MemoryStore;
 pub use record::Record;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use redis::{RedisStore, RedisStoreBuilder};
 
 /// A boxed error from a store's backend.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

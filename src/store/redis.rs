@@ -1,0 +1,981 @@
+//! The Redis store: many processes share claims and responses through Redis, Redis Cluster or
+//! Valkey (feature `redis`).
+
+use std::{
+    collections::HashMap,
+    fmt,
+    future::Future,
+    sync::{
+        Arc, Mutex, MutexGuard, Weak,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use bytes::{BufMut, Bytes, BytesMut};
+use redis::{
+    Client, Cmd, PushInfo, PushKind, RedisFuture, Script, Value,
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
+    cluster::ClusterClientBuilder,
+    cluster_async::ClusterConnection,
+};
+use tokio::{
+    sync::{Notify, mpsc, watch},
+    task::JoinHandle,
+    time::Instant,
+};
+
+use super::{
+    Claim, Completion, FencingToken, Fingerprint, Holder, KeyStore, Record, StoreError, StoreKey,
+};
+
+const DEFAULT_PREFIX: &str = "idem:";
+const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
+const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(250);
+const DEFAULT_WATCHDOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The first byte of every value this store writes.
+const VALUE_VERSION: u8 = 1;
+const STATE_IN_FLIGHT: u8 = 0;
+const STATE_COMPLETED: u8 = 1;
+/// Version, state, token, fingerprint; a completed value continues with the encoded record.
+const HEADER_LEN: usize = 1 + 1 + 16 + 32;
+
+// The scripts check the value's header byte by byte (Lua strings are 1-indexed): byte 1 the
+// version, byte 2 the state, bytes 3..=18 the fencing token. They return -1 for a value they do
+// not recognise, 0 when the token does not own the key, 1 when they did their work.
+
+/// KEYS: the key, its channel. ARGV: token, the completed value, retention in ms.
+const COMPLETE_SCRIPT: &str = r"
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+if #v < 50 or string.byte(v, 1) ~= 1 then return -1 end
+if string.sub(v, 3, 18) ~= ARGV[1] then return 0 end
+if string.byte(v, 2) == 1 then return 1 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('SPUBLISH', KEYS[2], 'completed')
+return 1
+";
+
+/// KEYS: the key, its channel. ARGV: token.
+const RELEASE_SCRIPT: &str = r"
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+if #v < 50 or string.byte(v, 1) ~= 1 then return -1 end
+if string.sub(v, 3, 18) ~= ARGV[1] or string.byte(v, 2) ~= 0 then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SPUBLISH', KEYS[2], 'released')
+return 1
+";
+
+/// KEYS: the key. ARGV: token, lease in ms.
+const EXTEND_SCRIPT: &str = r"
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+if #v < 50 or string.byte(v, 1) ~= 1 then return -1 end
+if string.sub(v, 3, 18) ~= ARGV[1] or string.byte(v, 2) ~= 0 then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+";
+
+/// A [`KeyStore`] in Redis, Redis Cluster or Valkey, shared by every process that points at it.
+///
+/// - **One Redis key per scoped key**: `{prefix}{<hex digest>}`. The digest sits in a hash tag,
+///   so the key and its notification channel `{prefix}{<hex digest>}:done` share a cluster slot.
+///   No user-controlled bytes reach a key name. The value holds the state (in flight or
+///   completed), the fencing token, the fingerprint and then the encoded [`Record`].
+/// - **Round trips**: a claim is one `SET key value NX PX lease GET`, which either claims the key
+///   or returns what holds it, so a replay is one round trip too. Completing, releasing and
+///   extending are one script each (`EVALSHA`, reloaded by itself after a Redis restart) that
+///   checks the fencing token and, for the first two, publishes on the key's channel. Each step
+///   is safe to send twice.
+/// - **Waiting across processes**: sharded pub/sub (`SSUBSCRIBE`, Redis 7 or later, or Valkey)
+///   on one subscriber connection per store, shared by every local waiter of a key. A waiter
+///   subscribes first, then reads the key, and also polls every 250 ms (with jitter) and at the
+///   lease's end, so a lost message only delays it. A watchdog pings the subscriber connection
+///   every second, so that a restarted Redis is noticed and the subscriptions are renewed.
+/// - **Failures**: every call fails within the connection timeout plus the response timeout,
+///   with [`StoreError::Timeout`] or [`StoreError::Backend`]; the connections reconnect by
+///   themselves once Redis is back. A value that does not decode is [`StoreError::Corrupt`].
+///
+/// It needs Redis 7.0 or later (for `SET ... NX GET` and sharded pub/sub), or Valkey.
+///
+/// There is no connection pool: one multiplexed connection pipelines every concurrent request.
+/// Cloning a `RedisStore` is cheap and shares its connections.
+///
+/// # Production notes
+///
+/// Use `maxmemory-policy noeviction`: an evicted claim lets a duplicate run a second time.
+/// Persistence (`appendonly yes`) keeps the records through a restart.
+///
+/// # Example
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tower_idempotency::store::{KeyStore, RedisStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tower_idempotency::store::StoreError> {
+/// // One Redis server (or Valkey).
+/// let store = RedisStore::builder()
+///     .prefix("orders:")
+///     .response_timeout(Duration::from_millis(500))
+///     .connect("redis://127.0.0.1:6379")
+///     .await?;
+///
+/// // A Redis Cluster: any of its nodes will do.
+/// let cluster = RedisStore::connect_cluster(["redis://10.0.0.1:7000", "redis://10.0.0.2:7000"]).await?;
+/// # let _ = (store, cluster);
+/// # Ok(())
+/// # }
+/// ```
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: Conn,
+    prefix: String,
+    /// The bound on every call: connection timeout plus response timeout.
+    call_timeout: Duration,
+    poll_interval: Duration,
+    subscriptions: Arc<Subscriptions>,
+    watchdog: JoinHandle<()>,
+    complete: Script,
+    release: Script,
+    extend: Script,
+    cluster: bool,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.watchdog.abort();
+    }
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.inner.prefix)
+            .field("cluster", &self.inner.cluster)
+            .field("call_timeout", &self.inner.call_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settings for a [`RedisStore`], from [`RedisStore::builder`].
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+#[derive(Clone, Debug)]
+pub struct RedisStoreBuilder {
+    prefix: String,
+    connection_timeout: Duration,
+    response_timeout: Duration,
+    poll_interval: Duration,
+    watchdog_interval: Duration,
+}
+
+impl Default for RedisStoreBuilder {
+    fn default() -> Self {
+        Self {
+            prefix: DEFAULT_PREFIX.to_owned(),
+            connection_timeout: DEFAULT_CONNECTION_TIMEOUT,
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            watchdog_interval: DEFAULT_WATCHDOG_INTERVAL,
+        }
+    }
+}
+
+impl RedisStoreBuilder {
+    /// The prefix of every Redis key and channel the store uses (default `idem:`), so that
+    /// several services can share one Redis.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// How long connecting to Redis may take (default 1 s).
+    pub fn connection_timeout(mut self, timeout: Duration) -> Self {
+        self.connection_timeout = timeout;
+        self
+    }
+
+    /// How long Redis may take to answer a command (default 2 s).
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// How often a waiter looks at its key when no notification came (default 250 ms, with up
+    /// to 25% jitter either way). It also always looks when the lease lapses.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How often the subscriber connection is pinged, so that a Redis restart is noticed and
+    /// the subscriptions are renewed (default 1 s).
+    pub fn watchdog_interval(mut self, interval: Duration) -> Self {
+        self.watchdog_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Connects to one Redis or Valkey server, such as `redis://127.0.0.1:6379` or
+    /// `rediss://user:password@host/2`. Both connections (commands and notifications) reconnect
+    /// by themselves after a failure.
+    pub async fn connect(self, url: &str) -> Result<RedisStore, StoreError> {
+        let client = Client::open(url).map_err(StoreError::backend)?;
+        // RESP3, so that notifications arrive as pushes on a connection that still runs commands.
+        let info = client.get_connection_info().clone();
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        let info = info.set_redis_settings(settings);
+        let client = Client::open(info).map_err(StoreError::backend)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.connection_timeout))
+            .set_response_timeout(Some(self.response_timeout))
+            .set_number_of_retries(3)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        let subscriptions = Subscriptions::new();
+        let bound = self.call_timeout();
+        let conn = bounded(
+            bound,
+            ConnectionManager::new_with_config(client.clone(), config.clone()),
+        )
+        .await?;
+        let push = push_handler(&subscriptions);
+        let subscriber = bounded(
+            bound,
+            ConnectionManager::new_with_config(client, config.set_push_sender(push)),
+        )
+        .await?;
+        Ok(self.build(
+            Conn::Standalone(conn),
+            Conn::Standalone(subscriber),
+            subscriptions,
+            false,
+        ))
+    }
+
+    /// Connects to a Redis Cluster (or Valkey cluster) through any of its nodes, such as
+    /// `redis://10.0.0.1:7000`. The connection follows the cluster's topology and reconnects
+    /// by itself.
+    pub async fn connect_cluster<I, S>(self, nodes: I) -> Result<RedisStore, StoreError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let nodes: Vec<String> = nodes.into_iter().map(|n| n.as_ref().to_owned()).collect();
+        let builder = || {
+            ClusterClientBuilder::new(nodes.clone())
+                .use_protocol(redis::ProtocolVersion::RESP3)
+                .connection_timeout(self.connection_timeout)
+                .response_timeout(self.response_timeout)
+                .retries(2)
+                .min_retry_wait(20)
+                .max_retry_wait(500)
+        };
+        let subscriptions = Subscriptions::new();
+        let bound = self.call_timeout();
+        let client = builder().build().map_err(StoreError::backend)?;
+        let conn = bounded(bound, client.get_async_connection()).await?;
+        let client = builder()
+            .push_sender(push_handler(&subscriptions))
+            .build()
+            .map_err(StoreError::backend)?;
+        let subscriber = bounded(bound, client.get_async_connection()).await?;
+        Ok(self.build(
+            Conn::Cluster(conn),
+            Conn::Cluster(subscriber),
+            subscriptions,
+            true,
+        ))
+    }
+
+    fn call_timeout(&self) -> Duration {
+        self.connection_timeout + self.response_timeout
+    }
+
+    fn build(
+        self,
+        conn: Conn,
+        subscriber: Conn,
+        subscriptions: Arc<Subscriptions>,
+        cluster: bool,
+    ) -> RedisStore {
+        let call_timeout = self.call_timeout();
+        let watchdog = tokio::spawn(run_subscriber(
+            subscriber,
+            subscriptions.clone(),
+            self.watchdog_interval,
+            call_timeout,
+        ));
+        RedisStore {
+            inner: Arc::new(Inner {
+                conn,
+                prefix: self.prefix,
+                call_timeout,
+                poll_interval: self.poll_interval,
+                subscriptions,
+                watchdog,
+                complete: Script::new(COMPLETE_SCRIPT),
+                release: Script::new(RELEASE_SCRIPT),
+                extend: Script::new(EXTEND_SCRIPT),
+                cluster,
+            }),
+        }
+    }
+}
+
+impl RedisStore {
+    /// Settings for a store; finish with [`connect`](RedisStoreBuilder::connect) or
+    /// [`connect_cluster`](RedisStoreBuilder::connect_cluster).
+    pub fn builder() -> RedisStoreBuilder {
+        RedisStoreBuilder::default()
+    }
+
+    /// Connects to one Redis or Valkey server with the default settings.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::builder().connect(url).await
+    }
+
+    /// Connects to a Redis Cluster through any of its nodes with the default settings.
+    pub async fn connect_cluster<I, S>(nodes: I) -> Result<Self, StoreError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        Self::builder().connect_cluster(nodes).await
+    }
+
+    /// The Redis key that holds `key`: the prefix, then the hex digest in a hash tag.
+    pub fn redis_key(&self, key: &StoreKey) -> String {
+        format!("{}{{{}}}", self.inner.prefix, key.to_hex())
+    }
+
+    /// The sharded pub/sub channel on which `key`'s completion or release is announced; in the
+    /// key's cluster slot.
+    pub fn channel(&self, key: &StoreKey) -> String {
+        format!("{}{{{}}}:done", self.inner.prefix, key.to_hex())
+    }
+
+    /// Runs one step against Redis, bounded by the call timeout. A step that met a broken
+    /// connection is sent once more: the connection has begun to reconnect by then (the error
+    /// may be left over from before Redis came back), and every step is safe to run twice.
+    async fn call<T, F, Fut>(&self, what: &str, step: F) -> Result<T, StoreError>
+    where
+        F: Fn(Conn) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let attempts = async {
+            match step(self.inner.conn.clone()).await {
+                Err(err)
+                    if err.is_io_error()
+                        || err.is_connection_refusal()
+                        || err.is_connection_dropped() =>
+                {
+                    tracing::debug!(error = %err, "idempotency store: {what} met a broken connection; sending it again");
+                    step(self.inner.conn.clone()).await
+                }
+                result => result,
+            }
+        };
+        bounded(self.inner.call_timeout, attempts)
+            .await
+            .inspect_err(|err| {
+                tracing::debug!(error = %err, "idempotency store: {what} failed");
+            })
+    }
+
+    /// What holds `key` and for how long, in one round trip.
+    async fn read_with_ttl(
+        &self,
+        key: &StoreKey,
+    ) -> Result<(Option<Holder>, Option<Duration>), StoreError> {
+        let redis_key = self.redis_key(key);
+        let mut pipe = redis::pipe();
+        pipe.get(&redis_key).pttl(&redis_key);
+        let pipe = &pipe;
+        let (value, pttl): (Option<Vec<u8>>, i64) = self
+            .call("read", |mut conn| async move {
+                pipe.query_async(&mut conn).await
+            })
+            .await?;
+        let ttl = u64::try_from(pttl).ok().map(Duration::from_millis);
+        match value {
+            None => Ok((None, None)),
+            Some(value) => Ok((Some(self.decode(key, value)?.into_holder()?), ttl)),
+        }
+    }
+
+    fn decode(&self, key: &StoreKey, value: Vec<u8>) -> Result<Stored, StoreError> {
+        Stored::decode(Bytes::from(value)).inspect_err(|err| {
+            tracing::error!(key = %self.redis_key(key), error = %err, "idempotency store: a stored value does not decode");
+        })
+    }
+
+    fn corrupt_in_script(&self, key: &StoreKey) -> StoreError {
+        let err =
+            StoreError::Corrupt("the stored value's header is not one this store writes".into());
+        tracing::error!(key = %self.redis_key(key), error = %err, "idempotency store: a stored value does not decode");
+        err
+    }
+
+    fn jittered_poll(&self) -> Duration {
+        // Up to 25% either way, so that waiters in many processes do not poll in step.
+        let poll = self.inner.poll_interval;
+        let spread = (poll.as_micros() / 2).max(1) as u64;
+        let offset = (uuid::Uuid::new_v4().as_u128() as u64) % spread;
+        poll - poll / 4 + Duration::from_micros(offset)
+    }
+}
+
+/// Waits for `fut` up to `limit`, turning Redis errors into store errors.
+async fn bounded<T>(
+    limit: Duration,
+    fut: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(limit, fut).await {
+        Err(_) => Err(StoreError::Timeout(limit)),
+        Ok(Err(err)) if err.is_timeout() => Err(StoreError::Timeout(limit)),
+        Ok(Err(err)) => Err(StoreError::backend(err)),
+        Ok(Ok(value)) => Ok(value),
+    }
+}
+
+/// A value as this store writes it.
+struct Stored {
+    state: u8,
+    token: FencingToken,
+    fingerprint: Fingerprint,
+    /// The encoded record, for a completed key.
+    record: Bytes,
+}
+
+impl Stored {
+    fn in_flight(token: FencingToken, fingerprint: &Fingerprint) -> Bytes {
+        let mut buf = BytesMut::with_capacity(HEADER_LEN);
+        put_header(&mut buf, STATE_IN_FLIGHT, token, fingerprint);
+        buf.freeze()
+    }
+
+    fn completed(token: FencingToken, record: &Record) -> Bytes {
+        let mut buf = BytesMut::with_capacity(HEADER_LEN + record.encoded_len());
+        put_header(&mut buf, STATE_COMPLETED, token, &record.fingerprint);
+        record.encode_into(&mut buf);
+        buf.freeze()
+    }
+
+    fn decode(value: Bytes) -> Result<Self, StoreError> {
+        if value.len() < HEADER_LEN {
+            return Err(StoreError::Corrupt(format!(
+                "a {}-byte value is shorter than its header",
+                value.len()
+            )));
+        }
+        if value[0] != VALUE_VERSION {
+            return Err(StoreError::Corrupt(format!(
+                "unknown value version {}",
+                value[0]
+            )));
+        }
+        let state = value[1];
+        let token = FencingToken::from_u128(u128::from_be_bytes(
+            value[2..18].try_into().expect("16 bytes"),
+        ));
+        let fingerprint = Fingerprint::from_bytes(value[18..50].try_into().expect("32 bytes"));
+        match state {
+            STATE_IN_FLIGHT if value.len() == HEADER_LEN => {}
+            STATE_IN_FLIGHT => {
+                return Err(StoreError::Corrupt(
+                    "an in-flight value carries a record".into(),
+                ));
+            }
+            STATE_COMPLETED => {}
+            other => return Err(StoreError::Corrupt(format!("unknown state {other}"))),
+        }
+        Ok(Self {
+            state,
+            token,
+            fingerprint,
+            record: value.slice(HEADER_LEN..),
+        })
+    }
+
+    fn into_holder(self) -> Result<Holder, StoreError> {
+        Ok(if self.state == STATE_IN_FLIGHT {
+            Holder::InFlight {
+                fingerprint: self.fingerprint,
+            }
+        } else {
+            Holder::Completed(Record::decode(self.record)?)
+        })
+    }
+}
+
+fn put_header(buf: &mut BytesMut, state: u8, token: FencingToken, fingerprint: &Fingerprint) {
+    buf.put_u8(VALUE_VERSION);
+    buf.put_u8(state);
+    buf.put_u128(token.as_u128());
+    buf.put_slice(fingerprint.as_bytes());
+}
+
+fn token_arg(token: FencingToken) -> [u8; 16] {
+    token.as_u128().to_be_bytes()
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+#[async_trait]
+impl KeyStore for RedisStore {
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let token = FencingToken::random();
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.redis_key(key))
+            .arg(&Stored::in_flight(token, fingerprint)[..])
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(lease))
+            .arg("GET");
+        let cmd = &cmd;
+        let previous: Option<Vec<u8>> = self
+            .call("claim", |mut conn| async move {
+                cmd.query_async(&mut conn).await
+            })
+            .await?;
+        let Some(previous) = previous else {
+            return Ok(Claim::Claimed(token));
+        };
+        let stored = self.decode(key, previous)?;
+        if stored.token == token && stored.state == STATE_IN_FLIGHT {
+            // Our own claim, answered to a re-sent command.
+            return Ok(Claim::Claimed(token));
+        }
+        Ok(Claim::Held(stored.into_holder()?))
+    }
+
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: FencingToken,
+        record: &Record,
+        retention: Duration,
+    ) -> Result<Completion, StoreError> {
+        let value = Stored::completed(token, record);
+        let mut invocation = self.inner.complete.prepare_invoke();
+        invocation
+            .key(self.redis_key(key))
+            .key(self.channel(key))
+            .arg(&token_arg(token)[..])
+            .arg(&value[..])
+            .arg(millis(retention));
+        let invocation = &invocation;
+        let outcome: i64 = self
+            .call("complete", |mut conn| async move {
+                invocation.invoke_async(&mut conn).await
+            })
+            .await?;
+        match outcome {
+            1 => Ok(Completion::Stored),
+            0 => Ok(Completion::Fenced),
+            _ => Err(self.corrupt_in_script(key)),
+        }
+    }
+
+    async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<bool, StoreError> {
+        let mut invocation = self.inner.release.prepare_invoke();
+        invocation
+            .key(self.redis_key(key))
+            .key(self.channel(key))
+            .arg(&token_arg(token)[..]);
+        let invocation = &invocation;
+        let outcome: i64 = self
+            .call("release", |mut conn| async move {
+                invocation.invoke_async(&mut conn).await
+            })
+            .await?;
+        match outcome {
+            1 => Ok(true),
+            0 => Ok(false),
+            _ => Err(self.corrupt_in_script(key)),
+        }
+    }
+
+    async fn extend(
+        &self,
+        key: &StoreKey,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut invocation = self.inner.extend.prepare_invoke();
+        invocation
+            .key(self.redis_key(key))
+            .arg(&token_arg(token)[..])
+            .arg(millis(lease));
+        let invocation = &invocation;
+        let outcome: i64 = self
+            .call("extend", |mut conn| async move {
+                invocation.invoke_async(&mut conn).await
+            })
+            .await?;
+        match outcome {
+            1 => Ok(true),
+            0 => Ok(false),
+            _ => Err(self.corrupt_in_script(key)),
+        }
+    }
+
+    async fn read(&self, key: &StoreKey) -> Result<Option<Holder>, StoreError> {
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(self.redis_key(key));
+        let cmd = &cmd;
+        let value: Option<Vec<u8>> = self
+            .call("read", |mut conn| async move {
+                cmd.query_async(&mut conn).await
+            })
+            .await?;
+        value
+            .map(|v| self.decode(key, v)?.into_holder())
+            .transpose()
+    }
+
+    async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<Option<Holder>, StoreError> {
+        let deadline = Instant::now() + timeout;
+        // Subscribe first, then read, so that a completion in between is not missed.
+        let watch = self
+            .inner
+            .subscriptions
+            .watch(self.channel(key).into_bytes(), self.inner.call_timeout)
+            .await;
+        loop {
+            let notified = watch.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let (holder, ttl) = self.read_with_ttl(key).await?;
+            if !matches!(holder, Some(Holder::InFlight { .. })) {
+                return Ok(holder);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(holder);
+            }
+            let mut wake_at = (now + self.jittered_poll()).min(deadline);
+            if let Some(ttl) = ttl {
+                // Look again the moment the lease lapses (Redis drops the key then).
+                wake_at = wake_at.min(now + ttl + Duration::from_millis(2));
+            }
+            let _ = tokio::time::timeout_at(wake_at, notified).await;
+        }
+    }
+}
+
+/// The local waiters of every channel this store is subscribed to.
+struct Subscriptions {
+    channels: Mutex<HashMap<Vec<u8>, Channel>>,
+    /// Subscribe and unsubscribe requests, in the order the map changed, for the subscriber task.
+    requests: mpsc::UnboundedSender<Request>,
+    requests_rx: Mutex<Option<mpsc::UnboundedReceiver<Request>>>,
+    /// Set when the subscriber connection may have lost its subscriptions.
+    stale: AtomicBool,
+    /// Wakes the subscriber task to check its connection now.
+    check_now: Notify,
+}
+
+struct Channel {
+    waiters: usize,
+    notify: Arc<Notify>,
+    /// `true` once the first subscribe attempt for the channel is over.
+    subscribed: watch::Sender<bool>,
+}
+
+enum Request {
+    Subscribe(Vec<u8>),
+    Unsubscribe(Vec<u8>),
+}
+
+impl Subscriptions {
+    fn new() -> Arc<Self> {
+        let (requests, rx) = mpsc::unbounded_channel();
+        Arc::new(Self {
+            channels: Mutex::default(),
+            requests,
+            requests_rx: Mutex::new(Some(rx)),
+            stale: AtomicBool::new(false),
+            check_now: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<Vec<u8>, Channel>> {
+        // Every critical section leaves the map consistent, so a poisoned lock is used as is.
+        self.channels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Joins the waiters of `channel`, subscribing to it if this is the first, and waits (up to
+    /// `limit`) for the subscription to be in place. A failed subscription leaves the waiter to
+    /// polling.
+    async fn watch(self: &Arc<Self>, channel: Vec<u8>, limit: Duration) -> Watch {
+        let (notify, mut subscribed) = {
+            let mut channels = self.lock();
+            let entry = channels.entry(channel.clone()).or_insert_with(|| {
+                let _ = self.requests.send(Request::Subscribe(channel.clone()));
+                Channel {
+                    waiters: 0,
+                    notify: Arc::default(),
+                    subscribed: watch::Sender::new(false),
+                }
+            });
+            entry.waiters += 1;
+            (entry.notify.clone(), entry.subscribed.subscribe())
+        };
+        let watch = Watch {
+            subscriptions: self.clone(),
+            channel,
+            notify,
+        };
+        let _ = tokio::time::timeout(limit, subscribed.wait_for(|done| *done)).await;
+        watch
+    }
+
+    fn wake(&self, channel: &[u8]) {
+        if let Some(entry) = self.lock().get(channel) {
+            entry.notify.notify_waiters();
+        }
+    }
+
+    fn wake_all(&self) {
+        for entry in self.lock().values() {
+            entry.notify.notify_waiters();
+        }
+    }
+
+    fn mark_subscribed(&self, channel: &[u8]) {
+        if let Some(entry) = self.lock().get(channel) {
+            entry.subscribed.send_replace(true);
+        }
+    }
+}
+
+/// One waiter's membership of a channel; leaving the last one unsubscribes.
+struct Watch {
+    subscriptions: Arc<Subscriptions>,
+    channel: Vec<u8>,
+    notify: Arc<Notify>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let mut channels = self.subscriptions.lock();
+        if let Some(entry) = channels.get_mut(&self.channel) {
+            entry.waiters -= 1;
+            if entry.waiters == 0 {
+                channels.remove(&self.channel);
+                let _ = self
+                    .subscriptions
+                    .requests
+                    .send(Request::Unsubscribe(std::mem::take(&mut self.channel)));
+            }
+        }
+    }
+}
+
+/// Hands each notification straight to the channel's waiters, on the connection's own task.
+fn push_handler(
+    subscriptions: &Arc<Subscriptions>,
+) -> impl Fn(PushInfo) -> Result<(), ()> + Send + Sync + 'static {
+    let subscriptions: Weak<Subscriptions> = Arc::downgrade(subscriptions);
+    move |push: PushInfo| {
+        let Some(subscriptions) = subscriptions.upgrade() else {
+            return Ok(());
+        };
+        match push.kind {
+            PushKind::SMessage | PushKind::Message => {
+                if let Some(Value::BulkString(channel)) = push.data.first() {
+                    subscriptions.wake(channel);
+                }
+            }
+            PushKind::Disconnection => {
+                subscriptions.stale.store(true, Ordering::SeqCst);
+                subscriptions.check_now.notify_one();
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Owns the subscriber connection: subscribes and unsubscribes in order, pings it as a
+/// watchdog, and renews every subscription after it reconnected.
+async fn run_subscriber(
+    mut conn: Conn,
+    subscriptions: Arc<Subscriptions>,
+    every: Duration,
+    limit: Duration,
+) {
+    let Some(mut requests) = subscriptions
+        .requests_rx
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    else {
+        return;
+    };
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            request = requests.recv() => match request {
+                Some(Request::Subscribe(channel)) => {
+                    let mut cmd = redis::cmd("SSUBSCRIBE");
+                    cmd.arg(&channel[..]);
+                    if let Err(err) = bounded(limit, cmd.exec_async(&mut conn)).await {
+                        tracing::warn!(error = %err, "idempotency store: subscribing failed; waiters poll until it is renewed");
+                        subscriptions.stale.store(true, Ordering::SeqCst);
+                    }
+                    subscriptions.mark_subscribed(&channel);
+                }
+                Some(Request::Unsubscribe(channel)) => {
+                    let mut cmd = redis::cmd("SUNSUBSCRIBE");
+                    cmd.arg(&channel[..]);
+                    // A failure leaves a subscription nobody listens to; it dies with the connection.
+                    let _ = bounded(limit, cmd.exec_async(&mut conn)).await;
+                }
+                None => return,
+            },
+            _ = ticker.tick() => check_subscriber(&mut conn, &subscriptions, limit).await,
+            () = subscriptions.check_now.notified() => check_subscriber(&mut conn, &subscriptions, limit).await,
+        }
+    }
+}
+
+async fn check_subscriber(conn: &mut Conn, subscriptions: &Subscriptions, limit: Duration) {
+    // An idle subscribed connection only notices a Redis restart when it sends something.
+    if let Err(err) = bounded(limit, redis::cmd("PING").exec_async(conn)).await {
+        tracing::debug!(error = %err, "idempotency store: the subscriber connection is down");
+        subscriptions.stale.store(true, Ordering::SeqCst);
+        return;
+    }
+    if !subscriptions.stale.swap(false, Ordering::SeqCst) {
+        return;
+    }
+    let channels: Vec<Vec<u8>> = subscriptions.lock().keys().cloned().collect();
+    for channel in &channels {
+        let mut cmd = redis::cmd("SSUBSCRIBE");
+        cmd.arg(&channel[..]);
+        if let Err(err) = bounded(limit, cmd.exec_async(conn)).await {
+            tracing::debug!(error = %err, "idempotency store: renewing a subscription failed");
+            subscriptions.stale.store(true, Ordering::SeqCst);
+            return;
+        }
+    }
+    if !channels.is_empty() {
+        tracing::info!(
+            channels = channels.len(),
+            "idempotency store: subscriptions renewed after a reconnect"
+        );
+    }
+    // Notifications sent while the connection was down are lost: every waiter looks again.
+    subscriptions.wake_all();
+}
+
+/// A connection to a single server or to a cluster.
+#[derive(Clone)]
+enum Conn {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Standalone(conn) => conn.req_packed_command(cmd),
+            Conn::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Standalone(conn) => conn.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Standalone(conn) => conn.get_db(),
+            Conn::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::StatusCode;
+
+    use super::*;
+
+    #[test]
+    fn values_round_trip_and_garbage_is_corrupt() {
+        let token = FencingToken::random();
+        let fp = Fingerprint::from_bytes([3; 32]);
+        let stored = Stored::decode(Stored::in_flight(token, &fp)).unwrap();
+        assert_eq!((stored.state, stored.token), (STATE_IN_FLIGHT, token));
+        assert_eq!(
+            stored.into_holder().unwrap(),
+            Holder::InFlight { fingerprint: fp }
+        );
+
+        let record = Record::response(
+            fp,
+            StatusCode::CREATED,
+            Default::default(),
+            Bytes::from_static(b"hi"),
+            None,
+        );
+        let stored = Stored::decode(Stored::completed(token, &record)).unwrap();
+        assert_eq!(stored.token, token);
+        assert_eq!(stored.into_holder().unwrap(), Holder::Completed(record));
+
+        let mut unknown_state = Stored::in_flight(token, &fp).to_vec();
+        unknown_state[1] = 7;
+        let mut in_flight_with_tail = Stored::in_flight(token, &fp).to_vec();
+        in_flight_with_tail.push(0);
+        for garbage in [
+            b"".to_vec(),
+            b"hello".to_vec(),
+            vec![9; 60],
+            unknown_state,
+            in_flight_with_tail,
+        ] {
+            assert!(matches!(
+                Stored::decode(Bytes::from(garbage)),
+                Err(StoreError::Corrupt(_))
+            ));
+        }
+        let mut truncated =
+            Stored::completed(token, &Record::not_replayable(fp, StatusCode::OK)).to_vec();
+        truncated.pop();
+        let stored = Stored::decode(Bytes::from(truncated)).unwrap();
+        assert!(matches!(stored.into_holder(), Err(StoreError::Corrupt(_))));
+    }
+}

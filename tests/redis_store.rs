@@ -1,0 +1,525 @@
+//! The Redis store against real `redis-server` processes: the conformance kit on a server and on
+//! a cluster, faults, two stores sharing keys as two processes would, and round trips.
+
+mod support;
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use tokio::time::Instant;
+use tower_idempotency::{
+    IdempotencyKey,
+    store::{
+        Claim, Completion, Fingerprint, Holder, KeyStore, Record, RedisStore, StoreError, StoreKey,
+    },
+};
+
+use support::{Monitor, RedisServer};
+
+tower_idempotency::key_store_conformance!(
+    standalone_conformance,
+    RedisStore::connect(&support::shared_server().url())
+        .await
+        .expect("connect to redis-server")
+);
+
+tower_idempotency::key_store_conformance!(
+    cluster_conformance,
+    RedisStore::connect_cluster(support::cluster().urls())
+        .await
+        .expect("connect to the cluster")
+);
+
+const LEASE: Duration = Duration::from_secs(30);
+const RETENTION: Duration = Duration::from_secs(3600);
+
+fn fresh_key() -> StoreKey {
+    StoreKey::new(b"redis-tests", &IdempotencyKey::auto())
+}
+
+fn fp(n: u8) -> Fingerprint {
+    Fingerprint::from_bytes([n; 32])
+}
+
+fn record(body: &'static str) -> Record {
+    Record::response(
+        fp(1),
+        StatusCode::CREATED,
+        HeaderMap::new(),
+        Bytes::from_static(body.as_bytes()),
+        None,
+    )
+}
+
+async fn claim(store: &RedisStore, key: &StoreKey, lease: Duration) -> Claim {
+    store.claim(key, &fp(1), lease).await.expect("claim")
+}
+
+async fn claimed(
+    store: &RedisStore,
+    key: &StoreKey,
+    lease: Duration,
+) -> tower_idempotency::store::FencingToken {
+    match claim(store, key, lease).await {
+        Claim::Claimed(token) => token,
+        other => panic!("a free key was not claimable: {other:?}"),
+    }
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+async fn raw_connection(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_that_does_not_decode_is_an_error_not_a_panic() {
+    let server = support::shared_server();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    let mut raw = raw_connection(&server.url()).await;
+
+    let garbage = fresh_key();
+    let _: () = redis::cmd("SET")
+        .arg(store.redis_key(&garbage))
+        .arg("not a value of ours")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.claim(&garbage, &fp(1), LEASE).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    assert!(matches!(
+        store.read(&garbage).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    assert!(matches!(
+        store.wait(&garbage, Duration::from_secs(1)).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    let stranger = tower_idempotency::store::FencingToken::random();
+    assert!(matches!(
+        store
+            .complete(&garbage, stranger, &record("x"), RETENTION)
+            .await,
+        Err(StoreError::Corrupt(_))
+    ));
+    assert!(matches!(
+        store.release(&garbage, stranger).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    assert!(matches!(
+        store.extend(&garbage, stranger, LEASE).await,
+        Err(StoreError::Corrupt(_))
+    ));
+
+    // A completed value whose record was cut short: the header is fine, the record is not.
+    let truncated = fresh_key();
+    let token = claimed(&store, &truncated, LEASE).await;
+    store
+        .complete(
+            &truncated,
+            token,
+            &record("a body that will be cut"),
+            RETENTION,
+        )
+        .await
+        .unwrap();
+    let value: Vec<u8> = redis::cmd("GET")
+        .arg(store.redis_key(&truncated))
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(store.redis_key(&truncated))
+        .arg(&value[..value.len() - 5])
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.claim(&truncated, &fp(1), LEASE).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    assert!(matches!(
+        store.read(&truncated).await,
+        Err(StoreError::Corrupt(_))
+    ));
+
+    // The store is not poisoned by them.
+    let fine = fresh_key();
+    claimed(&store, &fine, LEASE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_redis_gives_prompt_errors_and_the_store_recovers_after_a_restart() {
+    let mut server = RedisServer::start();
+    let timeouts = || {
+        RedisStore::builder()
+            .connection_timeout(Duration::from_millis(500))
+            .response_timeout(Duration::from_millis(500))
+            .watchdog_interval(Duration::from_millis(200))
+    };
+    let store = timeouts().connect(&server.url()).await.unwrap();
+    // This store's waiters poll once a minute: only the watchdog can get them out after a restart.
+    let waiting_store = timeouts()
+        .poll_interval(Duration::from_secs(60))
+        .connect(&server.url())
+        .await
+        .unwrap();
+    let held = fresh_key();
+    claimed(&store, &held, LEASE).await;
+    let waiter = {
+        let waiting_store = waiting_store.clone();
+        tokio::spawn(async move { waiting_store.wait(&held, Duration::from_secs(120)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    server.kill();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let result = store.claim(&fresh_key(), &fp(1), LEASE).await;
+        let took = started.elapsed();
+        assert!(
+            matches!(result, Err(StoreError::Backend(_) | StoreError::Timeout(_))),
+            "a claim with Redis down gave {result:?}"
+        );
+        assert!(
+            took < Duration::from_secs(3),
+            "a claim with Redis down took {took:?} to fail"
+        );
+        slowest = slowest.max(took);
+    }
+    println!("with Redis down, claims failed within {slowest:?}");
+
+    server.restart();
+    let restarted = Instant::now();
+    let key = fresh_key();
+    loop {
+        match store.claim(&key, &fp(1), LEASE).await {
+            Ok(Claim::Claimed(_)) => break,
+            Ok(other) => panic!("a fresh key after the restart was {other:?}"),
+            Err(err) => {
+                assert!(
+                    restarted.elapsed() < Duration::from_secs(10),
+                    "the store did not recover within 10 s: {err}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    let recovery = restarted.elapsed();
+    println!("the store served claims again {recovery:?} after Redis restarted");
+
+    // The restart lost the claim; the waiter hears of it well before its next poll.
+    let woken = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("a waiter was stranded by the restart")
+        .unwrap();
+    assert_eq!(woken.unwrap(), None);
+    println!(
+        "a waiter across the restart was answered {:?} after it",
+        restarted.elapsed()
+    );
+
+    // Notifications flow again between the two stores.
+    cross_store_wake_up(store, waiting_store, "after a restart").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_gives_timeouts_and_the_store_carries_on_when_it_answers_again() {
+    let server = RedisServer::start();
+    let store = RedisStore::builder()
+        .connection_timeout(Duration::from_millis(300))
+        .response_timeout(Duration::from_millis(300))
+        .connect(&server.url())
+        .await
+        .unwrap();
+    let key = fresh_key();
+    server.pause();
+    let started = Instant::now();
+    let result = store.claim(&key, &fp(1), LEASE).await;
+    let took = started.elapsed();
+    server.resume();
+    assert!(
+        matches!(result, Err(StoreError::Timeout(_))),
+        "a claim on a hung Redis gave {result:?}"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "a claim on a hung Redis took {took:?} to fail"
+    );
+    // The timed-out claim may or may not have reached Redis; the store answers either way.
+    let started = Instant::now();
+    loop {
+        match store.claim(&key, &fp(1), LEASE).await {
+            Ok(Claim::Claimed(_) | Claim::Held(Holder::InFlight { .. })) => break,
+            other => assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "no recovery: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_holder_keeps_the_key_until_its_lease_lapses() {
+    let url = support::shared_server().url();
+    let lease = Duration::from_millis(1500);
+    let key = fresh_key();
+    let crashed = RedisStore::connect(&url).await.unwrap();
+    let claimed_at = Instant::now();
+    claimed(&crashed, &key, lease).await;
+    drop(crashed);
+
+    let survivor = RedisStore::connect(&url).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        survivor.claim(&key, &fp(2), lease).await.unwrap(),
+        Claim::Held(Holder::InFlight { fingerprint: fp(1) }),
+        "the dropped store's claim must hold until its lease lapses"
+    );
+    assert_eq!(
+        survivor.wait(&key, Duration::from_secs(10)).await.unwrap(),
+        None
+    );
+    assert!(
+        claimed_at.elapsed() >= lease - Duration::from_millis(50),
+        "the waiter took the key before the lease lapsed"
+    );
+    let token = claimed(&survivor, &key, LEASE).await;
+    assert_eq!(
+        survivor
+            .complete(&key, token, &record("second"), RETENTION)
+            .await
+            .unwrap(),
+        Completion::Stored
+    );
+}
+
+async fn two_stores_claim_each_key_once(a: RedisStore, b: RedisStore) {
+    let keys: Vec<StoreKey> = (0..200).map(|_| fresh_key()).collect();
+    let mut tasks = Vec::new();
+    for key in &keys {
+        for attempt in 0..4 {
+            let store = if attempt % 2 == 0 {
+                a.clone()
+            } else {
+                b.clone()
+            };
+            let key = *key;
+            tasks.push(tokio::spawn(async move {
+                (key, store.claim(&key, &fp(1), LEASE).await.unwrap())
+            }));
+        }
+    }
+    let mut wins = std::collections::HashMap::new();
+    for task in tasks {
+        let (key, claim) = task.await.unwrap();
+        match claim {
+            Claim::Claimed(_) => *wins.entry(key).or_insert(0) += 1,
+            Claim::Held(Holder::InFlight { .. }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(wins.len(), keys.len(), "some keys were claimed by nobody");
+    assert!(
+        wins.values().all(|&n| n == 1),
+        "a key was claimed more than once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_independent_stores_claim_each_key_exactly_once() {
+    let url = support::shared_server().url();
+    two_stores_claim_each_key_once(
+        RedisStore::connect(&url).await.unwrap(),
+        RedisStore::connect(&url).await.unwrap(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_independent_stores_on_a_cluster_claim_each_key_exactly_once() {
+    let urls = support::cluster().urls();
+    two_stores_claim_each_key_once(
+        RedisStore::connect_cluster(&urls).await.unwrap(),
+        RedisStore::connect_cluster(&urls).await.unwrap(),
+    )
+    .await;
+}
+
+/// A waiter on store B is woken by a completion on store A, through pub/sub: B polls only every
+/// 5 s, so a wake-up within 50 ms can only be the notification.
+async fn cross_store_wake_up(a: RedisStore, b: RedisStore, setup: &str) {
+    let mut latencies = Vec::new();
+    for _ in 0..7 {
+        let key = fresh_key();
+        let token = claimed(&a, &key, LEASE).await;
+        let waiter = {
+            let b = b.clone();
+            tokio::spawn(async move {
+                let seen = b.wait(&key, Duration::from_secs(20)).await.unwrap();
+                (seen, Instant::now())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let completing = Instant::now();
+        assert_eq!(
+            a.complete(&key, token, &record("for B"), RETENTION)
+                .await
+                .unwrap(),
+            Completion::Stored
+        );
+        let (seen, woken) = waiter.await.unwrap();
+        assert_eq!(seen, Some(Holder::Completed(record("for B"))));
+        latencies.push(woken.saturating_duration_since(completing));
+    }
+    let median = median(latencies.clone());
+    println!(
+        "{setup}: a waiter on another store was woken {median:?} (median) after the completion; all: {latencies:?}"
+    );
+    assert!(
+        median < Duration::from_millis(50),
+        "{setup}: the median wake-up took {median:?}: {latencies:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_on_another_store_is_woken_by_pub_sub() {
+    let url = support::shared_server().url();
+    let a = RedisStore::connect(&url).await.unwrap();
+    let b = RedisStore::builder()
+        .poll_interval(Duration::from_secs(5))
+        .connect(&url)
+        .await
+        .unwrap();
+    cross_store_wake_up(a, b, "standalone").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_on_another_store_is_woken_by_pub_sub_on_a_cluster() {
+    let urls = support::cluster().urls();
+    let a = RedisStore::connect_cluster(&urls).await.unwrap();
+    let b = RedisStore::builder()
+        .poll_interval(Duration::from_secs(5))
+        .connect_cluster(&urls)
+        .await
+        .unwrap();
+    cross_store_wake_up(a, b, "cluster").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_complete_and_replay_take_one_command_each() {
+    let server = RedisServer::start();
+    let store = RedisStore::builder()
+        .watchdog_interval(Duration::from_secs(3600))
+        .connect(&server.url())
+        .await
+        .unwrap();
+    // Load the scripts once, as any long-running store has.
+    let warm = fresh_key();
+    let token = claimed(&store, &warm, LEASE).await;
+    store
+        .complete(&warm, token, &record("warm"), RETENTION)
+        .await
+        .unwrap();
+
+    let mut monitor = Monitor::start(server.port());
+    let key = fresh_key();
+    let token = claimed(&store, &key, LEASE).await;
+    let claim_commands = monitor.commands_since_last_call();
+    store
+        .complete(&key, token, &record("once"), RETENTION)
+        .await
+        .unwrap();
+    let complete_commands = monitor.commands_since_last_call();
+    assert_eq!(
+        claim(&store, &key, LEASE).await,
+        Claim::Held(Holder::Completed(record("once")))
+    );
+    let replay_commands = monitor.commands_since_last_call();
+    println!(
+        "commands: claim {}, complete {}, replay {}",
+        claim_commands.len(),
+        complete_commands.len(),
+        replay_commands.len()
+    );
+    assert_eq!(claim_commands.len(), 1, "claim: {claim_commands:#?}");
+    assert_eq!(
+        complete_commands.len(),
+        1,
+        "complete: {complete_commands:#?}"
+    );
+    assert_eq!(replay_commands.len(), 1, "replay: {replay_commands:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_waiters_on_one_key_share_one_subscription() {
+    let server = RedisServer::start();
+    let a = RedisStore::connect(&server.url()).await.unwrap();
+    let b = Arc::new(
+        RedisStore::builder()
+            .poll_interval(Duration::from_secs(5))
+            .connect(&server.url())
+            .await
+            .unwrap(),
+    );
+    let key = fresh_key();
+    let token = claimed(&a, &key, LEASE).await;
+    let waiters: Vec<_> = (0..20)
+        .map(|_| {
+            let b = b.clone();
+            tokio::spawn(async move { b.wait(&key, Duration::from_secs(20)).await.unwrap() })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut raw = raw_connection(&server.url()).await;
+    let subscribers: Vec<(String, i64)> = redis::cmd("PUBSUB")
+        .arg("SHARDNUMSUB")
+        .arg(b.channel(&key))
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(
+        subscribers,
+        vec![(b.channel(&key), 1)],
+        "20 waiters in one store must share one subscription"
+    );
+    a.complete(&key, token, &record("shared"), RETENTION)
+        .await
+        .unwrap();
+    for waiter in waiters {
+        assert_eq!(
+            waiter.await.unwrap(),
+            Some(Holder::Completed(record("shared")))
+        );
+    }
+    // The last waiter gone, the subscription goes too.
+    let started = Instant::now();
+    loop {
+        let subscribers: Vec<(String, i64)> = redis::cmd("PUBSUB")
+            .arg("SHARDNUMSUB")
+            .arg(b.channel(&key))
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        if subscribers == vec![(b.channel(&key), 0)] {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the subscription outlived its waiters: {subscribers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -103,10 +103,24 @@ async fn faulty_proxy(upstream: SocketAddr, faults: Arc<Mutex<VecDeque<Fault>>>)
 }
 
 async fn open_store() -> (Arc<dyn KeyStore>, String) {
-    if std::env::var_os("REDIS_URL").is_some() {
-        eprintln!("REDIS_URL is set, but this build has no Redis store yet; using MemoryStore");
+    match std::env::var("REDIS_URL") {
+        #[cfg(feature = "redis")]
+        Ok(url) => match tower_idempotency::store::RedisStore::connect(&url).await {
+            Ok(store) => (Arc::new(store), format!("RedisStore at {url}")),
+            Err(err) => {
+                eprintln!("cannot connect to REDIS_URL={url}: {err}");
+                std::process::exit(1);
+            }
+        },
+        #[cfg(not(feature = "redis"))]
+        Ok(_) => {
+            eprintln!(
+                "REDIS_URL is set, but this build has no Redis store: run with --features redis"
+            );
+            std::process::exit(2);
+        }
+        Err(_) => (Arc::new(MemoryStore::new()), "MemoryStore".to_owned()),
     }
-    (Arc::new(MemoryStore::new()), "MemoryStore".to_owned())
 }
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;

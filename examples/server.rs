@@ -117,8 +117,26 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String>
 async fn open_store(url: &str) -> Result<Arc<dyn KeyStore>, String> {
     match url {
         "memory" => Ok(Arc::new(MemoryStore::new())),
+        #[cfg(feature = "redis")]
+        url if url.starts_with("redis+cluster://") => {
+            let nodes = url["redis+cluster://".len()..]
+                .split(',')
+                .map(|node| format!("redis://{node}"));
+            let store = tower_idempotency::store::RedisStore::connect_cluster(nodes)
+                .await
+                .map_err(|e| format!("cannot connect to the cluster {url}: {e}"))?;
+            Ok(Arc::new(store))
+        }
+        #[cfg(feature = "redis")]
+        url if url.starts_with("redis://") || url.starts_with("rediss://") => {
+            let store = tower_idempotency::store::RedisStore::connect(url)
+                .await
+                .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+            Ok(Arc::new(store))
+        }
+        #[cfg(not(feature = "redis"))]
         url if url.starts_with("redis") => Err(format!(
-            "{url}: the Redis store is not available in this build"
+            "{url}: this build has no Redis store; run with --features redis"
         )),
         other => Err(format!(
             "unknown store {other:?}: use memory, redis://HOST:PORT or redis+cluster://HOST:PORT,..."

@@ -2,29 +2,22 @@
 //! by a hyper client. Each test asserts what a client would notice: status, headers, body, and
 //! how many times the handler ran.
 
+mod support;
+
 use std::{
-    collections::HashMap,
     convert::Infallible,
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
 use async_trait::async_trait;
 use axum::{
-    Router,
     body::Bytes,
-    extract::{Query, State},
     http::{HeaderMap, Method, Request, StatusCode, header},
-    response::{IntoResponse, Response},
-    routing::post,
+    response::Response,
 };
 use http_body_util::{BodyExt, Full};
-use hyper_util::{client::legacy::Client, rt::TokioExecutor};
-use rand::Rng;
+use support::app::{Counter, TestServer, app, assert_one_answer, many_keys, serve, server, storm};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::{ServiceExt, service_fn};
 use tower_idempotency::{
@@ -35,153 +28,6 @@ use tower_idempotency::{
         StoreError, StoreKey,
     },
 };
-
-#[derive(Clone, Default)]
-struct Counter(Arc<AtomicUsize>);
-
-impl Counter {
-    fn runs(&self) -> usize {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
-/// `POST /orders?delay_ms=N&status=CODE&size=BYTES&panic=1`: sleeps, counts a run, answers
-/// `run=N body=...` (or `size` bytes), with a `Location`, a `Set-Cookie` and a custom header.
-async fn orders(
-    State(runs): State<Counter>,
-    Query(q): Query<HashMap<String, String>>,
-    body: Bytes,
-) -> Response {
-    if let Some(ms) = q.get("delay_ms") {
-        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
-    }
-    if q.contains_key("panic") {
-        runs.0.fetch_add(1, Ordering::SeqCst);
-        panic!("the handler panicked on purpose");
-    }
-    let run = runs.0.fetch_add(1, Ordering::SeqCst) + 1;
-    let status = q.get("status").map_or(StatusCode::CREATED, |s| {
-        StatusCode::from_u16(s.parse().unwrap()).unwrap()
-    });
-    let body = match q.get("size") {
-        Some(size) => vec![b'x'; size.parse().unwrap()],
-        None => format!("run={run} body={}", String::from_utf8_lossy(&body)).into_bytes(),
-    };
-    (
-        status,
-        [
-            (header::LOCATION, format!("/orders/{run}")),
-            (header::SET_COOKIE, "session=secret".to_string()),
-            (
-                header::HeaderName::from_static("x-order-run"),
-                run.to_string(),
-            ),
-        ],
-        body,
-    )
-        .into_response()
-}
-
-fn app(runs: Counter) -> Router {
-    Router::new()
-        .route("/orders", post(orders).get(orders))
-        .with_state(runs)
-}
-
-struct TestServer {
-    addr: SocketAddr,
-    runs: Counter,
-    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
-}
-
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Answer {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    fn replayed(&self) -> bool {
-        self.headers
-            .get("idempotent-replayed")
-            .is_some_and(|v| v == "true")
-    }
-
-    fn problem(&self) -> serde_json::Value {
-        assert_eq!(
-            self.headers[header::CONTENT_TYPE],
-            "application/problem+json",
-            "{}",
-            self.text()
-        );
-        let json: serde_json::Value = serde_json::from_slice(&self.body).unwrap();
-        assert_eq!(json["status"], self.status.as_u16(), "{json}");
-        for field in ["type", "title", "detail"] {
-            assert!(
-                json[field].as_str().is_some_and(|s| !s.is_empty()),
-                "problem without {field}: {json}"
-            );
-        }
-        json
-    }
-}
-
-async fn serve(router: Router, runs: Counter) -> TestServer {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    let client = Client::builder(TokioExecutor::new()).build_http();
-    TestServer { addr, runs, client }
-}
-
-async fn server(layer: IdempotencyServiceLayer) -> TestServer {
-    let runs = Counter::default();
-    serve(app(runs.clone()).layer(layer), runs).await
-}
-
-impl TestServer {
-    async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        keys: &[&[u8]],
-        headers: &[(&str, &str)],
-        body: &str,
-    ) -> Answer {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(format!("http://{}{path}", self.addr));
-        for key in keys {
-            req = req.header(
-                "idempotency-key",
-                axum::http::HeaderValue::from_bytes(key).unwrap(),
-            );
-        }
-        for (name, value) in headers {
-            req = req.header(*name, *value);
-        }
-        let response = self
-            .client
-            .request(req.body(Full::new(Bytes::from(body.to_owned()))).unwrap())
-            .await
-            .unwrap();
-        let (parts, body) = response.into_parts();
-        Answer {
-            status: parts.status,
-            headers: parts.headers,
-            body: body.collect().await.unwrap().to_bytes(),
-        }
-    }
-
-    async fn post(&self, path: &str, key: &str, body: &str) -> Answer {
-        self.send(Method::POST, path, &[key.as_bytes()], &[], body)
-            .await
-    }
-}
 
 #[tokio::test]
 async fn first_request_runs_once_and_retries_get_the_stored_response() {
@@ -641,97 +487,36 @@ async fn fail_open_runs_without_idempotency() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_storm_of_duplicates_with_random_delays_runs_once() {
     let s = Arc::new(server(IdempotencyServiceLayer::default()).await);
-    let tasks: Vec<_> = (0..150)
-        .map(|_| {
-            let s = s.clone();
-            let delay = rand::rng().random_range(0..200);
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(delay)).await;
-                s.post("/orders?delay_ms=100", "storm", "tea").await
-            })
-        })
-        .collect();
-    let mut bodies = Vec::new();
-    for task in tasks {
-        let answer = task.await.unwrap();
-        assert_eq!(answer.status, StatusCode::CREATED);
-        bodies.push(answer.body);
-    }
-    assert!(
-        bodies.iter().all(|b| *b == bodies[0]),
-        "every duplicate gets the same body"
-    );
+    let answers = storm(&[s.clone()], 150, "/orders?delay_ms=100", "storm", 200).await;
+    assert_one_answer(&answers);
     assert_eq!(s.runs.runs(), 1, "150 duplicates ran the handler once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_distinct_keys_run_a_thousand_times() {
     let s = Arc::new(server(IdempotencyServiceLayer::default()).await);
-    let tasks: Vec<_> = (0..1000)
-        .map(|i| {
-            let s = s.clone();
-            let delay = rand::rng().random_range(0..20);
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(delay)).await;
-                // Two copies of each: one runs, one replays or waits.
-                let (key, body) = (format!("key-{i}"), i.to_string());
-                let (a, b) = tokio::join!(
-                    s.post("/orders", &key, &body),
-                    s.post("/orders", &key, &body)
-                );
-                assert_eq!(a.body, b.body);
-                assert!(a.text().ends_with(&format!("body={i}")));
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.unwrap();
-    }
+    many_keys(&[s.clone()], 1000, 2).await;
     assert_eq!(s.runs.runs(), 1000);
 }
 
 /// Two services that share a store but not their in-process coalescing, as two processes
 /// sharing Redis would.
-async fn two_servers(
-    store: MemoryStore,
-    configure: impl Fn(IdempotencyServiceLayer) -> IdempotencyServiceLayer,
-) -> (TestServer, TestServer) {
+async fn two_servers(store: MemoryStore) -> [Arc<TestServer>; 2] {
     let runs = Counter::default();
-    let a = serve(
-        app(runs.clone()).layer(configure(IdempotencyServiceLayer::new(store.clone()))),
-        runs.clone(),
-    )
-    .await;
-    let b = serve(
-        app(runs.clone()).layer(configure(IdempotencyServiceLayer::new(store))),
-        runs,
-    )
-    .await;
-    (a, b)
+    let layer = || IdempotencyServiceLayer::new(store.clone());
+    [
+        Arc::new(serve(app(runs.clone()).layer(layer()), runs.clone()).await),
+        Arc::new(serve(app(runs.clone()).layer(layer()), runs).await),
+    ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn duplicates_split_across_two_services_on_one_store_run_once() {
-    let (a, b) = two_servers(MemoryStore::new(), |l| l).await;
-    let (a, b) = (Arc::new(a), Arc::new(b));
-    let tasks: Vec<_> = (0..100)
-        .map(|i| {
-            let s = if i % 2 == 0 { a.clone() } else { b.clone() };
-            let delay = rand::rng().random_range(0..100);
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(delay)).await;
-                s.post("/orders?delay_ms=150", "shared", "tea").await
-            })
-        })
-        .collect();
-    let mut bodies = Vec::new();
-    for task in tasks {
-        let answer = task.await.unwrap();
-        assert_eq!(answer.status, StatusCode::CREATED);
-        bodies.push(answer.body);
-    }
-    assert!(bodies.iter().all(|b| *b == bodies[0]));
-    assert_eq!(a.runs.runs(), 1);
+    let servers = two_servers(MemoryStore::new()).await;
+    assert_one_answer(&storm(&servers, 100, "/orders?delay_ms=150", "shared", 100).await);
+    assert_eq!(servers[0].runs.runs(), 1);
+    many_keys(&servers, 200, 4).await;
+    assert_eq!(servers[0].runs.runs(), 201);
 }
 
 #[tokio::test]
@@ -774,8 +559,11 @@ async fn a_lapsed_lease_lets_another_run_in_and_fences_the_stale_completion() {
 
 #[tokio::test]
 async fn with_keep_alive_a_slow_handler_keeps_its_claim() {
-    let (a, b) = two_servers(MemoryStore::new(), |l| l.lease(Duration::from_millis(200))).await;
-    let a = Arc::new(a);
+    let store = MemoryStore::new();
+    let runs = Counter::default();
+    let layer = || IdempotencyServiceLayer::new(store.clone()).lease(Duration::from_millis(200));
+    let a = Arc::new(serve(app(runs.clone()).layer(layer()), runs.clone()).await);
+    let b = serve(app(runs.clone()).layer(layer()), runs).await;
     let slow = tokio::spawn({
         let a = a.clone();
         async move { a.post("/orders?delay_ms=700", "k", "tea").await }

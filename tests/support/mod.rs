@@ -3,6 +3,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod app;
+
 use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},

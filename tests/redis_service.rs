@@ -17,7 +17,9 @@ use support::{
     app::{Counter, TestServer, app, assert_one_answer, many_keys, serve, storm},
     cluster, command,
 };
-use tower_idempotency::{IdempotencyKey, IdempotencyServiceLayer, store::RedisStore, store::StoreKey};
+use tower_idempotency::{
+    IdempotencyKey, IdempotencyServiceLayer, store::RedisStore, store::StoreKey,
+};
 
 async fn standalone_store(url: &str) -> RedisStore {
     RedisStore::builder()
@@ -33,8 +35,20 @@ async fn standalone_store(url: &str) -> RedisStore {
 async fn two_services(a: RedisStore, b: RedisStore) -> [Arc<TestServer>; 2] {
     let runs = Counter::default();
     [
-        Arc::new(serve(app(runs.clone()).layer(IdempotencyServiceLayer::new(a)), runs.clone()).await),
-        Arc::new(serve(app(runs.clone()).layer(IdempotencyServiceLayer::new(b)), runs).await),
+        Arc::new(
+            serve(
+                app(runs.clone()).layer(IdempotencyServiceLayer::new(a)),
+                runs.clone(),
+            )
+            .await,
+        ),
+        Arc::new(
+            serve(
+                app(runs.clone()).layer(IdempotencyServiceLayer::new(b)),
+                runs,
+            )
+            .await,
+        ),
     ]
 }
 
@@ -43,20 +57,40 @@ async fn storms_run_once(servers: [Arc<TestServer>; 2]) {
     let answers = storm(&servers, 200, "/orders?delay_ms=100", key.as_str(), 100).await;
     assert_one_answer(&answers);
     let replayed = answers.iter().filter(|a| a.replayed()).count();
-    println!("200 duplicates across two services: {} handler run(s), {replayed} replayed", servers[0].runs.runs());
-    assert_eq!(servers[0].runs.runs(), 1, "200 duplicates across two services ran once");
+    println!(
+        "200 duplicates across two services: {} handler run(s), {replayed} replayed",
+        servers[0].runs.runs()
+    );
+    assert_eq!(
+        servers[0].runs.runs(),
+        1,
+        "200 duplicates across two services ran once"
+    );
     assert_eq!(replayed, 199);
 
     many_keys(&servers, 400, 4).await;
-    println!("400 keys x 4 duplicates: {} handler runs", servers[0].runs.runs() - 1);
-    assert_eq!(servers[0].runs.runs(), 1 + 400, "400 keys x 4 duplicates ran 400 times");
+    println!(
+        "400 keys x 4 duplicates: {} handler runs",
+        servers[0].runs.runs() - 1
+    );
+    assert_eq!(
+        servers[0].runs.runs(),
+        1 + 400,
+        "400 keys x 4 duplicates ran 400 times"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn duplicates_across_two_services_on_one_redis_run_once() {
     let server = RedisServer::start();
-    storms_run_once(two_services(standalone_store(&server.url()).await, standalone_store(&server.url()).await).await)
-        .await;
+    storms_run_once(
+        two_services(
+            standalone_store(&server.url()).await,
+            standalone_store(&server.url()).await,
+        )
+        .await,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -70,7 +104,11 @@ async fn duplicates_across_two_services_on_a_cluster_run_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_waiter_in_another_service_gets_the_answer_as_soon_as_it_is_stored() {
     let server = RedisServer::start();
-    let [a, b] = two_services(standalone_store(&server.url()).await, standalone_store(&server.url()).await).await;
+    let [a, b] = two_services(
+        standalone_store(&server.url()).await,
+        standalone_store(&server.url()).await,
+    )
+    .await;
     let mut lags = Vec::new();
     for _ in 0..5 {
         let key = IdempotencyKey::auto();
@@ -92,16 +130,27 @@ async fn a_waiter_in_another_service_gets_the_answer_as_soon_as_it_is_stored() {
     lags.sort();
     let median = lags[lags.len() / 2];
     println!("cross-service wake-up after completion: median {median:?}, all {lags:?}");
-    assert!(median < Duration::from_millis(50), "the waiter was not woken by the completion: {lags:?}");
+    assert!(
+        median < Duration::from_millis(50),
+        "the waiter was not woken by the completion: {lags:?}"
+    );
     assert_eq!(a.runs.runs(), 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_first_seen_key_costs_two_commands_and_a_replay_one() {
     let server = RedisServer::start();
-    let store = RedisStore::builder().watchdog_interval(Duration::from_secs(3600)).connect(&server.url()).await.unwrap();
+    let store = RedisStore::builder()
+        .watchdog_interval(Duration::from_secs(3600))
+        .connect(&server.url())
+        .await
+        .unwrap();
     let runs = Counter::default();
-    let s = serve(app(runs.clone()).layer(IdempotencyServiceLayer::new(store)), runs).await;
+    let s = serve(
+        app(runs.clone()).layer(IdempotencyServiceLayer::new(store)),
+        runs,
+    )
+    .await;
     // Load the scripts once, as any long-running service has.
     s.post("/orders", "warm-up", "tea").await;
 
@@ -110,7 +159,9 @@ async fn a_first_seen_key_costs_two_commands_and_a_replay_one() {
     let first_commands = monitor.commands_since_last_call();
     let replay = s.post("/orders", "order-1", "tea").await;
     let replay_commands = monitor.commands_since_last_call();
-    let unkeyed = s.send(axum::http::Method::POST, "/orders", &[], &[], "tea").await;
+    let unkeyed = s
+        .send(axum::http::Method::POST, "/orders", &[], &[], "tea")
+        .await;
     let unkeyed_commands = monitor.commands_since_last_call();
     println!(
         "Redis commands: first-seen key {}, replay {}, no key {}",
@@ -121,7 +172,11 @@ async fn a_first_seen_key_costs_two_commands_and_a_replay_one() {
     assert_eq!(first.status, StatusCode::CREATED);
     assert!(replay.replayed());
     assert_eq!(unkeyed.status, StatusCode::CREATED);
-    assert_eq!(first_commands.len(), 2, "first-seen key: {first_commands:#?}");
+    assert_eq!(
+        first_commands.len(),
+        2,
+        "first-seen key: {first_commands:#?}"
+    );
     assert_eq!(replay_commands.len(), 1, "replay: {replay_commands:#?}");
     assert_eq!(unkeyed_commands.len(), 0, "no key: {unkeyed_commands:#?}");
 }
@@ -131,8 +186,17 @@ async fn a_dead_redis_fails_closed_and_the_service_recovers_when_it_returns() {
     let mut server = RedisServer::start();
     let runs = Counter::default();
     let store = standalone_store(&server.url()).await;
-    let s = Arc::new(serve(app(runs.clone()).layer(IdempotencyServiceLayer::new(store)), runs.clone()).await);
-    assert_eq!(s.post("/orders", "before", "tea").await.status, StatusCode::CREATED);
+    let s = Arc::new(
+        serve(
+            app(runs.clone()).layer(IdempotencyServiceLayer::new(store)),
+            runs.clone(),
+        )
+        .await,
+    );
+    assert_eq!(
+        s.post("/orders", "before", "tea").await.status,
+        StatusCode::CREATED
+    );
 
     // Traffic keeps flowing while Redis dies.
     let traffic = tokio::spawn({
@@ -140,7 +204,11 @@ async fn a_dead_redis_fails_closed_and_the_service_recovers_when_it_returns() {
         async move {
             let mut statuses = Vec::new();
             for i in 0..20 {
-                statuses.push(s.post("/orders", &format!("during-{i}"), "tea").await.status);
+                statuses.push(
+                    s.post("/orders", &format!("during-{i}"), "tea")
+                        .await
+                        .status,
+                );
                 tokio::time::sleep(Duration::from_millis(25)).await;
             }
             statuses
@@ -150,14 +218,25 @@ async fn a_dead_redis_fails_closed_and_the_service_recovers_when_it_returns() {
     server.kill();
     let runs_at_kill = runs.runs();
     let statuses = traffic.await.unwrap();
-    assert!(statuses.contains(&StatusCode::SERVICE_UNAVAILABLE), "{statuses:?}");
-    assert!(statuses.iter().all(|s| [StatusCode::CREATED, StatusCode::SERVICE_UNAVAILABLE].contains(s)), "{statuses:?}");
+    assert!(
+        statuses.contains(&StatusCode::SERVICE_UNAVAILABLE),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses
+            .iter()
+            .all(|s| [StatusCode::CREATED, StatusCode::SERVICE_UNAVAILABLE].contains(s)),
+        "{statuses:?}"
+    );
 
     let down = s.post("/orders", "while-down", "tea").await;
     assert_eq!(down.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(down.headers[header::RETRY_AFTER], "1");
     down.problem();
-    assert!(runs.runs() <= runs_at_kill + 1, "requests ran while Redis was down");
+    assert!(
+        runs.runs() <= runs_at_kill + 1,
+        "requests ran while Redis was down"
+    );
     let runs_while_down = runs.runs();
 
     server.restart();
@@ -168,7 +247,10 @@ async fn a_dead_redis_fails_closed_and_the_service_recovers_when_it_returns() {
             break restarted.elapsed();
         }
         assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
-        assert!(restarted.elapsed() < Duration::from_secs(10), "no recovery within 10 s of the restart");
+        assert!(
+            restarted.elapsed() < Duration::from_secs(10),
+            "no recovery within 10 s of the restart"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     println!("the service answered from Redis again {recovered:?} after the restart");
@@ -183,14 +265,21 @@ async fn a_corrupted_value_is_an_error_response_not_a_panic() {
     let key = IdempotencyKey::new("corrupted").unwrap();
     let redis_key = store.redis_key(&StoreKey::new(b"", &key));
     let runs = Counter::default();
-    let s = serve(app(runs.clone()).layer(IdempotencyServiceLayer::new(store)), runs.clone()).await;
+    let s = serve(
+        app(runs.clone()).layer(IdempotencyServiceLayer::new(store)),
+        runs.clone(),
+    )
+    .await;
     assert!(command(server.port(), &format!("SET {redis_key} not-a-record")).starts_with("+OK"));
     let answer = s.post("/orders", key.as_str(), "tea").await;
     assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
     answer.problem();
     assert_eq!(runs.runs(), 0);
     // Other keys are unaffected.
-    assert_eq!(s.post("/orders", "healthy", "tea").await.status, StatusCode::CREATED);
+    assert_eq!(
+        s.post("/orders", "healthy", "tea").await.status,
+        StatusCode::CREATED
+    );
 }
 
 /// An `examples/server` process, killed on drop.
@@ -202,8 +291,18 @@ struct ServerProcess {
 impl ServerProcess {
     fn start(store: &str) -> Self {
         let exe = std::env::current_exe().unwrap();
-        let path = exe.parent().unwrap().parent().unwrap().join("examples").join("server");
-        assert!(path.exists(), "{} is missing: build it with `cargo build --all-features --examples`", path.display());
+        let path = exe
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("examples")
+            .join("server");
+        assert!(
+            path.exists(),
+            "{} is missing: build it with `cargo build --all-features --examples`",
+            path.display()
+        );
         let mut child = Command::new(&path)
             .args(["--addr", "127.0.0.1:0", "--store", store])
             .stdout(Stdio::piped())
@@ -211,9 +310,17 @@ impl ServerProcess {
             .spawn()
             .unwrap();
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let addr = line.split_whitespace().nth(2).unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-        Self { child, url: format!("http://{addr}") }
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .split_whitespace()
+            .nth(2)
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        Self {
+            child,
+            url: format!("http://{addr}"),
+        }
     }
 }
 
@@ -227,19 +334,28 @@ impl Drop for ServerProcess {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_server_processes_on_one_redis_run_each_key_once() {
     let redis = RedisServer::start();
-    let processes = [ServerProcess::start(&redis.url()), ServerProcess::start(&redis.url())];
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let processes = [
+        ServerProcess::start(&redis.url()),
+        ServerProcess::start(&redis.url()),
+    ];
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
     let post = |base: &str, path: &str, key: String| {
         let request = axum::http::Request::post(format!("{base}{path}"))
             .header("idempotency-key", key)
-            .body(http_body_util::Full::new(axum::body::Bytes::from_static(b"{\"sku\":\"tea\"}")))
+            .body(http_body_util::Full::new(axum::body::Bytes::from_static(
+                b"{\"sku\":\"tea\"}",
+            )))
             .unwrap();
         let client = client.clone();
         async move {
             use http_body_util::BodyExt;
             let response = client.request(request).await.unwrap();
             let status = response.status();
-            (status, response.into_body().collect().await.unwrap().to_bytes())
+            (
+                status,
+                response.into_body().collect().await.unwrap().to_bytes(),
+            )
         }
     };
     // 100 duplicates of one key and 50 keys sent twice, alternating between the processes.
@@ -247,11 +363,19 @@ async fn two_server_processes_on_one_redis_run_each_key_once() {
     let mut tasks = Vec::new();
     for i in 0..100 {
         let base = processes[i % 2].url.clone();
-        tasks.push(tokio::spawn(post(&base, "/orders?delay_ms=100", storm_key.clone())));
+        tasks.push(tokio::spawn(post(
+            &base,
+            "/orders?delay_ms=100",
+            storm_key.clone(),
+        )));
     }
     for i in 0..100 {
         let base = processes[i % 2].url.clone();
-        tasks.push(tokio::spawn(post(&base, "/orders", format!("pair-{}-{}", i / 2, storm_key))));
+        tasks.push(tokio::spawn(post(
+            &base,
+            "/orders",
+            format!("pair-{}-{}", i / 2, storm_key),
+        )));
     }
     let mut storm_bodies = std::collections::HashSet::new();
     for (i, task) in tasks.into_iter().enumerate() {
@@ -265,10 +389,14 @@ async fn two_server_processes_on_one_redis_run_each_key_once() {
 
     let mut executions = 0;
     for process in &processes {
-        let response = client.get(format!("{}/stats", process.url).parse().unwrap()).await.unwrap();
+        let response = client
+            .get(format!("{}/stats", process.url).parse().unwrap())
+            .await
+            .unwrap();
         use http_body_util::BodyExt;
         let stats: serde_json::Value =
-            serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+            serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes())
+                .unwrap();
         executions += stats["executions"].as_u64().unwrap();
     }
     println!("two processes, 100 duplicates + 50 keys x 2: {executions} executions");

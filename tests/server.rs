@@ -108,10 +108,7 @@ async fn named_headers_count_towards_the_fingerprint() {
 #[tokio::test]
 async fn a_duplicate_in_flight_waits_and_gets_the_same_answer() {
     let s = Arc::new(server(IdempotencyServiceLayer::default()).await);
-    let first = tokio::spawn({
-        let s = s.clone();
-        async move { s.post("/orders?delay_ms=400", "slow", "tea").await }
-    });
+    let first = s.spawn_post("/orders?delay_ms=400", "slow", "tea");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let duplicate = s.post("/orders?delay_ms=400", "slow", "tea").await;
     let first = first.await.unwrap();
@@ -124,10 +121,7 @@ async fn a_duplicate_in_flight_waits_and_gets_the_same_answer() {
 #[tokio::test]
 async fn a_duplicate_in_flight_with_another_body_is_422_at_once() {
     let s = Arc::new(server(IdempotencyServiceLayer::default()).await);
-    let first = tokio::spawn({
-        let s = s.clone();
-        async move { s.post("/orders?delay_ms=1000", "slow", "tea").await }
-    });
+    let first = s.spawn_post("/orders?delay_ms=1000", "slow", "tea");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let other = s.post("/orders?delay_ms=1000", "slow", "coffee").await;
     assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY);
@@ -143,10 +137,7 @@ async fn a_duplicate_in_flight_with_another_body_is_422_at_once() {
 async fn reject_mode_answers_409_with_retry_after_while_in_flight() {
     let s =
         Arc::new(server(IdempotencyServiceLayer::default().on_conflict(OnConflict::Reject)).await);
-    let first = tokio::spawn({
-        let s = s.clone();
-        async move { s.post("/orders?delay_ms=500", "k", "tea").await }
-    });
+    let first = s.spawn_post("/orders?delay_ms=500", "k", "tea");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let conflict = s.post("/orders?delay_ms=500", "k", "tea").await;
     assert_eq!(conflict.status, StatusCode::CONFLICT);
@@ -166,10 +157,7 @@ async fn a_wait_past_its_timeout_is_409_with_retry_after() {
     let s = Arc::new(
         server(IdempotencyServiceLayer::default().wait_timeout(Duration::from_millis(200))).await,
     );
-    let first = tokio::spawn({
-        let s = s.clone();
-        async move { s.post("/orders?delay_ms=1000", "k", "tea").await }
-    });
+    let first = s.spawn_post("/orders?delay_ms=1000", "k", "tea");
     tokio::time::sleep(Duration::from_millis(50)).await;
     let waited = s.post("/orders?delay_ms=1000", "k", "tea").await;
     assert_eq!(waited.status, StatusCode::CONFLICT);
@@ -533,10 +521,7 @@ async fn a_lapsed_lease_lets_another_run_in_and_fences_the_stale_completion() {
         runs,
     )
     .await;
-    let slow = tokio::spawn({
-        let a = a.clone();
-        async move { a.post("/orders?delay_ms=700", "k", "tea").await }
-    });
+    let slow = a.spawn_post("/orders?delay_ms=700", "k", "tea");
     tokio::time::sleep(Duration::from_millis(400)).await;
     // The first run's lease has lapsed: the second service takes the key over and runs.
     let second = b.post("/orders?delay_ms=700", "k", "tea").await;
@@ -564,10 +549,7 @@ async fn with_keep_alive_a_slow_handler_keeps_its_claim() {
     let layer = || IdempotencyServiceLayer::new(store.clone()).lease(Duration::from_millis(200));
     let a = Arc::new(serve(app(runs.clone()).layer(layer()), runs.clone()).await);
     let b = serve(app(runs.clone()).layer(layer()), runs).await;
-    let slow = tokio::spawn({
-        let a = a.clone();
-        async move { a.post("/orders?delay_ms=700", "k", "tea").await }
-    });
+    let slow = a.spawn_post("/orders?delay_ms=700", "k", "tea");
     tokio::time::sleep(Duration::from_millis(400)).await;
     let duplicate = b.post("/orders?delay_ms=700", "k", "tea").await;
     let first = slow.await.unwrap();

@@ -47,6 +47,34 @@ pub struct IdempotencyService<S> {
 
 type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
 
+/// What a keyed request needs of the inner service: it moves into a task of its own.
+trait Inner<ReqBody, ResBody>:
+    Service<
+        Request<RequestBody<ReqBody>>,
+        Response = Response<ResBody>,
+        Future: Send + 'static,
+        Error: Send + 'static,
+    > + Send
+    + 'static
+{
+}
+
+impl<S, ReqBody, ResBody> Inner<ReqBody, ResBody> for S where
+    S: Service<
+            Request<RequestBody<ReqBody>>,
+            Response = Response<ResBody>,
+            Future: Send + 'static,
+            Error: Send + 'static,
+        > + Send
+        + 'static
+{
+}
+
+/// A response body that can move between tasks.
+trait SendBody: Body<Data = Bytes, Error: Send + 'static> + Send + 'static {}
+
+impl<B: Body<Data = Bytes, Error: Send + 'static> + Send + 'static> SendBody for B {}
+
 impl<S> IdempotencyService<S> {
     /// Wraps `inner`, keeping keys in `store`, with the default settings.
     pub fn new(inner: S, store: impl KeyStore) -> Self {
@@ -148,13 +176,10 @@ async fn handle<S, ReqBody, ResBody>(
     key: IdempotencyKey,
 ) -> Answer<ResBody, S::Error>
 where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    S: Inner<ReqBody, ResBody>,
     ReqBody: Body<Data = Bytes> + Send + 'static,
     ReqBody::Error: Into<BoxError>,
-    ResBody: Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Send + 'static,
+    ResBody: SendBody,
 {
     let config = &shared.config;
     let (parts, body) = req.into_parts();
@@ -289,12 +314,9 @@ impl Keyed {
         request: Request<RequestBody<ReqBody>>,
     ) -> Answer<ResBody, S::Error>
     where
-        S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Send + 'static,
+        S: Inner<ReqBody, ResBody>,
         ReqBody: Body<Data = Bytes> + Send + 'static,
-        ResBody: Body<Data = Bytes> + Send + 'static,
-        ResBody::Error: Send + 'static,
+        ResBody: SendBody,
     {
         let config = self.config();
         loop {
@@ -359,12 +381,9 @@ impl Keyed {
         request: Request<RequestBody<ReqBody>>,
     ) -> Answer<ResBody, S::Error>
     where
-        S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Send + 'static,
+        S: Inner<ReqBody, ResBody>,
         ReqBody: Body<Data = Bytes> + Send + 'static,
-        ResBody: Body<Data = Bytes> + Send + 'static,
-        ResBody::Error: Send + 'static,
+        ResBody: SendBody,
     {
         tracing::debug!(key = %self.key, "idempotency: running the first request");
         let detach = self.config().detach;

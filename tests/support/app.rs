@@ -164,6 +164,22 @@ impl TestServer {
         }
     }
 
+    /// Sends a keyed POST from a task of its own, to overlap with other requests.
+    pub fn spawn_post(
+        self: &Arc<Self>,
+        path: &str,
+        key: &str,
+        body: &str,
+    ) -> tokio::task::JoinHandle<Answer> {
+        let (server, path, key, body) = (
+            self.clone(),
+            path.to_owned(),
+            key.to_owned(),
+            body.to_owned(),
+        );
+        tokio::spawn(async move { server.post(&path, &key, &body).await })
+    }
+
     pub async fn post(&self, path: &str, key: &str, body: &str) -> Answer {
         self.send(Method::POST, path, &[key.as_bytes()], &[], body)
             .await

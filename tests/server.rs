@@ -475,7 +475,14 @@ async fn fail_open_runs_without_idempotency() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_storm_of_duplicates_with_random_delays_runs_once() {
     let s = Arc::new(server(IdempotencyServiceLayer::default()).await);
-    let answers = storm(&[s.clone()], 150, "/orders?delay_ms=100", "storm", 200).await;
+    let answers = storm(
+        std::slice::from_ref(&s),
+        150,
+        "/orders?delay_ms=100",
+        "storm",
+        200,
+    )
+    .await;
     assert_one_answer(&answers);
     assert_eq!(s.runs.runs(), 1, "150 duplicates ran the handler once");
 }
@@ -483,7 +490,7 @@ async fn a_storm_of_duplicates_with_random_delays_runs_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_distinct_keys_run_a_thousand_times() {
     let s = Arc::new(server(IdempotencyServiceLayer::default()).await);
-    many_keys(&[s.clone()], 1000, 2).await;
+    many_keys(std::slice::from_ref(&s), 1000, 2).await;
     assert_eq!(s.runs.runs(), 1000);
 }
 

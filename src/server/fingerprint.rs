@@ -1,5 +1,7 @@
 //! What makes two requests "the same".
 
+use std::sync::LazyLock;
+
 use http::{HeaderName, request::Parts};
 
 use crate::store::Fingerprint;
@@ -8,7 +10,11 @@ use crate::store::Fingerprint;
 /// given) and the body. Every field is length-prefixed, so no two different requests can
 /// run together into the same input.
 pub(crate) fn fingerprint(parts: &Parts, headers: &[HeaderName], body: &[u8]) -> Fingerprint {
-    let mut hasher = blake3::Hasher::new_derive_key("tower-idempotency 2026 request fingerprint");
+    // Deriving the key hashes the context string: once per process, not once per request.
+    static HASHER: LazyLock<blake3::Hasher> = LazyLock::new(|| {
+        blake3::Hasher::new_derive_key("tower-idempotency 2026 request fingerprint")
+    });
+    let mut hasher = HASHER.clone();
     let mut field = |bytes: &[u8]| {
         hasher.update(&(bytes.len() as u64).to_le_bytes());
         hasher.update(bytes);

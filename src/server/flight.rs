@@ -22,7 +22,9 @@ pub(crate) enum Outcome {
 }
 
 type Slot = Option<Outcome>;
-type Shard = HashMap<StoreKey, (Fingerprint, watch::Sender<Slot>)>;
+/// The channel of a flight is made when its first follower joins: most keys never have one, and
+/// making, filling and dropping a channel for each of them costs more than the rest of the flight.
+type Shard = HashMap<StoreKey, (Fingerprint, Option<watch::Sender<Slot>>)>;
 
 /// The requests being led in this process, one per key, in independently locked shards.
 #[derive(Debug)]
@@ -68,9 +70,14 @@ impl Flights {
     pub(crate) fn join(self: &Arc<Self>, key: StoreKey, fingerprint: Fingerprint) -> Join {
         match self.shard(&key).entry(key) {
             Entry::Occupied(e) if e.get().0 != fingerprint => Join::Mismatch,
-            Entry::Occupied(e) => Join::Follow(e.get().1.subscribe()),
+            Entry::Occupied(mut e) => Join::Follow(
+                e.get_mut()
+                    .1
+                    .get_or_insert_with(|| watch::Sender::new(None))
+                    .subscribe(),
+            ),
             Entry::Vacant(e) => {
-                e.insert((fingerprint, watch::Sender::new(None)));
+                e.insert((fingerprint, None));
                 Join::Lead(Lead {
                     flights: self.clone(),
                     key,
@@ -98,7 +105,7 @@ impl Lead {
             return;
         }
         let removed = self.flights.shard(&self.key).remove(&self.key);
-        if let Some((_, sender)) = removed {
+        if let Some((_, Some(sender))) = removed {
             sender.send_replace(Some(outcome));
         }
     }

@@ -45,7 +45,11 @@
 //! # }
 //! ```
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    sync::{Arc, LazyLock},
+    time::Duration,
+};
 
 use async_trait::async_trait;
 
@@ -86,7 +90,10 @@ impl std::hash::Hash for StoreKey {
 impl StoreKey {
     /// The store key of `key` in `scope`.
     pub fn new(scope: &[u8], key: &IdempotencyKey) -> Self {
-        let mut hasher = blake3::Hasher::new_derive_key("tower-idempotency 2026 store key");
+        // Deriving the key hashes the context string: once per process, not once per key.
+        static HASHER: LazyLock<blake3::Hasher> =
+            LazyLock::new(|| blake3::Hasher::new_derive_key("tower-idempotency 2026 store key"));
+        let mut hasher = HASHER.clone();
         hasher.update(&(scope.len() as u64).to_le_bytes());
         hasher.update(scope);
         hasher.update(key.as_str().as_bytes());

@@ -79,7 +79,9 @@ impl IdempotencyKey {
                 let unescaped = unescape(inner)?;
                 validate(&unescaped, true)?;
                 // `validate` admitted only ASCII.
-                Ok(Self(Arc::from(String::from_utf8_lossy(&unescaped).as_ref())))
+                Ok(Self(Arc::from(
+                    String::from_utf8_lossy(&unescaped).as_ref(),
+                )))
             }
             _ => {
                 validate(raw, false)?;
@@ -90,7 +92,10 @@ impl IdempotencyKey {
 
     /// Reads the key from `headers[name]`: `Ok(None)` when the header is absent, an error when it
     /// is invalid or given more than once.
-    pub fn from_headers(headers: &HeaderMap, name: &HeaderName) -> Result<Option<Self>, InvalidKey> {
+    pub fn from_headers(
+        headers: &HeaderMap,
+        name: &HeaderName,
+    ) -> Result<Option<Self>, InvalidKey> {
         let mut values = headers.get_all(name).iter();
         let Some(first) = values.next() else {
             return Ok(None);
@@ -187,7 +192,10 @@ impl fmt::Display for InvalidKey {
                  {HINT} (spaces only inside a quoted key)"
             ),
             Self::UnterminatedQuote => {
-                write!(f, "the quoted idempotency key has no closing quote; send \"key\" or key")
+                write!(
+                    f,
+                    "the quoted idempotency key has no closing quote; send \"key\" or key"
+                )
             }
             Self::InvalidEscape => write!(
                 f,
@@ -223,7 +231,11 @@ fn unescape(inner: &[u8]) -> Result<Vec<u8>, InvalidKey> {
                 _ => return Err(InvalidKey::InvalidEscape),
             },
             // An unescaped quote inside the string ends it early: the value is malformed.
-            b'"' => return Err(InvalidKey::InvalidCharacter { position: out.len() }),
+            b'"' => {
+                return Err(InvalidKey::InvalidCharacter {
+                    position: out.len(),
+                });
+            }
             b => out.push(b),
         }
     }
@@ -268,7 +280,10 @@ mod tests {
         assert_eq!(parse(br#""a\nb""#), Err(InvalidKey::InvalidEscape));
         assert_eq!(parse(b"\"abc"), Err(InvalidKey::UnterminatedQuote));
         assert_eq!(parse(b"\"\""), Err(InvalidKey::Empty));
-        assert!(matches!(parse(b"\"a\"b\""), Err(InvalidKey::InvalidCharacter { .. })));
+        assert!(matches!(
+            parse(b"\"a\"b\""),
+            Err(InvalidKey::InvalidCharacter { .. })
+        ));
     }
 
     #[test]
@@ -288,7 +303,10 @@ mod tests {
         assert_eq!(parse(ok.as_bytes()).unwrap().as_str(), ok);
         assert_eq!(parse(format!("\"{ok}\"").as_bytes()).unwrap().as_str(), ok);
         let long = "k".repeat(256);
-        assert_eq!(parse(long.as_bytes()), Err(InvalidKey::TooLong { len: 256 }));
+        assert_eq!(
+            parse(long.as_bytes()),
+            Err(InvalidKey::TooLong { len: 256 })
+        );
         assert_eq!(
             parse(format!("\"{long}\"").as_bytes()),
             Err(InvalidKey::TooLong { len: 256 })
@@ -329,7 +347,10 @@ mod tests {
     #[test]
     fn header_given_twice_is_refused() {
         let mut headers = HeaderMap::new();
-        assert_eq!(IdempotencyKey::from_headers(&headers, &IDEMPOTENCY_KEY), Ok(None));
+        assert_eq!(
+            IdempotencyKey::from_headers(&headers, &IDEMPOTENCY_KEY),
+            Ok(None)
+        );
         headers.append(IDEMPOTENCY_KEY, HeaderValue::from_static("a"));
         assert_eq!(
             IdempotencyKey::from_headers(&headers, &IDEMPOTENCY_KEY)
@@ -356,9 +377,18 @@ mod tests {
 
     #[test]
     fn header_value_round_trips() {
-        for key in ["plain", "with space", r#"q"uo\te d"#, " padded ", r#""starts-quoted"#] {
+        for key in [
+            "plain",
+            "with space",
+            r#"q"uo\te d"#,
+            " padded ",
+            r#""starts-quoted"#,
+        ] {
             let key = IdempotencyKey::new(key).unwrap();
-            assert_eq!(IdempotencyKey::from_header_value(&key.to_header_value()).unwrap(), key);
+            assert_eq!(
+                IdempotencyKey::from_header_value(&key.to_header_value()).unwrap(),
+                key
+            );
         }
     }
 }

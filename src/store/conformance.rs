@@ -46,10 +46,21 @@ fn record(fp: Fingerprint, body: &'static str) -> Record {
     headers.append("x-repeated", HeaderValue::from_static("two"));
     let mut trailers = HeaderMap::new();
     trailers.insert("grpc-status", HeaderValue::from_static("0"));
-    Record::response(fp, StatusCode::CREATED, headers, Bytes::from_static(body.as_bytes()), Some(trailers))
+    Record::response(
+        fp,
+        StatusCode::CREATED,
+        headers,
+        Bytes::from_static(body.as_bytes()),
+        Some(trailers),
+    )
 }
 
-async fn claimed(store: &dyn KeyStore, key: &StoreKey, fp: Fingerprint, lease: Duration) -> FencingToken {
+async fn claimed(
+    store: &dyn KeyStore,
+    key: &StoreKey,
+    fp: Fingerprint,
+    lease: Duration,
+) -> FencingToken {
     match store.claim(key, &fp, lease).await.expect("claim") {
         Claim::Claimed(token) => token,
         other => panic!("a free key was not claimable: {other:?}"),
@@ -63,7 +74,15 @@ pub async fn claim_is_exclusive_under_a_race(store: Arc<dyn KeyStore>) {
     let tasks: Vec<_> = (0..64u8)
         .map(|i| {
             let store = store.clone();
-            tokio::spawn(async move { (i, store.claim(&key, &fingerprint(i), LEASE).await.expect("claim")) })
+            tokio::spawn(async move {
+                (
+                    i,
+                    store
+                        .claim(&key, &fingerprint(i), LEASE)
+                        .await
+                        .expect("claim"),
+                )
+            })
         })
         .collect();
     let mut winners = Vec::new();
@@ -76,7 +95,10 @@ pub async fn claim_is_exclusive_under_a_race(store: Arc<dyn KeyStore>) {
         }
     }
     assert_eq!(winners.len(), 1, "exactly one of 64 racing claims must win");
-    assert!(held.iter().all(|fp| *fp == fingerprint(winners[0])), "losers must see the winner's fingerprint");
+    assert!(
+        held.iter().all(|fp| *fp == fingerprint(winners[0])),
+        "losers must see the winner's fingerprint"
+    );
 }
 
 /// A completed record comes back whole from `claim` and `read`, and a stranger's token cannot
@@ -86,23 +108,40 @@ pub async fn completion_is_fenced_and_round_trips(store: Arc<dyn KeyStore>) {
     let token = claimed(&*store, &key, fingerprint(1), LEASE).await;
     let stranger = FencingToken::random();
     assert_eq!(
-        store.complete(&key, stranger, &record(fingerprint(9), "stolen"), RETENTION).await.unwrap(),
+        store
+            .complete(&key, stranger, &record(fingerprint(9), "stolen"), RETENTION)
+            .await
+            .unwrap(),
         Completion::Fenced
     );
     assert_eq!(
         store.read(&key).await.unwrap(),
-        Some(Holder::InFlight { fingerprint: fingerprint(1) }),
+        Some(Holder::InFlight {
+            fingerprint: fingerprint(1)
+        }),
         "a fenced completion must not change the key"
     );
     let rec = record(fingerprint(1), "{\"id\":1}");
-    assert_eq!(store.complete(&key, token, &rec, RETENTION).await.unwrap(), Completion::Stored);
-    // Re-sending the same completion (a retried command) is harmless.
-    assert_eq!(store.complete(&key, token, &rec, RETENTION).await.unwrap(), Completion::Stored);
     assert_eq!(
-        store.complete(&key, stranger, &record(fingerprint(9), "late"), RETENTION).await.unwrap(),
+        store.complete(&key, token, &rec, RETENTION).await.unwrap(),
+        Completion::Stored
+    );
+    // Re-sending the same completion (a retried command) is harmless.
+    assert_eq!(
+        store.complete(&key, token, &rec, RETENTION).await.unwrap(),
+        Completion::Stored
+    );
+    assert_eq!(
+        store
+            .complete(&key, stranger, &record(fingerprint(9), "late"), RETENTION)
+            .await
+            .unwrap(),
         Completion::Fenced
     );
-    assert_eq!(store.read(&key).await.unwrap(), Some(Holder::Completed(rec.clone())));
+    assert_eq!(
+        store.read(&key).await.unwrap(),
+        Some(Holder::Completed(rec.clone()))
+    );
     assert_eq!(
         store.claim(&key, &fingerprint(2), LEASE).await.unwrap(),
         Claim::Held(Holder::Completed(rec)),
@@ -111,23 +150,44 @@ pub async fn completion_is_fenced_and_round_trips(store: Arc<dyn KeyStore>) {
     let small = fresh_key();
     let token = claimed(&*store, &small, fingerprint(3), LEASE).await;
     let too_large = Record::not_replayable(fingerprint(3), StatusCode::OK);
-    assert_eq!(store.complete(&small, token, &too_large, RETENTION).await.unwrap(), Completion::Stored);
-    assert_eq!(store.read(&small).await.unwrap(), Some(Holder::Completed(too_large)));
+    assert_eq!(
+        store
+            .complete(&small, token, &too_large, RETENTION)
+            .await
+            .unwrap(),
+        Completion::Stored
+    );
+    assert_eq!(
+        store.read(&small).await.unwrap(),
+        Some(Holder::Completed(too_large))
+    );
 }
 
 /// Releasing frees the key at once, and only the owner's token can release.
 pub async fn release_frees_the_key(store: Arc<dyn KeyStore>) {
     let key = fresh_key();
     let token = claimed(&*store, &key, fingerprint(1), LEASE).await;
-    assert!(!store.release(&key, FencingToken::random()).await.unwrap(), "a stranger released the claim");
-    assert!(matches!(store.read(&key).await.unwrap(), Some(Holder::InFlight { .. })));
+    assert!(
+        !store.release(&key, FencingToken::random()).await.unwrap(),
+        "a stranger released the claim"
+    );
+    assert!(matches!(
+        store.read(&key).await.unwrap(),
+        Some(Holder::InFlight { .. })
+    ));
     assert!(store.release(&key, token).await.unwrap());
     assert_eq!(store.read(&key).await.unwrap(), None);
     let second = claimed(&*store, &key, fingerprint(2), LEASE).await;
     assert_ne!(second, token);
-    assert!(!store.release(&key, token).await.unwrap(), "an old token released a new claim");
+    assert!(
+        !store.release(&key, token).await.unwrap(),
+        "an old token released a new claim"
+    );
     assert_eq!(
-        store.complete(&key, token, &record(fingerprint(1), "old"), RETENTION).await.unwrap(),
+        store
+            .complete(&key, token, &record(fingerprint(1), "old"), RETENTION)
+            .await
+            .unwrap(),
         Completion::Fenced
     );
 }
@@ -139,15 +199,30 @@ pub async fn lapsed_lease_is_taken_over_and_fenced(store: Arc<dyn KeyStore>) {
     tokio::time::sleep(Duration::from_millis(400)).await;
     let second = claimed(&*store, &key, fingerprint(1), LEASE).await;
     assert_ne!(first, second);
-    assert!(!store.extend(&key, first, LEASE).await.unwrap(), "a lapsed token extended a new claim");
-    assert!(!store.release(&key, first).await.unwrap(), "a lapsed token released a new claim");
+    assert!(
+        !store.extend(&key, first, LEASE).await.unwrap(),
+        "a lapsed token extended a new claim"
+    );
+    assert!(
+        !store.release(&key, first).await.unwrap(),
+        "a lapsed token released a new claim"
+    );
     assert_eq!(
-        store.complete(&key, first, &record(fingerprint(1), "stale"), RETENTION).await.unwrap(),
+        store
+            .complete(&key, first, &record(fingerprint(1), "stale"), RETENTION)
+            .await
+            .unwrap(),
         Completion::Fenced
     );
     let rec = record(fingerprint(1), "fresh");
-    assert_eq!(store.complete(&key, second, &rec, RETENTION).await.unwrap(), Completion::Stored);
-    assert_eq!(store.read(&key).await.unwrap(), Some(Holder::Completed(rec)));
+    assert_eq!(
+        store.complete(&key, second, &rec, RETENTION).await.unwrap(),
+        Completion::Stored
+    );
+    assert_eq!(
+        store.read(&key).await.unwrap(),
+        Some(Holder::Completed(rec))
+    );
 }
 
 /// Extending a lease keeps the claim past its first lease; only the owner can extend.
@@ -155,14 +230,24 @@ pub async fn extend_keeps_the_claim(store: Arc<dyn KeyStore>) {
     let key = fresh_key();
     let lease = Duration::from_millis(300);
     let token = claimed(&*store, &key, fingerprint(1), lease).await;
-    assert!(!store.extend(&key, FencingToken::random(), lease).await.unwrap());
+    assert!(
+        !store
+            .extend(&key, FencingToken::random(), lease)
+            .await
+            .unwrap()
+    );
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(store.extend(&key, token, lease).await.unwrap(), "the owner could not extend");
+        assert!(
+            store.extend(&key, token, lease).await.unwrap(),
+            "the owner could not extend"
+        );
     }
     assert_eq!(
         store.claim(&key, &fingerprint(2), lease).await.unwrap(),
-        Claim::Held(Holder::InFlight { fingerprint: fingerprint(1) }),
+        Claim::Held(Holder::InFlight {
+            fingerprint: fingerprint(1)
+        }),
         "the extended claim was lost"
     );
     assert!(store.release(&key, token).await.unwrap());
@@ -173,8 +258,14 @@ pub async fn records_expire_after_retention(store: Arc<dyn KeyStore>) {
     let key = fresh_key();
     let token = claimed(&*store, &key, fingerprint(1), LEASE).await;
     let rec = record(fingerprint(1), "short-lived");
-    store.complete(&key, token, &rec, Duration::from_millis(300)).await.unwrap();
-    assert_eq!(store.read(&key).await.unwrap(), Some(Holder::Completed(rec)));
+    store
+        .complete(&key, token, &rec, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.read(&key).await.unwrap(),
+        Some(Holder::Completed(rec))
+    );
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(store.read(&key).await.unwrap(), None);
     claimed(&*store, &key, fingerprint(2), LEASE).await;
@@ -185,10 +276,18 @@ pub async fn read_reports_each_state(store: Arc<dyn KeyStore>) {
     let key = fresh_key();
     assert_eq!(store.read(&key).await.unwrap(), None);
     let token = claimed(&*store, &key, fingerprint(4), LEASE).await;
-    assert_eq!(store.read(&key).await.unwrap(), Some(Holder::InFlight { fingerprint: fingerprint(4) }));
+    assert_eq!(
+        store.read(&key).await.unwrap(),
+        Some(Holder::InFlight {
+            fingerprint: fingerprint(4)
+        })
+    );
     let rec = record(fingerprint(4), "done");
     store.complete(&key, token, &rec, RETENTION).await.unwrap();
-    assert_eq!(store.read(&key).await.unwrap(), Some(Holder::Completed(rec)));
+    assert_eq!(
+        store.read(&key).await.unwrap(),
+        Some(Holder::Completed(rec))
+    );
 }
 
 /// Waiters on a key in flight are woken by its completion, promptly, and all get the record.
@@ -208,7 +307,10 @@ pub async fn wait_wakes_on_completion(store: Arc<dyn KeyStore>) {
     for waiter in waiters {
         assert_eq!(waiter.await.unwrap(), Some(Holder::Completed(rec.clone())));
     }
-    assert!(started.elapsed() < LONG_WAIT / 2, "waiters slept to their deadline instead of being woken");
+    assert!(
+        started.elapsed() < LONG_WAIT / 2,
+        "waiters slept to their deadline instead of being woken"
+    );
 }
 
 /// Waiters are woken by a release and told the key is free.
@@ -223,7 +325,10 @@ pub async fn wait_wakes_on_release(store: Arc<dyn KeyStore>) {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(store.release(&key, token).await.unwrap());
     assert_eq!(waiter.await.unwrap(), None);
-    assert!(started.elapsed() < LONG_WAIT / 2, "the waiter slept to its deadline instead of being woken");
+    assert!(
+        started.elapsed() < LONG_WAIT / 2,
+        "the waiter slept to its deadline instead of being woken"
+    );
 }
 
 /// A waiter gives up at its timeout, still seeing the key in flight.
@@ -232,9 +337,20 @@ pub async fn wait_times_out_while_in_flight(store: Arc<dyn KeyStore>) {
     let token = claimed(&*store, &key, fingerprint(5), LEASE).await;
     let started = Instant::now();
     let seen = store.wait(&key, Duration::from_millis(300)).await.unwrap();
-    assert_eq!(seen, Some(Holder::InFlight { fingerprint: fingerprint(5) }));
-    assert!(started.elapsed() >= Duration::from_millis(300), "the waiter gave up early");
-    assert!(started.elapsed() < LONG_WAIT / 2, "the waiter overslept its timeout");
+    assert_eq!(
+        seen,
+        Some(Holder::InFlight {
+            fingerprint: fingerprint(5)
+        })
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "the waiter gave up early"
+    );
+    assert!(
+        started.elapsed() < LONG_WAIT / 2,
+        "the waiter overslept its timeout"
+    );
     store.release(&key, token).await.unwrap();
 }
 
@@ -244,8 +360,14 @@ pub async fn wait_ends_when_the_lease_lapses(store: Arc<dyn KeyStore>) {
     claimed(&*store, &key, fingerprint(1), Duration::from_millis(300)).await;
     let started = Instant::now();
     assert_eq!(store.wait(&key, LONG_WAIT).await.unwrap(), None);
-    assert!(started.elapsed() >= Duration::from_millis(250), "the waiter left before the lease lapsed");
-    assert!(started.elapsed() < LONG_WAIT / 2, "the waiter slept to its deadline past the lease");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "the waiter left before the lease lapsed"
+    );
+    assert!(
+        started.elapsed() < LONG_WAIT / 2,
+        "the waiter slept to its deadline past the lease"
+    );
 }
 
 /// Waiting on a free or completed key returns at once.
@@ -256,7 +378,10 @@ pub async fn wait_on_a_settled_key_returns_at_once(store: Arc<dyn KeyStore>) {
     let token = claimed(&*store, &key, fingerprint(1), LEASE).await;
     let rec = record(fingerprint(1), "settled");
     store.complete(&key, token, &rec, RETENTION).await.unwrap();
-    assert_eq!(store.wait(&key, LONG_WAIT).await.unwrap(), Some(Holder::Completed(rec)));
+    assert_eq!(
+        store.wait(&key, LONG_WAIT).await.unwrap(),
+        Some(Holder::Completed(rec))
+    );
     assert!(started.elapsed() < LONG_WAIT / 2);
 }
 
@@ -269,15 +394,22 @@ pub async fn many_keys_stay_independent(store: Arc<dyn KeyStore>) {
                 let key = fresh_key();
                 let token = claimed(&*store, &key, fingerprint(1), LEASE).await;
                 let body = Bytes::from(i.to_string());
-                let rec = Record::response(fingerprint(1), StatusCode::OK, HeaderMap::new(), body, None);
-                assert_eq!(store.complete(&key, token, &rec, RETENTION).await.unwrap(), Completion::Stored);
+                let rec =
+                    Record::response(fingerprint(1), StatusCode::OK, HeaderMap::new(), body, None);
+                assert_eq!(
+                    store.complete(&key, token, &rec, RETENTION).await.unwrap(),
+                    Completion::Stored
+                );
                 (key, rec)
             })
         })
         .collect();
     for task in tasks {
         let (key, rec) = task.await.unwrap();
-        assert_eq!(store.read(&key).await.unwrap(), Some(Holder::Completed(rec)));
+        assert_eq!(
+            store.read(&key).await.unwrap(),
+            Some(Holder::Completed(rec))
+        );
     }
 }
 

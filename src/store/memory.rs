@@ -14,7 +14,9 @@ use tokio::{
     time::Instant,
 };
 
-use super::{Claim, Completion, FencingToken, Fingerprint, Holder, KeyStore, Record, StoreError, StoreKey};
+use super::{
+    Claim, Completion, FencingToken, Fingerprint, Holder, KeyStore, Record, StoreError, StoreKey,
+};
 
 /// Records kept by default before the oldest are evicted.
 const DEFAULT_MAX_ENTRIES: usize = 1_000_000;
@@ -143,7 +145,9 @@ impl MemoryStore {
 fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
     // A panic while holding a shard lock cannot leave it inconsistent in a way later calls trip
     // over (each step re-checks what it reads), so a poisoned lock is used as is.
-    shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    shard
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// What a slot shows a reader, taken out of the lock before any decoding.
@@ -210,8 +214,12 @@ impl Shard {
     fn make_room(&mut self, now: Instant, incoming: usize, max_entries: usize, max_bytes: usize) {
         while let Some(&(key, seq)) = self.order.front() {
             let evict = match self.map.get(&key) {
-                Some(Slot::Completed { seq: s, expires, .. }) if *s == seq => {
-                    *expires <= now || self.completed >= max_entries || self.bytes + incoming > max_bytes
+                Some(Slot::Completed {
+                    seq: s, expires, ..
+                }) if *s == seq => {
+                    *expires <= now
+                        || self.completed >= max_entries
+                        || self.bytes + incoming > max_bytes
                 }
                 // Stale: the record behind this entry is gone already.
                 _ => {
@@ -230,7 +238,12 @@ impl Shard {
 
 #[async_trait]
 impl KeyStore for MemoryStore {
-    async fn claim(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
         let token = FencingToken::random();
         let now = Instant::now();
         let seen = {
@@ -239,7 +252,12 @@ impl KeyStore for MemoryStore {
                 Seen::Nothing => {
                     shard.map.insert(
                         *key,
-                        Slot::InFlight { token, fingerprint: *fingerprint, lease_until: now + lease, waiters: None },
+                        Slot::InFlight {
+                            token,
+                            fingerprint: *fingerprint,
+                            lease_until: now + lease,
+                            waiters: None,
+                        },
                     );
                     return Ok(Claim::Claimed(token));
                 }
@@ -260,20 +278,39 @@ impl KeyStore for MemoryStore {
         let now = Instant::now();
         let mut shard = self.shard(key);
         if let Some(Slot::Completed { token: t, .. }) = shard.live(key, now) {
-            return Ok(if *t == token { Completion::Stored } else { Completion::Fenced });
+            return Ok(if *t == token {
+                Completion::Stored
+            } else {
+                Completion::Fenced
+            });
         }
         if !shard.owns(key, token, now) {
             return Ok(Completion::Fenced);
         }
         // Wakes this claim's waiters once the record is in place.
-        let Some(Slot::InFlight { waiters, .. }) = shard.map.remove(key) else { unreachable!("owned above") };
-        shard.make_room(now, encoded.len(), self.inner.max_entries_per_shard, self.inner.max_bytes_per_shard);
+        let Some(Slot::InFlight { waiters, .. }) = shard.map.remove(key) else {
+            unreachable!("owned above")
+        };
+        shard.make_room(
+            now,
+            encoded.len(),
+            self.inner.max_entries_per_shard,
+            self.inner.max_bytes_per_shard,
+        );
         let seq = shard.next_seq;
         shard.next_seq += 1;
         shard.completed += 1;
         shard.bytes += encoded.len();
         shard.order.push_back((*key, seq));
-        shard.map.insert(*key, Slot::Completed { token, encoded, expires: now + retention, seq });
+        shard.map.insert(
+            *key,
+            Slot::Completed {
+                token,
+                encoded,
+                expires: now + retention,
+                seq,
+            },
+        );
         drop(shard);
         if let Some(waiters) = waiters {
             waiters.notify_waiters();
@@ -290,11 +327,20 @@ impl KeyStore for MemoryStore {
         Ok(true)
     }
 
-    async fn extend(&self, key: &StoreKey, token: FencingToken, lease: Duration) -> Result<bool, StoreError> {
+    async fn extend(
+        &self,
+        key: &StoreKey,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
         let now = Instant::now();
         let mut shard = self.shard(key);
         match shard.live(key, now) {
-            Some(Slot::InFlight { token: t, lease_until, .. }) if *t == token => {
+            Some(Slot::InFlight {
+                token: t,
+                lease_until,
+                ..
+            }) if *t == token => {
                 *lease_until = now + lease;
                 Ok(true)
             }
@@ -322,7 +368,10 @@ impl KeyStore for MemoryStore {
 
 enum Watch {
     Settled(Seen),
-    InFlight { notified: Pin<Box<OwnedNotified>>, wake_at: Instant },
+    InFlight {
+        notified: Pin<Box<OwnedNotified>>,
+        wake_at: Instant,
+    },
 }
 
 impl MemoryStore {
@@ -332,9 +381,18 @@ impl MemoryStore {
         let now = Instant::now();
         let mut shard = self.shard(key);
         match shard.live(key, now) {
-            Some(Slot::InFlight { waiters, lease_until, .. }) if now < deadline => {
+            Some(Slot::InFlight {
+                waiters,
+                lease_until,
+                ..
+            }) if now < deadline => {
                 let wake_at = (*lease_until).min(deadline);
-                let mut notified = Box::pin(waiters.get_or_insert_with(Default::default).clone().notified_owned());
+                let mut notified = Box::pin(
+                    waiters
+                        .get_or_insert_with(Default::default)
+                        .clone()
+                        .notified_owned(),
+                );
                 notified.as_mut().enable();
                 Watch::InFlight { notified, wake_at }
             }
@@ -360,18 +418,42 @@ mod tests {
     async fn a_flood_of_unique_keys_stays_within_the_bound() {
         let store = MemoryStore::with_limits(1_000, usize::MAX);
         let fp = Fingerprint::from_bytes([0; 32]);
-        let record = Record::response(fp, StatusCode::OK, Default::default(), Bytes::from_static(b"x"), None);
+        let record = Record::response(
+            fp,
+            StatusCode::OK,
+            Default::default(),
+            Bytes::from_static(b"x"),
+            None,
+        );
         for i in 0..20_000 {
-            let Claim::Claimed(token) = store.claim(&key(i), &fp, Duration::from_secs(60)).await.unwrap() else {
+            let Claim::Claimed(token) = store
+                .claim(&key(i), &fp, Duration::from_secs(60))
+                .await
+                .unwrap()
+            else {
                 panic!("fresh key {i} was not claimable")
             };
-            store.complete(&key(i), token, &record, Duration::from_secs(3600)).await.unwrap();
+            store
+                .complete(&key(i), token, &record, Duration::from_secs(3600))
+                .await
+                .unwrap();
         }
         let shards = store.inner.shards.len();
-        assert!(store.len() <= 1_000 + shards, "{} entries kept", store.len());
-        assert!(store.len() >= 900, "{} entries kept: evicting far too much", store.len());
+        assert!(
+            store.len() <= 1_000 + shards,
+            "{} entries kept",
+            store.len()
+        );
+        assert!(
+            store.len() >= 900,
+            "{} entries kept: evicting far too much",
+            store.len()
+        );
         // The newest record survives; the oldest were evicted.
-        assert!(matches!(store.read(&key(19_999)).await.unwrap(), Some(Holder::Completed(_))));
+        assert!(matches!(
+            store.read(&key(19_999)).await.unwrap(),
+            Some(Holder::Completed(_))
+        ));
         assert!(store.read(&key(0)).await.unwrap().is_none());
     }
 
@@ -379,20 +461,40 @@ mod tests {
     async fn the_byte_bound_holds_and_claims_in_flight_are_never_evicted() {
         let store = MemoryStore::with_limits(usize::MAX, 64 * 1024);
         let fp = Fingerprint::from_bytes([0; 32]);
-        let Claim::Claimed(held) = store.claim(&key(usize::MAX), &fp, Duration::from_secs(60)).await.unwrap() else {
+        let Claim::Claimed(held) = store
+            .claim(&key(usize::MAX), &fp, Duration::from_secs(60))
+            .await
+            .unwrap()
+        else {
             panic!()
         };
-        let record = Record::response(fp, StatusCode::OK, Default::default(), Bytes::from(vec![0; 1024]), None);
+        let record = Record::response(
+            fp,
+            StatusCode::OK,
+            Default::default(),
+            Bytes::from(vec![0; 1024]),
+            None,
+        );
         for i in 0..1_000 {
-            let Claim::Claimed(token) = store.claim(&key(i), &fp, Duration::from_secs(60)).await.unwrap() else {
+            let Claim::Claimed(token) = store
+                .claim(&key(i), &fp, Duration::from_secs(60))
+                .await
+                .unwrap()
+            else {
                 panic!()
             };
-            store.complete(&key(i), token, &record, Duration::from_secs(3600)).await.unwrap();
+            store
+                .complete(&key(i), token, &record, Duration::from_secs(3600))
+                .await
+                .unwrap();
         }
         let kept = store.stored_bytes();
         assert!((32 * 1024..=64 * 1024).contains(&kept), "{kept} bytes kept");
         assert_eq!(
-            store.complete(&key(usize::MAX), held, &record, Duration::from_secs(60)).await.unwrap(),
+            store
+                .complete(&key(usize::MAX), held, &record, Duration::from_secs(60))
+                .await
+                .unwrap(),
             Completion::Stored,
             "the claim in flight survived the evictions"
         );

@@ -223,7 +223,10 @@ impl fmt::Display for StoreError {
         match self {
             Self::Backend(e) => write!(f, "idempotency store failed: {e}"),
             Self::Timeout(d) => write!(f, "idempotency store did not answer within {d:?}"),
-            Self::Corrupt(why) => write!(f, "idempotency store holds a value that does not decode: {why}"),
+            Self::Corrupt(why) => write!(
+                f,
+                "idempotency store holds a value that does not decode: {why}"
+            ),
         }
     }
 }
@@ -248,7 +251,12 @@ impl std::error::Error for StoreError {
 pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
     /// Claims `key` for a run of a request with `fingerprint`, for `lease`; or reports what
     /// holds the key.
-    async fn claim(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError>;
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError>;
 
     /// Stores `record` under `key`, kept for `retention`, if `token` still owns the claim.
     async fn complete(
@@ -263,7 +271,12 @@ pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
     async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<bool, StoreError>;
 
     /// Renews the claim's lease to `lease` from now; `false` when `token` no longer owns it.
-    async fn extend(&self, key: &StoreKey, token: FencingToken, lease: Duration) -> Result<bool, StoreError>;
+    async fn extend(
+        &self,
+        key: &StoreKey,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError>;
 
     /// What holds `key` now, if anything.
     async fn read(&self, key: &StoreKey) -> Result<Option<Holder>, StoreError>;
@@ -276,7 +289,12 @@ pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
 
 #[async_trait]
 impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {
-    async fn claim(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
         (**self).claim(key, fingerprint, lease).await
     }
 
@@ -294,7 +312,12 @@ impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {
         (**self).release(key, token).await
     }
 
-    async fn extend(&self, key: &StoreKey, token: FencingToken, lease: Duration) -> Result<bool, StoreError> {
+    async fn extend(
+        &self,
+        key: &StoreKey,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
         (**self).extend(key, token, lease).await
     }
 

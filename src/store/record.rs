@@ -41,7 +41,14 @@ impl Record {
         body: Bytes,
         trailers: Option<HeaderMap>,
     ) -> Self {
-        Self { fingerprint, status, headers, body, trailers, replayable: true }
+        Self {
+            fingerprint,
+            status,
+            headers,
+            body,
+            trailers,
+            replayable: true,
+        }
     }
 
     /// A record of a response that was delivered but is too large to replay.
@@ -88,7 +95,11 @@ impl Record {
 
     /// The exact length of [`encode`](Self::encode)'s output.
     pub fn encoded_len(&self) -> usize {
-        2 + 32 + 2 + headers_len(&self.headers) + varint_len(self.body.len() as u64) + self.body.len()
+        2 + 32
+            + 2
+            + headers_len(&self.headers)
+            + varint_len(self.body.len() as u64)
+            + self.body.len()
             + self.trailers.as_ref().map_or(0, headers_len)
     }
 
@@ -105,7 +116,10 @@ impl Record {
             return Err(corrupt(format!("unknown record flags {flags:#04x}")));
         }
         let fingerprint = Fingerprint::from_bytes(
-            r.take(32)?.as_ref().try_into().expect("take(32) gives 32 bytes"),
+            r.take(32)?
+                .as_ref()
+                .try_into()
+                .expect("take(32) gives 32 bytes"),
         );
         let status = r.u16()?;
         let status = StatusCode::from_u16(status)
@@ -113,9 +127,16 @@ impl Record {
         let headers = r.headers()?;
         let body_len = r.len()?;
         let body = r.take(body_len)?;
-        let trailers = if flags & FLAG_TRAILERS != 0 { Some(r.headers()?) } else { None };
+        let trailers = if flags & FLAG_TRAILERS != 0 {
+            Some(r.headers()?)
+        } else {
+            None
+        };
         if r.pos != r.bytes.len() {
-            return Err(corrupt(format!("{} bytes after the end of the record", r.bytes.len() - r.pos)));
+            return Err(corrupt(format!(
+                "{} bytes after the end of the record",
+                r.bytes.len() - r.pos
+            )));
         }
         Ok(Self {
             fingerprint,
@@ -177,9 +198,16 @@ struct Reader {
 
 impl Reader {
     fn take(&mut self, n: usize) -> Result<Bytes, StoreError> {
-        let end = self.pos.checked_add(n).filter(|&end| end <= self.bytes.len()).ok_or_else(|| {
-            corrupt(format!("record ends early: wanted {n} bytes at offset {}", self.pos))
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&end| end <= self.bytes.len())
+            .ok_or_else(|| {
+                corrupt(format!(
+                    "record ends early: wanted {n} bytes at offset {}",
+                    self.pos
+                ))
+            })?;
         let out = self.bytes.slice(self.pos..end);
         self.pos = end;
         Ok(out)
@@ -220,8 +248,8 @@ impl Reader {
         for _ in 0..count {
             let n = self.len()?;
             let name = self.take(n)?;
-            let name = HeaderName::from_bytes(&name)
-                .map_err(|_| corrupt("invalid header name".into()))?;
+            let name =
+                HeaderName::from_bytes(&name).map_err(|_| corrupt("invalid header name".into()))?;
             let n = self.len()?;
             let value = HeaderValue::from_maybe_shared(self.take(n)?)
                 .map_err(|_| corrupt(format!("invalid value for header {name}")))?;
@@ -266,7 +294,13 @@ mod tests {
     fn every_truncation_and_garbage_is_an_error_not_a_panic() {
         let encoded = sample().encode();
         for len in 0..encoded.len() {
-            assert!(matches!(Record::decode(encoded.slice(..len)), Err(StoreError::Corrupt(_))), "len {len}");
+            assert!(
+                matches!(
+                    Record::decode(encoded.slice(..len)),
+                    Err(StoreError::Corrupt(_))
+                ),
+                "len {len}"
+            );
         }
         let mut extra = encoded.to_vec();
         extra.push(0);

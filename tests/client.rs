@@ -88,10 +88,13 @@ async fn list_deployments() -> &'static str {
     "[]"
 }
 
+/// The answers `stand_in_idempotency` stored, per key.
+type Stored = Arc<Mutex<BTreeMap<String, (StatusCode, Bytes)>>>;
+
 /// Runs a key's first request, stores its answer, and replays that to later requests with the
 /// key, as the crate's server does for these tests.
 async fn stand_in_idempotency(
-    State(stored): State<Arc<Mutex<BTreeMap<String, (StatusCode, Bytes)>>>>,
+    State(stored): State<Stored>,
     req: AxumRequest,
     next: Next,
 ) -> Response<Body> {

@@ -42,7 +42,8 @@ impl MakeIdempotencyKey for MakeUuidKey {
 /// response's extensions, so a caller can read the key that was generated for it.
 ///
 /// Place this layer *outside* the retry, so the key is written once and every attempt carries
-/// it; [`IdempotentClientLayer`](super::IdempotentClientLayer) does that for you.
+/// it; [`IdempotentClientLayer`](super::IdempotentClientLayer) does that for you. The debug
+/// line for each attempt comes from the [`RetryPolicy`](super::RetryPolicy) inside it.
 #[derive(Clone, Debug)]
 pub struct IdempotencyLayer<M = MakeUuidKey> {
     header: HeaderName,

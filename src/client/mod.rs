@@ -5,7 +5,8 @@
 //!   UUID v4 for the methods it was told to (POST by default once turned on). A request that
 //!   already has the header keeps it; GET and the other safe methods never get a generated key.
 //! - [`RetryPolicy`] is a [`tower::retry::Policy`] for 502, 503, 504, 429 (honouring
-//!   `Retry-After`), connection failures and timeouts, with exponential backoff, jitter and a
+//!   `Retry-After`), the idempotency server's 409 "still running", connection failures and
+//!   timeouts, with exponential backoff, jitter and a
 //!   bounded number of attempts. It refuses to retry a POST or PATCH that has no key.
 //! - [`IdempotentClientLayer`] puts them together in the only safe order, with a timeout for
 //!   each attempt. Use it: it is the way this module is meant to be used.

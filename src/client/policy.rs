@@ -62,6 +62,9 @@ impl<E, F: Fn(&E) -> bool> ClassifyError<E> for F {
 ///   response gives (delta-seconds or an HTTP-date), or the backoff when it gives none. A
 ///   `Retry-After` longer than [`max_retry_after`](Self::max_retry_after) ends the retries: the
 ///   response is returned rather than sent again sooner than the server asked;
+/// - `409 Conflict` with a `Retry-After`, on a request that carries an idempotency key: the
+///   idempotency server's answer while another request with the key is still running, after
+///   the wait it gives. A 409 without `Retry-After` is final;
 /// - errors of the inner service (connection failures, responses cut off, per-attempt timeouts),
 ///   as far as [`retry_errors_if`](Self::retry_errors_if) allows.
 ///
@@ -299,6 +302,14 @@ where
                         None => Wait::Backoff,
                     };
                     (wait, res.status().as_str().to_owned())
+                }
+                // An idempotency server's "a request with this key is still running": come back
+                // after `Retry-After` for its result.
+                StatusCode::CONFLICT if req.headers().contains_key(&self.header) => {
+                    match retry_after(res.headers(), SystemTime::now()) {
+                        Some(after) => (Wait::For(after), res.status().as_str().to_owned()),
+                        None => return None,
+                    }
                 }
                 _ => return None,
             },

@@ -320,6 +320,26 @@ async fn error_classifier_limits_what_is_retried() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn conflict_with_retry_after_is_retried_for_a_keyed_request_only() {
+    // The idempotency server's "still running" answer: come back after Retry-After.
+    let (client, mut handle) = stack(IdempotencyLayer::new(), policy());
+    let call = tokio::spawn(client.oneshot(post(Some("deploy-v1"))));
+    let answers = vec![Some(status_retry_after(409, "2")), Some(status(201))];
+    let (seen, _) = serve(&mut handle, answers).await;
+    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::CREATED);
+    assert!(seen[1].at - seen[0].at >= Duration::from_secs(2));
+
+    let unkeyed_put = Request::put("http://api.test/api/v1/deployments/1")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (client, mut handle) = stack(IdempotencyLayer::new(), policy());
+    let call = tokio::spawn(client.oneshot(unkeyed_put));
+    serve(&mut handle, vec![Some(status_retry_after(409, "2"))]).await;
+    assert_no_more_attempts(handle).await;
+    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::CONFLICT);
+}
+
+#[tokio::test(start_paused = true)]
 async fn other_statuses_are_final() {
     for code in [200, 201, 400, 409, 422, 500] {
         let (client, mut handle) = stack(IdempotencyLayer::new(), policy());

@@ -4,8 +4,10 @@
 //!
 //! The app answers replays itself with `stand_in_idempotency`, a few lines that do what the
 //! crate's server (`IdempotencyService` on `MemoryStore`) does for these tests: run a key's
-//! first request, store its answer, replay it. Swapping in the real server is one line in
-//! `app()`.
+//! first request, store its answer, replay it. To test against the real server, replace the
+//! `stand_in_idempotency` layer in `app()` with
+//! `IdempotencyServiceLayer::new(MemoryStore::new())` and delete the stand-in: the tests pass
+//! unchanged.
 
 use std::{
     collections::{BTreeMap, VecDeque},

@@ -527,12 +527,8 @@ async fn attempts_are_bounded() {
 
 #[tokio::test]
 async fn timed_out_attempt_is_retried() {
-    let server = Server::start(vec![Fault::Delay(Duration::from_secs(2))]).await;
-    let mut client = client(
-        IdempotencyLayer::new(),
-        policy(),
-        Duration::from_millis(300),
-    );
+    let server = Server::start(vec![Fault::Delay(Duration::from_secs(3))]).await;
+    let mut client = client(IdempotencyLayer::new(), policy(), Duration::from_secs(1));
     let answer = send(&mut client, post(&server.url(), key("deploy-v1")))
         .await
         .unwrap();

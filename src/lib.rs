@@ -74,9 +74,11 @@
 //! - `test-util`: `store::conformance` and the `key_store_conformance!` macro.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod client;
 pub mod key;
 pub mod server;
 pub mod store;
 
+pub use client::IdempotencyLayer;
 pub use key::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey, InvalidKey};
 pub use server::{IdempotencyService, IdempotencyServiceLayer};

@@ -1,0 +1,410 @@
+use std::{
+    collections::hash_map::RandomState,
+    fmt,
+    hash::BuildHasher,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use http::{HeaderMap, HeaderName, Request, Response, StatusCode, header::RETRY_AFTER};
+use tokio::time::Sleep;
+use tower::{
+    retry::{
+        Policy,
+        backoff::{Backoff, ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff},
+        budget::Budget,
+    },
+    util::rng::Rng,
+};
+
+use super::body::{ReplayBody, replay_request};
+use crate::key::IDEMPOTENCY_KEY;
+
+/// The `tracing` target of the client's events.
+pub(crate) const TARGET: &str = "tower_idempotency::client";
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Decides which errors of the inner service are worth another attempt.
+///
+/// Any `Fn(&E) -> bool` is one; [`RetryAnyError`] is the default.
+pub trait ClassifyError<E> {
+    /// `true` when the request may be sent again after `error`.
+    fn is_retryable(&self, error: &E) -> bool;
+}
+
+/// Treats every error as transient, the default.
+///
+/// An error from the service under the retry means no HTTP response came back: the connection
+/// failed, closed before the response, or the attempt timed out. Each of these is worth another
+/// attempt, and the idempotency key is what makes that safe for POST and PATCH.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RetryAnyError;
+
+impl<E> ClassifyError<E> for RetryAnyError {
+    fn is_retryable(&self, _error: &E) -> bool {
+        true
+    }
+}
+
+impl<E, F: Fn(&E) -> bool> ClassifyError<E> for F {
+    fn is_retryable(&self, error: &E) -> bool {
+        self(error)
+    }
+}
+
+/// A [`tower::retry::Policy`] for HTTP requests that keeps the idempotency key.
+///
+/// # What is retried
+///
+/// - `502 Bad Gateway` and `504 Gateway Timeout`, after an exponential backoff with jitter;
+/// - `503 Service Unavailable` and `429 Too Many Requests`, after the `Retry-After` the
+///   response gives (delta-seconds or an HTTP-date), or the backoff when it gives none. A
+///   `Retry-After` longer than [`max_retry_after`](Self::max_retry_after) ends the retries: the
+///   response is returned rather than sent again sooner than the server asked;
+/// - `409 Conflict` with a `Retry-After`, on a request that carries an idempotency key: the
+///   idempotency server's answer while another request with the key is still running, after
+///   the wait it gives. A 409 without `Retry-After` is final;
+/// - errors of the inner service (connection failures, responses cut off, per-attempt timeouts),
+///   as far as [`retry_errors_if`](Self::retry_errors_if) allows.
+///
+/// Every other response is final. At most [`max_attempts`](Self::max_attempts) attempts are
+/// made, the first included, and an optional [`budget`](Self::budget) bounds the retries of all
+/// requests together.
+///
+/// # Refuses to retry a request that could run twice
+///
+/// A request whose method is not idempotent (POST, PATCH, and any method other than GET, HEAD,
+/// OPTIONS, TRACE, PUT and DELETE) is retried only when it carries an idempotency key header,
+/// because the server may have run it already. Turn this off with
+/// [`retry_unkeyed_requests(true)`](Self::retry_unkeyed_requests).
+///
+/// # Replaying the body
+///
+/// A request is retried only when its body implements [`ReplayBody`] and gives a copy;
+/// otherwise it is sent once. See [`ReplayBody`] for how to buffer a streaming body.
+///
+/// # Logging
+///
+/// Each attempt is logged at debug level under the `tower_idempotency::client` target:
+///
+/// ```text
+/// Request: POST /api/v1/deployments request_id=abc123 idempotency_key=deploy-v1 attempt=2
+/// ```
+///
+/// `request_id` comes from the `x-request-id` header, and is left out with the key when the
+/// request has none.
+pub struct RetryPolicy<C = RetryAnyError> {
+    max_attempts: u32,
+    min_backoff: Duration,
+    max_backoff: Duration,
+    jitter: f64,
+    max_retry_after: Duration,
+    retry_unkeyed: bool,
+    header: HeaderName,
+    budget: Option<Arc<dyn Budget + Send + Sync>>,
+    classify: C,
+    // Per request: the retries made so far and the backoff in progress. Tower's `Retry` clones
+    // the policy for each request, and only the clones reach `retry`.
+    retries: u32,
+    backoff: Option<ExponentialBackoff<JitterRng>>,
+}
+
+impl RetryPolicy {
+    /// The default policy: 3 attempts, a backoff from 100 ms doubling up to 5 s with up to 100%
+    /// jitter, `Retry-After` honoured up to 30 s, no budget, and no retry of a POST or PATCH
+    /// without a key.
+    pub fn new() -> Self {
+        Self {
+            max_attempts: 3,
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            jitter: 1.0,
+            max_retry_after: Duration::from_secs(30),
+            retry_unkeyed: false,
+            header: IDEMPOTENCY_KEY,
+            budget: None,
+            classify: RetryAnyError,
+            retries: 0,
+            backoff: None,
+        }
+    }
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<C> RetryPolicy<C> {
+    /// Makes at most `attempts` attempts in all, the first included (at least 1).
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// Waits `min` before the first retry and doubles the wait on each retry after it, up to
+    /// `max`.
+    ///
+    /// # Panics
+    ///
+    /// When `min` is greater than `max` or `max` is zero.
+    pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.min_backoff = min;
+        self.max_backoff = max;
+        self.check_backoff();
+        self
+    }
+
+    /// Adds up to `ratio` times the wait at random to each backoff (1.0, the default, waits
+    /// between one and two times the base), so clients that failed together do not retry
+    /// together. The sum never exceeds the backoff's maximum.
+    ///
+    /// # Panics
+    ///
+    /// When `ratio` is negative, greater than 100 or NaN.
+    pub fn jitter(mut self, ratio: f64) -> Self {
+        self.jitter = ratio;
+        self.check_backoff();
+        self
+    }
+
+    /// The longest `Retry-After` the policy waits for; a longer one ends the retries.
+    pub fn max_retry_after(mut self, max: Duration) -> Self {
+        self.max_retry_after = max;
+        self
+    }
+
+    /// Whether to retry a POST, PATCH or other non-idempotent request that carries no
+    /// idempotency key (default `false`). Turning it on may run such a request twice.
+    pub fn retry_unkeyed_requests(mut self, retry: bool) -> Self {
+        self.retry_unkeyed = retry;
+        self
+    }
+
+    /// The header that holds the idempotency key (default `Idempotency-Key`).
+    ///
+    /// [`IdempotentClientLayer`](super::IdempotentClientLayer) sets it to its key layer's
+    /// header.
+    pub fn header_name(mut self, name: HeaderName) -> Self {
+        self.header = name;
+        self
+    }
+
+    /// Bounds the retries of all the requests made through this policy and its clones, such as
+    /// tower's [`TpsBudget`](tower::retry::budget::TpsBudget): each request deposits, each
+    /// retry withdraws, and an empty budget means no retry.
+    pub fn budget(mut self, budget: impl Budget + Send + Sync + 'static) -> Self {
+        self.budget = Some(Arc::new(budget));
+        self
+    }
+
+    /// Retries an error only when `classify` says so, in place of every error.
+    ///
+    /// In [`IdempotentClientLayer`](super::IdempotentClientLayer) the error is a
+    /// [`BoxError`](tower::BoxError); a per-attempt timeout is a
+    /// [`tower::timeout::error::Elapsed`] in it.
+    pub fn retry_errors_if<C2>(self, classify: C2) -> RetryPolicy<C2> {
+        RetryPolicy {
+            max_attempts: self.max_attempts,
+            min_backoff: self.min_backoff,
+            max_backoff: self.max_backoff,
+            jitter: self.jitter,
+            max_retry_after: self.max_retry_after,
+            retry_unkeyed: self.retry_unkeyed,
+            header: self.header,
+            budget: self.budget,
+            classify,
+            retries: self.retries,
+            backoff: self.backoff,
+        }
+    }
+
+    fn backoff_maker(&self) -> ExponentialBackoffMaker<JitterRng> {
+        ExponentialBackoffMaker::new(self.min_backoff, self.max_backoff, self.jitter, JitterRng)
+            .unwrap_or_else(|e| panic!("RetryPolicy: {e}"))
+    }
+
+    fn check_backoff(&self) {
+        self.backoff_maker();
+    }
+
+    fn next_backoff(&mut self) -> Sleep {
+        if self.backoff.is_none() {
+            self.backoff = Some(self.backoff_maker().make_backoff());
+        }
+        self.backoff
+            .as_mut()
+            .expect("the backoff was just made")
+            .next_backoff()
+    }
+}
+
+impl<C: Clone> Clone for RetryPolicy<C> {
+    fn clone(&self) -> Self {
+        Self {
+            max_attempts: self.max_attempts,
+            min_backoff: self.min_backoff,
+            max_backoff: self.max_backoff,
+            jitter: self.jitter,
+            max_retry_after: self.max_retry_after,
+            retry_unkeyed: self.retry_unkeyed,
+            header: self.header.clone(),
+            budget: self.budget.clone(),
+            classify: self.classify.clone(),
+            retries: self.retries,
+            backoff: self.backoff.clone(),
+        }
+    }
+}
+
+impl<C> fmt::Debug for RetryPolicy<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryPolicy")
+            .field("max_attempts", &self.max_attempts)
+            .field("min_backoff", &self.min_backoff)
+            .field("max_backoff", &self.max_backoff)
+            .field("jitter", &self.jitter)
+            .field("max_retry_after", &self.max_retry_after)
+            .field("retry_unkeyed", &self.retry_unkeyed)
+            .field("header", &self.header)
+            .field("budget", &self.budget.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+enum Wait {
+    Backoff,
+    For(Duration),
+}
+
+impl<B, ResB, E, C> Policy<Request<B>, Response<ResB>, E> for RetryPolicy<C>
+where
+    B: ReplayBody,
+    C: ClassifyError<E>,
+{
+    type Future = Sleep;
+
+    fn retry(
+        &mut self,
+        req: &mut Request<B>,
+        result: &mut Result<Response<ResB>, E>,
+    ) -> Option<Self::Future> {
+        let (wait, outcome) = match result {
+            Ok(res) => match res.status() {
+                StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT => {
+                    (Wait::Backoff, res.status().as_str().to_owned())
+                }
+                StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => {
+                    let wait = match retry_after(res.headers(), SystemTime::now()) {
+                        Some(after) => Wait::For(after),
+                        None => Wait::Backoff,
+                    };
+                    (wait, res.status().as_str().to_owned())
+                }
+                // An idempotency server's "a request with this key is still running": come back
+                // after `Retry-After` for its result.
+                StatusCode::CONFLICT if req.headers().contains_key(&self.header) => {
+                    match retry_after(res.headers(), SystemTime::now()) {
+                        Some(after) => (Wait::For(after), res.status().as_str().to_owned()),
+                        None => return None,
+                    }
+                }
+                _ => return None,
+            },
+            Err(e) if self.classify.is_retryable(e) => (Wait::Backoff, "error".to_owned()),
+            Err(_) => return None,
+        };
+
+        let attempt = self.retries + 1;
+        let give_up = |why: &str| {
+            tracing::debug!(target: TARGET, attempt, outcome = %outcome, "not retrying: {why}");
+        };
+        if attempt >= self.max_attempts {
+            give_up("no attempts left");
+            return None;
+        }
+        if !self.retry_unkeyed
+            && !req.method().is_idempotent()
+            && !req.headers().contains_key(&self.header)
+        {
+            give_up("the request has no idempotency key, and could run twice");
+            return None;
+        }
+        if let Wait::For(after) = wait {
+            if after > self.max_retry_after {
+                give_up("Retry-After is longer than the policy waits");
+                return None;
+            }
+        }
+        if let Some(budget) = &self.budget {
+            if !budget.withdraw() {
+                give_up("the retry budget is spent");
+                return None;
+            }
+        }
+
+        self.retries += 1;
+        Some(match wait {
+            Wait::For(after) => tokio::time::sleep(after),
+            Wait::Backoff => self.next_backoff(),
+        })
+    }
+
+    fn clone_request(&mut self, req: &Request<B>) -> Option<Request<B>> {
+        // Called just before each attempt goes out: on the first, with no retries made yet.
+        if self.retries == 0 {
+            if let Some(budget) = &self.budget {
+                budget.deposit();
+            }
+        }
+        log_attempt(req, &self.header, self.retries + 1);
+        replay_request(req)
+    }
+}
+
+fn log_attempt<B>(req: &Request<B>, key_header: &HeaderName, attempt: u32) {
+    if !tracing::enabled!(target: TARGET, tracing::Level::DEBUG) {
+        return;
+    }
+    let header = |name: &HeaderName| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(tracing::field::display)
+    };
+    tracing::debug!(
+        target: TARGET,
+        request_id = header(&X_REQUEST_ID),
+        idempotency_key = header(key_header),
+        attempt,
+        "Request: {} {}",
+        req.method(),
+        req.uri().path(),
+    );
+}
+
+/// How long `Retry-After` asks to wait: delta-seconds, or an HTTP-date (a date in the past
+/// means now). `None` when the header is absent or malformed.
+pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // Absurdly many digits: as long as a wait can be.
+        return Some(value.parse().map_or(Duration::MAX, Duration::from_secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// Jitter that differs per request: tower's `HasherRng` would repeat the same sequence in every
+/// clone of the policy.
+#[derive(Clone, Copy, Debug)]
+struct JitterRng;
+
+impl Rng for JitterRng {
+    fn next_u64(&mut self) -> u64 {
+        // Each `RandomState` has fresh keys, so hashing a constant gives a new value each time.
+        RandomState::new().hash_one(0u8)
+    }
+}

@@ -1,0 +1,430 @@
+//! The client stack against tower-test mocks, on paused time: ordering, waits and counts that
+//! real sockets cannot pin down.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header::RETRY_AFTER};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use tokio::time::Instant;
+use tower::{BoxError, ServiceBuilder, ServiceExt, retry::budget::TpsBudget};
+use tower_layer::Layer;
+use tower_test::mock::{self, Handle, Mock, SendResponse};
+
+use super::{policy::retry_after, *};
+use crate::key::{IDEMPOTENCY_KEY, IdempotencyKey};
+
+type Body = Full<Bytes>;
+type Res = Response<String>;
+
+/// A quick policy: backoff of 10 ms to 1 s, 5 attempts.
+fn policy() -> RetryPolicy {
+    RetryPolicy::new()
+        .max_attempts(5)
+        .backoff(Duration::from_millis(10), Duration::from_secs(1))
+}
+
+type Client<C> = IdempotentClient<Mock<Request<Body>, Res>, MakeUuidKey, C>;
+
+fn stack<C: Clone>(
+    keys: IdempotencyLayer,
+    policy: RetryPolicy<C>,
+) -> (Client<C>, Handle<Request<Body>, Res>) {
+    let (mock, handle) = mock::pair::<Request<Body>, Res>();
+    let client = IdempotentClientLayer::new()
+        .keys(keys)
+        .retry(policy)
+        .attempt_timeout(Duration::from_secs(1))
+        .layer(mock);
+    (client, handle)
+}
+
+fn post(key: Option<&str>) -> Request<Body> {
+    let mut req = Request::post("http://api.test/api/v1/deployments")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    if let Some(key) = key {
+        req.extensions_mut()
+            .insert(IdempotencyKey::new(key).unwrap());
+    }
+    req
+}
+
+fn status(code: u16) -> Res {
+    Response::builder()
+        .status(code)
+        .body(format!("status {code}"))
+        .unwrap()
+}
+
+fn status_retry_after(code: u16, after: &str) -> Res {
+    let mut res = status(code);
+    res.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_str(after).unwrap());
+    res
+}
+
+/// What one attempt carried, and when it arrived.
+struct Seen {
+    key: Option<String>,
+    at: Instant,
+}
+
+/// Answers the attempts in turn with `answers`, then returns what each attempt carried. An
+/// answer of `None` leaves that attempt hanging, to time out.
+async fn serve(
+    handle: &mut Handle<Request<Body>, Res>,
+    answers: Vec<Option<Res>>,
+) -> (Vec<Seen>, Vec<SendResponse<Res>>) {
+    let mut seen = Vec::new();
+    let mut hanging = Vec::new();
+    for answer in answers {
+        let (req, send) = handle.next_request().await.expect("another attempt");
+        seen.push(Seen {
+            key: req
+                .headers()
+                .get(IDEMPOTENCY_KEY)
+                .map(|v| v.to_str().unwrap().to_owned()),
+            at: Instant::now(),
+        });
+        match answer {
+            Some(res) => send.send_response(res),
+            None => hanging.push(send),
+        }
+    }
+    (seen, hanging)
+}
+
+/// Asserts that no attempt follows the ones served: once the call is over and the client gone,
+/// the mock's channel closes without another request in it. Call it before awaiting the call,
+/// so that an extra attempt fails the test rather than hanging it.
+async fn assert_no_more_attempts(mut handle: Handle<Request<Body>, Res>) {
+    assert!(
+        handle.next_request().await.is_none(),
+        "an extra attempt was made"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn generated_key_is_written_once_and_kept_on_every_attempt() {
+    let (client, mut handle) = stack(IdempotencyLayer::new().generate_keys(), policy());
+    let call = tokio::spawn(client.oneshot(post(None)));
+    let answers = vec![
+        Some(status(503)),
+        Some(status(502)),
+        Some(status(504)),
+        Some(status(201)),
+    ];
+    let (seen, _) = serve(&mut handle, answers).await;
+    assert_no_more_attempts(handle).await;
+    let res = call.await.unwrap().unwrap();
+
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let key = seen[0].key.clone().expect("a generated key");
+    assert_eq!(uuid::Uuid::parse_str(&key).unwrap().get_version_num(), 4);
+    assert!(seen.iter().all(|s| s.key.as_deref() == Some(key.as_str())));
+    assert_eq!(
+        res.extensions().get::<IdempotencyKey>().unwrap().as_str(),
+        key
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn unkeyed_post_is_not_retried() {
+    let (client, mut handle) = stack(IdempotencyLayer::new(), policy());
+    let call = tokio::spawn(client.oneshot(post(None)));
+    let (seen, _) = serve(&mut handle, vec![Some(status(503))]).await;
+    assert_no_more_attempts(handle).await;
+    let res = call.await.unwrap().unwrap();
+
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(seen[0].key, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn unkeyed_post_error_is_not_retried() {
+    let (client, mut handle) = stack(IdempotencyLayer::new(), policy());
+    let call = tokio::spawn(client.oneshot(post(None)));
+    let (_req, send) = handle.next_request().await.unwrap();
+    send.send_error("connection closed before message completed");
+    assert_no_more_attempts(handle).await;
+    let err = call.await.unwrap().unwrap_err();
+
+    assert_eq!(
+        err.to_string(),
+        "connection closed before message completed"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn unkeyed_post_is_retried_when_allowed() {
+    let (client, mut handle) = stack(
+        IdempotencyLayer::new(),
+        policy().retry_unkeyed_requests(true),
+    );
+    let call = tokio::spawn(client.oneshot(post(None)));
+    let (seen, _) = serve(&mut handle, vec![Some(status(503)), Some(status(201))]).await;
+    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::CREATED);
+    assert_eq!(seen.len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn unkeyed_get_and_put_are_retried_without_a_key() {
+    for method in [Method::GET, Method::PUT, Method::DELETE] {
+        let (client, mut handle) = stack(IdempotencyLayer::new().generate_keys(), policy());
+        let req = Request::builder()
+            .method(method.clone())
+            .uri("http://api.test/api/v1/deployments/1")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let call = tokio::spawn(client.oneshot(req));
+        let (seen, _) = serve(&mut handle, vec![Some(status(502)), Some(status(200))]).await;
+        assert_eq!(
+            call.await.unwrap().unwrap().status(),
+            StatusCode::OK,
+            "{method}"
+        );
+        assert!(
+            seen.iter().all(|s| s.key.is_none()),
+            "{method} was given a key"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_seconds_is_waited_for() {
+    let (client, mut handle) = stack(IdempotencyLayer::new(), policy());
+    let call = tokio::spawn(client.oneshot(post(Some("deploy-v1"))));
+    let answers = vec![
+        Some(status_retry_after(503, "7")),
+        Some(status_retry_after(429, "3")),
+        Some(status(201)),
+    ];
+    let (seen, _) = serve(&mut handle, answers).await;
+    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::CREATED);
+
+    assert!(seen[1].at - seen[0].at >= Duration::from_secs(7));
+    assert!(seen[2].at - seen[1].at >= Duration::from_secs(3));
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_longer_than_the_cap_returns_the_response() {
+    let policy = policy().max_retry_after(Duration::from_secs(30));
+    let (client, mut handle) = stack(IdempotencyLayer::new(), policy);
+    let call = tokio::spawn(client.oneshot(post(Some("deploy-v1"))));
+    serve(&mut handle, vec![Some(status_retry_after(503, "120"))]).await;
+    assert_no_more_attempts(handle).await;
+    let res = call.await.unwrap().unwrap();
+
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers()[RETRY_AFTER], "120");
+}
+
+#[test]
+fn retry_after_parses_seconds_and_http_dates() {
+    let now = SystemTime::now();
+    let parse = |value: &str| {
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, HeaderValue::from_str(value).unwrap());
+        retry_after(&headers, now)
+    };
+    assert_eq!(parse("5"), Some(Duration::from_secs(5)));
+    assert_eq!(parse(" 0 "), Some(Duration::ZERO));
+    let later = httpdate::fmt_http_date(now + Duration::from_secs(10));
+    let wait = parse(&later).unwrap();
+    // HTTP-dates have whole seconds.
+    assert!(
+        wait > Duration::from_secs(8) && wait <= Duration::from_secs(10),
+        "{wait:?}"
+    );
+    let earlier = httpdate::fmt_http_date(now - Duration::from_secs(10));
+    assert_eq!(parse(&earlier), Some(Duration::ZERO));
+    assert_eq!(parse("soon"), None);
+    assert_eq!(parse("-5"), None);
+    assert_eq!(retry_after(&HeaderMap::new(), now), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn attempts_are_bounded() {
+    let (client, mut handle) = stack(IdempotencyLayer::new(), policy().max_attempts(3));
+    let call = tokio::spawn(client.oneshot(post(Some("deploy-v1"))));
+    let (seen, _) = serve(&mut handle, vec![Some(status(503)); 3]).await;
+    assert_no_more_attempts(handle).await;
+    let res = call.await.unwrap().unwrap();
+
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(seen.len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn backoff_grows_between_attempts() {
+    let policy = policy()
+        .backoff(Duration::from_secs(1), Duration::from_secs(60))
+        .jitter(0.0);
+    let (client, mut handle) = stack(IdempotencyLayer::new(), policy);
+    let call = tokio::spawn(client.oneshot(post(Some("deploy-v1"))));
+    let answers = vec![
+        Some(status(502)),
+        Some(status(502)),
+        Some(status(502)),
+        Some(status(201)),
+    ];
+    let (seen, _) = serve(&mut handle, answers).await;
+    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::CREATED);
+
+    let gaps: Vec<Duration> = seen.windows(2).map(|w| w[1].at - w[0].at).collect();
+    assert!(gaps[0] >= Duration::from_secs(1), "{gaps:?}");
+    assert!(gaps[1] >= Duration::from_secs(2), "{gaps:?}");
+    assert!(gaps[2] >= Duration::from_secs(4), "{gaps:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn timed_out_attempt_is_retried_with_the_same_key() {
+    let (client, mut handle) = stack(IdempotencyLayer::new(), policy());
+    let call = tokio::spawn(client.oneshot(post(Some("deploy-v1"))));
+    // The first attempt never answers; the 1 s attempt timeout ends it.
+    let (seen, _hanging) = serve(&mut handle, vec![None, Some(status(201))]).await;
+    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::CREATED);
+
+    assert!(seen[1].at - seen[0].at >= Duration::from_secs(1));
+    assert!(seen.iter().all(|s| s.key.as_deref() == Some("deploy-v1")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn last_timeout_is_the_error() {
+    let (client, mut handle) = stack(IdempotencyLayer::new(), policy().max_attempts(2));
+    let call = tokio::spawn(client.oneshot(post(Some("deploy-v1"))));
+    let (seen, _hanging) = serve(&mut handle, vec![None, None]).await;
+    let err = call.await.unwrap().unwrap_err();
+
+    assert!(err.is::<tower::timeout::error::Elapsed>(), "{err}");
+    assert_eq!(seen.len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn error_classifier_limits_what_is_retried() {
+    let only_timeouts = |e: &BoxError| e.is::<tower::timeout::error::Elapsed>();
+    let (client, mut handle) = stack(
+        IdempotencyLayer::new(),
+        policy().retry_errors_if(only_timeouts),
+    );
+    let call = tokio::spawn(client.oneshot(post(Some("deploy-v1"))));
+    let (seen, _hanging) = serve(&mut handle, vec![None]).await;
+    let (_req, send) = handle.next_request().await.unwrap();
+    send.send_error("certificate rejected");
+    assert_no_more_attempts(handle).await;
+    let err = call.await.unwrap().unwrap_err();
+
+    assert_eq!(err.to_string(), "certificate rejected");
+    assert_eq!(seen.len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn conflict_with_retry_after_is_retried_for_a_keyed_request_only() {
+    // The idempotency server's "still running" answer: come back after Retry-After.
+    let (client, mut handle) = stack(IdempotencyLayer::new(), policy());
+    let call = tokio::spawn(client.oneshot(post(Some("deploy-v1"))));
+    let answers = vec![Some(status_retry_after(409, "2")), Some(status(201))];
+    let (seen, _) = serve(&mut handle, answers).await;
+    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::CREATED);
+    assert!(seen[1].at - seen[0].at >= Duration::from_secs(2));
+
+    let unkeyed_put = Request::put("http://api.test/api/v1/deployments/1")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (client, mut handle) = stack(IdempotencyLayer::new(), policy());
+    let call = tokio::spawn(client.oneshot(unkeyed_put));
+    serve(&mut handle, vec![Some(status_retry_after(409, "2"))]).await;
+    assert_no_more_attempts(handle).await;
+    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::CONFLICT);
+}
+
+#[tokio::test(start_paused = true)]
+async fn other_statuses_are_final() {
+    for code in [200, 201, 400, 409, 422, 500] {
+        let (client, mut handle) = stack(IdempotencyLayer::new(), policy());
+        let call = tokio::spawn(client.oneshot(post(Some("deploy-v1"))));
+        serve(&mut handle, vec![Some(status(code))]).await;
+        assert_no_more_attempts(handle).await;
+        assert_eq!(call.await.unwrap().unwrap().status().as_u16(), code);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn spent_budget_stops_retries() {
+    // No reserve and no share of deposits: the budget never allows a retry.
+    let policy = policy().budget(TpsBudget::new(Duration::from_secs(1), 0, 0.0));
+    let (client, mut handle) = stack(IdempotencyLayer::new(), policy);
+    let call = tokio::spawn(client.oneshot(post(Some("deploy-v1"))));
+    serve(&mut handle, vec![Some(status(503))]).await;
+
+    assert_no_more_attempts(handle).await;
+    assert_eq!(
+        call.await.unwrap().unwrap().status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn body_that_cannot_replay_is_sent_once() {
+    type Boxed = BoxBody<Bytes, std::convert::Infallible>;
+    let (mock, mut handle) = mock::pair::<Request<Boxed>, Res>();
+    let client = IdempotentClientLayer::new().retry(policy()).layer(mock);
+    let mut req = Request::post("http://api.test/upload")
+        .body(Full::new(Bytes::from_static(b"{}")).boxed())
+        .unwrap();
+    req.extensions_mut()
+        .insert(IdempotencyKey::new("upload-1").unwrap());
+    let call = tokio::spawn(client.oneshot(req));
+    let (_req, send) = handle.next_request().await.unwrap();
+    send.send_response(status(503));
+
+    assert!(
+        handle.next_request().await.is_none(),
+        "an extra attempt was made"
+    );
+    assert_eq!(
+        call.await.unwrap().unwrap().status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn key_layer_inside_the_retry_does_not_retry_posts() {
+    // The wrong order: each attempt would get a new generated key. The policy sees no key on
+    // its copy of the request and refuses to retry, so nothing runs twice.
+    let (mock, mut handle) = mock::pair::<Request<Body>, Res>();
+    let client = ServiceBuilder::new()
+        .retry(policy())
+        .layer(IdempotencyLayer::new().generate_keys())
+        .service(mock);
+    let call = tokio::spawn(client.oneshot(post(None)));
+    let (seen, _) = serve(&mut handle, vec![Some(status(503))]).await;
+
+    assert_no_more_attempts(handle).await;
+    assert_eq!(
+        call.await.unwrap().unwrap().status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert!(seen[0].key.is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn custom_header_name_reaches_the_policy() {
+    let name = http::HeaderName::from_static("x-idempotency-key");
+    let (mock, mut handle) = mock::pair::<Request<Body>, Res>();
+    let client = IdempotentClientLayer::new()
+        .keys(IdempotencyLayer::new().header_name(name.clone()))
+        .retry(policy())
+        .layer(mock);
+    let call = tokio::spawn(client.oneshot(post(Some("deploy-v1"))));
+    let mut keys = Vec::new();
+    for res in [status(503), status(201)] {
+        let (req, send) = handle.next_request().await.unwrap();
+        keys.push(req.headers()[&name].clone());
+        assert!(!req.headers().contains_key(IDEMPOTENCY_KEY));
+        send.send_response(res);
+    }
+    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::CREATED);
+    assert_eq!(keys, ["deploy-v1", "deploy-v1"]);
+}

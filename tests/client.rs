@@ -1,13 +1,7 @@
 //! The client stack end to end, over real sockets: a hyper-util client behind
 //! `IdempotentClientLayer`, a faulty front that answers 503/502/504 or drops a response after
 //! the handler ran, and an axum app that counts how many times its handler ran per key.
-//!
-//! The app answers replays itself with `stand_in_idempotency`, a few lines that do what the
-//! crate's server (`IdempotencyService` on `MemoryStore`) does for these tests: run a key's
-//! first request, store its answer, replay it. To test against the real server, replace the
-//! `stand_in_idempotency` layer in `app()` with
-//! `IdempotencyServiceLayer::new(MemoryStore::new())` and delete the stand-in: the tests pass
-//! unchanged.
+//! The app runs behind the crate's own server, `IdempotencyService` on `MemoryStore`.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -21,9 +15,8 @@ use std::{
 use axum::{
     Router,
     body::Body,
-    extract::{Request as AxumRequest, State},
+    extract::State,
     http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode},
-    middleware::{self, Next},
     response::IntoResponse,
     routing::get,
 };
@@ -37,8 +30,9 @@ use hyper_util::{
 use tokio::net::TcpListener;
 use tower::{Service, ServiceExt};
 use tower_idempotency::{
-    IdempotencyKey,
+    IdempotencyKey, IdempotencyServiceLayer,
     client::{IdempotencyLayer, IdempotentClient, IdempotentClientLayer, RetryPolicy},
+    store::MemoryStore,
 };
 use tower_layer::Layer;
 
@@ -90,42 +84,11 @@ async fn list_deployments() -> &'static str {
     "[]"
 }
 
-/// The answers `stand_in_idempotency` stored, per key.
-type Stored = Arc<Mutex<BTreeMap<String, (StatusCode, Bytes)>>>;
-
-/// Runs a key's first request, stores its answer, and replays that to later requests with the
-/// key, as the crate's server does for these tests.
-async fn stand_in_idempotency(
-    State(stored): State<Stored>,
-    req: AxumRequest,
-    next: Next,
-) -> Response<Body> {
-    let key = req.headers().get("idempotency-key").cloned();
-    let Some(key) = key.filter(|_| req.method() == Method::POST) else {
-        return next.run(req).await;
-    };
-    let key = key.to_str().unwrap().to_owned();
-    if let Some((status, body)) = stored.lock().unwrap().get(&key).cloned() {
-        return (status, [("idempotent-replayed", "true")], body).into_response();
-    }
-    let (parts, body) = next.run(req).await.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
-    stored
-        .lock()
-        .unwrap()
-        .insert(key, (parts.status, body.clone()));
-    Response::from_parts(parts, Body::from(body))
-}
-
 fn app(ledger: Ledger) -> Router {
     Router::new()
         .route(PATH, get(list_deployments).post(create_deployment))
         .with_state(ledger)
-        // With the crate's server: `.layer(IdempotencyServiceLayer::new(MemoryStore::new()))`.
-        .layer(middleware::from_fn_with_state(
-            Arc::default(),
-            stand_in_idempotency,
-        ))
+        .layer(IdempotencyServiceLayer::new(MemoryStore::new()))
 }
 
 // ---- the faulty front ----------------------------------------------------------------------

@@ -22,15 +22,21 @@ use axum::{
     routing::post,
 };
 use http_body_util::{BodyExt, Full};
-use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
+use tower::{Layer, ServiceExt};
 use tower_idempotency::{
     IdempotencyKey, IdempotencyServiceLayer,
+    client::{IdempotentClient, IdempotentClientLayer, RetryPolicy},
     store::{KeyStore, MemoryStore},
 };
+use tracing::instrument::WithSubscriber;
 
 /// How many times the handler ran, per idempotency key.
 #[derive(Clone, Default)]
@@ -69,6 +75,8 @@ async fn create_order(
 enum Fault {
     /// Forward the request, then close the connection instead of relaying the response.
     LoseResponse,
+    /// Answer 503 itself; the server never sees the request.
+    Unavailable,
 }
 
 /// A TCP proxy in front of the server that applies queued faults, one per connection.
@@ -84,6 +92,14 @@ async fn faulty_proxy(upstream: SocketAddr, faults: Arc<Mutex<VecDeque<Fault>>>)
                 match fault {
                     None => {
                         let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                    Some(Fault::Unavailable) => {
+                        let mut buf = vec![0; 64 * 1024];
+                        let _ = client.read(&mut buf).await;
+                        let _ = client
+                            .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                            .await;
+                        println!("   [proxy] answers 503 Service Unavailable without forwarding");
                     }
                     Some(Fault::LoseResponse) => {
                         // Relay the request, wait for the answer, and throw it away.
@@ -123,7 +139,9 @@ async fn open_store() -> (Arc<dyn KeyStore>, String) {
     }
 }
 
-type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+/// The hyper client behind `IdempotentClientLayer`: the key is fixed before the retry, and
+/// each attempt has its own timeout.
+type HttpClient = IdempotentClient<Client<HttpConnector, Full<Bytes>>>;
 
 struct Reply {
     status: StatusCode,
@@ -137,12 +155,16 @@ async fn send(
     key: &IdempotencyKey,
     body: &str,
 ) -> Result<Reply, String> {
-    let request = http::Request::post(url)
+    let mut request = http::Request::post(url)
         .header("content-type", "application/json")
-        .header("idempotency-key", key.to_header_value())
         .body(Full::new(Bytes::from(body.to_owned())))
         .unwrap();
-    let response = client.request(request).await.map_err(|e| format!("{e}"))?;
+    request.extensions_mut().insert(key.clone());
+    let response = client
+        .clone()
+        .oneshot(request)
+        .await
+        .map_err(|e| e.to_string())?;
     let status = response.status();
     let replayed = response.headers().contains_key("idempotent-replayed");
     let body = response
@@ -160,6 +182,17 @@ async fn send(
 
 #[tokio::main]
 async fn main() {
+    // Print the client's log line for each attempt.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "tower_idempotency::client=debug".into()),
+        )
+        .with_target(false)
+        .with_level(false)
+        .without_time()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .init();
     let (store, store_name) = open_store().await;
     let ledger = Ledger::default();
     let app = Router::new()
@@ -175,43 +208,47 @@ async fn main() {
 
     println!("tower-idempotency demo");
     println!("An order service runs behind IdempotencyService ({store_name}) on {server}.");
-    println!("Clients reach it through a proxy on {proxy} that can lose responses.\n");
+    println!(
+        "Clients reach it through a proxy on {proxy} that loses responses and answers 503 on cue.\n"
+    );
 
-    // Each request on a fresh connection, so the proxy's faults hit exactly one attempt.
-    let client: HttpClient = Client::builder(TokioExecutor::new())
+    // The client: IdempotencyLayer + RetryPolicy + a timeout per attempt, over hyper. Each
+    // request opens a fresh connection, so each of the proxy's faults hits exactly one attempt.
+    let hyper = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(0)
         .build_http();
+    let client: HttpClient = IdempotentClientLayer::new()
+        .retry(
+            RetryPolicy::new()
+                .max_attempts(5)
+                .backoff(Duration::from_millis(50), Duration::from_millis(500)),
+        )
+        .attempt_timeout(Duration::from_secs(5))
+        .layer(hyper);
 
-    // 1. A lost response, and a retry with the same key.
+    // 1. A lost response and an outage, and retries with the same key.
     let key =
         IdempotencyKey::new(format!("order-{}", &uuid::Uuid::new_v4().to_string()[..8])).unwrap();
+    println!("1. Create an order with Idempotency-Key: {key}. The proxy loses the first response");
+    println!("   and answers 503 to the second attempt; the client retries with the same key.");
+    faults
+        .lock()
+        .unwrap()
+        .extend([Fault::LoseResponse, Fault::Unavailable]);
+    let first = send(&client, &url, &key, r#"{"sku":"tea","qty":2}"#)
+        .await
+        .expect("an answer after retries");
     println!(
-        "1. Create an order with Idempotency-Key: {key}; its response is lost on the way back."
-    );
-    faults.lock().unwrap().push_back(Fault::LoseResponse);
-    let body = r#"{"sku":"tea","qty":2}"#;
-    let mut attempt = 1;
-    let first = loop {
-        match send(&client, &url, &key, body).await {
-            Ok(reply) => break reply,
-            Err(err) => {
-                println!("   attempt {attempt}: no response ({err}); retrying with the same key");
-                attempt += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
-    println!(
-        "   attempt {attempt}: {} {}{}",
+        "   => {} {}{}",
         first.status,
         first.body,
         if first.replayed {
-            "  <- replayed from the store (Idempotent-Replayed: true)"
+            "\n      replayed from the store (Idempotent-Replayed: true)"
         } else {
             ""
         }
     );
-    println!("   The order was created once; the retry got the first run's answer.\n");
+    println!("   The order was created once; the last attempt got the first run's answer.\n");
 
     // 2. A storm of concurrent duplicates.
     let storm =
@@ -223,7 +260,12 @@ async fn main() {
     let tasks: Vec<_> = (0..100)
         .map(|_| {
             let (client, url, storm) = (client.clone(), url.clone(), storm.clone());
-            tokio::spawn(async move { send(&client, &url, &storm, r#"{"sku":"coffee"}"#).await })
+            // One log line per attempt would be 100 lines here: keep this step quiet.
+            let quiet = tracing::subscriber::NoSubscriber::default();
+            tokio::spawn(
+                async move { send(&client, &url, &storm, r#"{"sku":"coffee"}"#).await }
+                    .with_subscriber(quiet),
+            )
         })
         .collect();
     let mut statuses = BTreeMap::new();
@@ -259,10 +301,6 @@ async fn main() {
         println!("   {key}: {runs}");
     }
     let total: usize = ledger.values().sum();
-    println!(
-        "{total} handler runs for {} keys, across {} requests.",
-        ledger.len(),
-        attempt + 100 + 1
-    );
+    println!("{total} handler runs for {} keys.", ledger.len());
     assert_eq!(total, ledger.len(), "every key ran exactly once");
 }

@@ -2,9 +2,13 @@
 //!
 //! A client that times out cannot know whether the server created the order. It sends the
 //! request again with the same `Idempotency-Key`, and the server must run the operation once and
-//! give every retry the first answer. This crate is that server half, for any `tower` service
-//! (axum, hyper, tonic):
+//! give every retry the first answer. This crate is both halves, for any `tower` service (axum,
+//! hyper, tonic):
 //!
+//! - [`IdempotencyLayer`] (the [`client`] half) puts a key on create requests, the caller's own
+//!   or a generated UUID v4, and keeps it on every retry; [`client::IdempotentClientLayer`] adds
+//!   a retry policy for 502, 503, 504, 429 and connection failures that refuses to retry a
+//!   `POST` without a key.
 //! - [`IdempotencyService`] runs the first request for each key once, stores its response, and
 //!   replays it to later requests with the key (24 h by default). A duplicate that arrives while
 //!   the first runs waits for it and gets the same answer. A key reused with a different request
@@ -63,6 +67,7 @@
 //!
 //! # Modules
 //!
+//! - [`client`]: the key layer, the retry policy, and the stack that composes them safely.
 //! - [`server`]: the service, its settings and its behaviour in detail.
 //! - [`store`]: the store trait, the memory store, and (feature `test-util`) the conformance
 //!   suite for your own stores.

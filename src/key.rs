@@ -43,7 +43,7 @@ pub const MAX_KEY_LEN: usize = 255;
 /// form can carry).
 ///
 /// Cloning is cheap. On the client, put one in a request's extensions to have
-/// the client's `IdempotencyLayer` send it.
+/// [`IdempotencyLayer`](crate::client::IdempotencyLayer) send it.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IdempotencyKey(Arc<str>);
 

@@ -229,7 +229,9 @@ where
                 match follow(receiver, keyed.deadline).await {
                     None => return Ok(reject(Problem::WaitTimedOut)),
                     Some(Outcome::Released) => continue,
-                    Some(Outcome::Completed(record)) => return Ok(keyed.replay(&record)),
+                    Some(Outcome::Completed(record)) => {
+                        return Ok(keyed.replay(Record::clone(&record)));
+                    }
                     Some(Outcome::Respond(problem)) => return Ok(reject(problem)),
                 }
             }
@@ -243,9 +245,19 @@ async fn store_call<T>(
     config: &Config,
     call: impl Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
+    let mut call = std::pin::pin!(call);
+    // A store that answers at once (the memory store always does) needs no timer.
+    if let Poll::Ready(answer) = poll_once(call.as_mut()).await {
+        return answer;
+    }
     tokio::time::timeout(config.store_timeout, call)
         .await
         .unwrap_or(Err(StoreError::Timeout(config.store_timeout)))
+}
+
+/// Polls `future` once, registering the task's waker as any poll does.
+async fn poll_once<F: Future>(mut future: std::pin::Pin<&mut F>) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await
 }
 
 impl Keyed {
@@ -254,7 +266,7 @@ impl Keyed {
     }
 
     /// The stored response, marked as replayed; or why it cannot be.
-    fn replay<B: Body>(&self, record: &Record) -> Response<ResponseBody<B>> {
+    fn replay<B: Body>(&self, record: Record) -> Response<ResponseBody<B>> {
         if record.fingerprint != self.fingerprint {
             return reject(Problem::KeyReused);
         }
@@ -264,12 +276,9 @@ impl Keyed {
             });
         }
         tracing::debug!(key = %self.key, status = record.status.as_u16(), "idempotency: replaying the stored response");
-        let mut response = Response::new(ResponseBody::full(
-            record.body.clone(),
-            record.trailers.clone(),
-        ));
+        let mut response = Response::new(ResponseBody::full(record.body, record.trailers));
         *response.status_mut() = record.status;
-        *response.headers_mut() = record.headers.clone();
+        *response.headers_mut() = record.headers;
         response
             .headers_mut()
             .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
@@ -285,9 +294,12 @@ impl Keyed {
     /// Replays `record` and hands it to this process's followers.
     fn settle<B: Body>(&self, lead: Lead, record: Record) -> Response<ResponseBody<B>> {
         let record = Arc::new(record);
-        let response = self.replay(&record);
-        lead.finish(Outcome::Completed(record));
-        response
+        lead.finish(Outcome::Completed(record.clone()));
+        // Without followers the record is ours alone: replay it without copying its headers.
+        match Arc::try_unwrap(record) {
+            Ok(record) => self.replay(record),
+            Err(shared) => self.replay(Record::clone(&shared)),
+        }
     }
 
     /// Fails open (the lead goes on, without a claim) or closed (the flight ends with 503).
@@ -395,7 +407,13 @@ impl Keyed {
         if !detach {
             return claim.execute(inner, request).await;
         }
-        match tokio::spawn(claim.execute(inner, request)).await {
+        // A run that finishes on its first poll has nothing left for a disconnect to cancel:
+        // only what is still pending moves into a task of its own.
+        let mut execute = Box::pin(claim.execute(inner, request));
+        if let Poll::Ready(answer) = poll_once(execute.as_mut()).await {
+            return answer;
+        }
+        match tokio::spawn(execute).await {
             Ok(answer) => answer,
             // The handler panicked: its claim was released as the task unwound. Let the panic
             // go on in the caller's task, as it would without this layer.
@@ -490,11 +508,15 @@ impl ClaimGuard {
 
     /// Runs `call` while renewing the claim's lease every third of it.
     async fn keep_alive<F: Future>(&self, call: F, token: FencingToken) -> F::Output {
+        let mut call = std::pin::pin!(call);
+        // A handler that answers at once needs no renewal timer.
+        if let Poll::Ready(output) = poll_once(call.as_mut()).await {
+            return output;
+        }
         let config = self.keyed.config();
         let period = (config.lease / 3).max(std::time::Duration::from_millis(1));
         let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut call = std::pin::pin!(call);
         loop {
             tokio::select! {
                 biased;

@@ -5,7 +5,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, header};
+use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::time::Instant;
@@ -404,12 +404,13 @@ impl Keyed {
             token,
             lead: Some(lead),
         };
+        // Boxed: the run is most of this future's size, and a small future moves cheaply.
+        let mut execute = Box::pin(claim.execute(inner, request));
         if !detach {
-            return claim.execute(inner, request).await;
+            return execute.await;
         }
         // A run that finishes on its first poll has nothing left for a disconnect to cancel:
         // only what is still pending moves into a task of its own.
-        let mut execute = Box::pin(claim.execute(inner, request));
         if let Poll::Ready(answer) = poll_once(execute.as_mut()).await {
             return answer;
         }
@@ -466,9 +467,11 @@ impl ClaimGuard {
         let fingerprint = self.keyed.fingerprint;
         match buffer(body, config.max_stored_response).await {
             Buffered::Whole { data, trailers } => {
-                let mut headers = parts.headers.clone();
-                for name in &config.replay_excluded {
-                    headers.remove(name);
+                let mut headers = HeaderMap::with_capacity(parts.headers.len());
+                for (name, value) in &parts.headers {
+                    if !config.replay_excluded.contains(name) {
+                        headers.append(name.clone(), value.clone());
+                    }
                 }
                 let record = Record::response(
                     fingerprint,

@@ -106,10 +106,14 @@ impl MemoryStore {
     }
 
     /// A store keeping at most `max_entries` records and `max_bytes` bytes of them (as encoded);
-    /// past either, the oldest records are evicted.
+    /// past either, the oldest records are evicted. Each shard keeps its even share of both
+    /// limits, so they hold to within the rounding of that share (a record larger than a
+    /// shard's share of `max_bytes` is kept alone in its shard).
     pub fn with_limits(max_entries: usize, max_bytes: usize) -> Self {
         let parallelism = std::thread::available_parallelism().map_or(4, |n| n.get());
-        let shards = (parallelism * 4).next_power_of_two().clamp(8, 256);
+        // Many small shards: besides less contention, a shard's map grows in small steps, so
+        // no single resize stalls the requests behind it for long.
+        let shards = (parallelism * 16).next_power_of_two().clamp(64, 1024);
         Self {
             inner: Arc::new(Inner {
                 shards: (0..shards).map(|_| Mutex::default()).collect(),
@@ -459,7 +463,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_byte_bound_holds_and_claims_in_flight_are_never_evicted() {
-        let store = MemoryStore::with_limits(usize::MAX, 64 * 1024);
+        let store = MemoryStore::with_limits(usize::MAX, 1024 * 1024);
         let fp = Fingerprint::from_bytes([0; 32]);
         let Claim::Claimed(held) = store
             .claim(&key(usize::MAX), &fp, Duration::from_secs(60))
@@ -475,7 +479,7 @@ mod tests {
             Bytes::from(vec![0; 1024]),
             None,
         );
-        for i in 0..1_000 {
+        for i in 0..5_000 {
             let Claim::Claimed(token) = store
                 .claim(&key(i), &fp, Duration::from_secs(60))
                 .await
@@ -489,7 +493,10 @@ mod tests {
                 .unwrap();
         }
         let kept = store.stored_bytes();
-        assert!((32 * 1024..=64 * 1024).contains(&kept), "{kept} bytes kept");
+        assert!(
+            (512 * 1024..=1024 * 1024).contains(&kept),
+            "{kept} bytes kept"
+        );
         assert_eq!(
             store
                 .complete(&key(usize::MAX), held, &record, Duration::from_secs(60))

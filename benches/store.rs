@@ -6,8 +6,8 @@
 //! cargo bench --bench store
 //! ```
 //!
-//! Each backend gets the same workloads through [`store_steps`]; a new backend is one more call
-//! in [`backends`].
+//! Each backend gets the same workloads through [`store_steps`]: `MemoryStore`, and with
+//! `--features redis` a `RedisStore` on a `redis-server` started for the run.
 
 use std::{
     sync::atomic::{AtomicU64, Ordering},
@@ -172,8 +172,59 @@ fn store_steps<S: KeyStore + Clone>(c: &mut Criterion, rt: &Runtime, name: &str,
 fn backends(c: &mut Criterion) {
     let rt = runtime();
     store_steps(c, &rt, "memory", MemoryStore::new());
-    // RedisStore: once it lands (feature "redis"), start a local redis-server here, or print why
-    // none could be started and skip, then call `store_steps(c, &rt, "redis", store)`.
+    redis_steps(c, &rt);
+}
+
+/// The same steps on `RedisStore` against a `redis-server` started here on a free port.
+#[cfg(feature = "redis")]
+fn redis_steps(c: &mut Criterion, rt: &Runtime) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let server = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn();
+    let mut server = match server {
+        Ok(server) => server,
+        Err(err) => {
+            println!(
+                "store/redis: skipped, redis-server could not be started ({err}); install redis-server"
+            );
+            return;
+        }
+    };
+    let url = format!("redis://127.0.0.1:{port}");
+    let store = rt.block_on(async {
+        for _ in 0..50 {
+            if let Ok(store) = tower_idempotency::store::RedisStore::connect(&url).await {
+                return Some(store);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    });
+    match store {
+        Some(store) => store_steps(c, rt, "redis", store),
+        None => println!("store/redis: skipped, redis-server on port {port} did not answer"),
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+#[cfg(not(feature = "redis"))]
+fn redis_steps(_: &mut Criterion, _: &Runtime) {
+    println!(
+        "store/redis: skipped, built without the redis feature (cargo bench --features redis)"
+    );
 }
 
 criterion_group!(benches, backends);

@@ -402,3 +402,53 @@ async fn two_server_processes_on_one_redis_run_each_key_once() {
     println!("two processes, 100 duplicates + 50 keys x 2: {executions} executions");
     assert_eq!(executions, 1 + 50);
 }
+
+#[test]
+fn a_claim_left_by_a_crashed_process_blocks_duplicates_until_its_lease_lapses_then_runs_once() {
+    let server = RedisServer::start();
+    let lease = Duration::from_millis(1500);
+    let handler = Duration::from_millis(2000);
+    let path = format!("/orders?delay_ms={}", handler.as_millis());
+    let runs = Counter::default();
+
+    // Process A: its own runtime, store and service. It claims the key, starts a slow handler,
+    // and dies without releasing anything.
+    let process_a = tokio::runtime::Runtime::new().unwrap();
+    let a = process_a.block_on(async {
+        let store = standalone_store(&server.url()).await;
+        let layer = IdempotencyServiceLayer::new(store).lease(lease);
+        Arc::new(serve(app(runs.clone()).layer(layer), runs.clone()).await)
+    });
+    let orphan = process_a.spawn({
+        let (a, path) = (a.clone(), path.clone());
+        async move { a.post(&path, "crash", "tea").await }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    process_a.shutdown_background();
+    drop(orphan);
+    let crashed = Instant::now();
+
+    // Process B: a duplicate neither runs nor is answered before the lease lapses.
+    let process_b = tokio::runtime::Runtime::new().unwrap();
+    process_b.block_on(async {
+        let b = serve(
+            app(runs.clone()).layer(IdempotencyServiceLayer::new(standalone_store(&server.url()).await)),
+            runs.clone(),
+        )
+        .await;
+        let answer = b.post(&path, "crash", "tea").await;
+        let waited = crashed.elapsed();
+        println!("the duplicate was answered {waited:?} after the crash (lease {lease:?}, handler {handler:?})");
+        // The claim was taken about 300 ms before the crash: had the duplicate run before the
+        // lease lapsed, it would have been answered about `handler` after the crash.
+        assert!(
+            waited >= lease + handler - Duration::from_millis(600),
+            "the duplicate ran before the lease lapsed: answered {waited:?} after the crash"
+        );
+        assert_eq!(answer.status, StatusCode::CREATED);
+        assert!(!answer.replayed(), "the duplicate ran the request itself");
+        assert_eq!(runs.runs(), 1, "the crashed run never finished; the duplicate ran once");
+        assert!(b.post(&path, "crash", "tea").await.replayed());
+        assert_eq!(runs.runs(), 1);
+    });
+}

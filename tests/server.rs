@@ -89,16 +89,7 @@ async fn named_headers_count_towards_the_fingerprint() {
     let layer = IdempotencyServiceLayer::default()
         .fingerprint_headers([header::HeaderName::from_static("x-account")]);
     let s = server(layer).await;
-    let send = async |account: &str| {
-        s.send(
-            Method::POST,
-            "/orders",
-            &[b"k"],
-            &[("x-account", account)],
-            "tea",
-        )
-        .await
-    };
+    let send = async |account: &str| s.post_with("k", ("x-account", account)).await;
     assert_eq!(send("a").await.status, StatusCode::CREATED);
     assert!(send("a").await.replayed());
     assert_eq!(send("b").await.status, StatusCode::UNPROCESSABLE_ENTITY);
@@ -341,16 +332,7 @@ async fn scopes_keep_callers_apart() {
             .scope_by_header(header::HeaderName::from_static("x-tenant")),
     )
     .await;
-    let send = async |tenant: &str| {
-        s.send(
-            Method::POST,
-            "/orders",
-            &[b"same-key"],
-            &[("x-tenant", tenant)],
-            "tea",
-        )
-        .await
-    };
+    let send = async |tenant: &str| s.post_with("same-key", ("x-tenant", tenant)).await;
     let a = send("a").await;
     let b = send("b").await;
     assert_eq!(

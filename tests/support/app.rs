@@ -164,6 +164,12 @@ impl TestServer {
         }
     }
 
+    /// `POST /orders` with body `tea`, the key `key` and one more header.
+    pub async fn post_with(&self, key: &str, header: (&str, &str)) -> Answer {
+        self.send(Method::POST, "/orders", &[key.as_bytes()], &[header], "tea")
+            .await
+    }
+
     /// Sends a keyed POST from a task of its own, to overlap with other requests.
     pub fn spawn_post(
         self: &Arc<Self>,

@@ -224,18 +224,15 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
     }
 }
 
-/// How a response body was buffered for storing.
+/// How a body was buffered: a request's to fingerprint it, a response's to store it.
 pub(crate) enum Buffered<B: Body> {
     /// The whole body, within the limit.
     Whole {
         data: Bytes,
         trailers: Option<HeaderMap>,
     },
-    /// The limit was passed: what was read so far and the rest, to stream to the caller.
-    TooLarge {
-        chunks: VecDeque<Bytes>,
-        rest: Pin<Box<B>>,
-    },
+    /// The limit was passed: what was read so far and the rest, to stream on.
+    TooLarge { chunks: VecDeque<Bytes>, rest: B },
     /// The body failed part way.
     Failed {
         chunks: VecDeque<Bytes>,
@@ -243,29 +240,46 @@ pub(crate) enum Buffered<B: Body> {
     },
 }
 
-/// Reads `body` until its end or until more than `limit` bytes have come.
-pub(crate) async fn buffer<B>(body: B, limit: usize) -> Buffered<B>
+/// Reads `body` until its end or until more than `limit` bytes have come. A body that arrives
+/// in one chunk (the usual case) is kept as it is, without copying or collecting.
+pub(crate) async fn buffer<B>(mut body: B, limit: usize) -> Buffered<B>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
 {
     use http_body_util::BodyExt;
 
-    let mut body = Box::pin(body);
-    let mut chunks = VecDeque::new();
+    let mut first: Option<Bytes> = None;
+    let mut more = VecDeque::new();
     let mut len = 0usize;
     let mut trailers = None;
+    let chunks = |first: Option<Bytes>, mut more: VecDeque<Bytes>| {
+        if let Some(first) = first {
+            more.push_front(first);
+        }
+        more
+    };
     loop {
         if len > limit {
-            return Buffered::TooLarge { chunks, rest: body };
+            return Buffered::TooLarge {
+                chunks: chunks(first, more),
+                rest: body,
+            };
         }
         match body.frame().await {
             None => break,
-            Some(Err(error)) => return Buffered::Failed { chunks, error },
+            Some(Err(error)) => {
+                return Buffered::Failed {
+                    chunks: chunks(first, more),
+                    error,
+                };
+            }
             Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) if data.is_empty() => {}
                 Ok(data) => {
                     len += data.len();
-                    if !data.is_empty() {
-                        chunks.push_back(data);
+                    match first {
+                        None => first = Some(data),
+                        Some(_) => more.push_back(data),
                     }
                 }
                 Err(frame) => {
@@ -276,12 +290,13 @@ where
             },
         }
     }
-    let data = match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks[0].clone(),
-        _ => {
+    let data = match (first, more.is_empty()) {
+        (None, _) => Bytes::new(),
+        (Some(only), true) => only,
+        (Some(first), false) => {
             let mut joined = bytes::BytesMut::with_capacity(len);
-            for chunk in &chunks {
+            joined.extend_from_slice(&first);
+            for chunk in &more {
                 joined.extend_from_slice(chunk);
             }
             joined.freeze()

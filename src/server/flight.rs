@@ -96,24 +96,29 @@ impl Flights {
 
 impl Lead {
     /// Ends the flight and tells every follower how.
-    pub(crate) fn finish(mut self, outcome: Outcome) {
+    pub(crate) fn finish(self, outcome: Outcome) {
+        self.finish_with(|| outcome);
+    }
+
+    /// Ends the flight; `outcome` is only made when a follower is there to be told.
+    pub(crate) fn finish_with(mut self, outcome: impl FnOnce() -> Outcome) {
         self.end(outcome);
     }
 
-    fn end(&mut self, outcome: Outcome) {
+    fn end(&mut self, outcome: impl FnOnce() -> Outcome) {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
         let removed = self.flights.shard(&self.key).remove(&self.key);
         if let Some((_, Some(sender))) = removed {
-            sender.send_replace(Some(outcome));
+            sender.send_replace(Some(outcome()));
         }
     }
 }
 
 impl Drop for Lead {
     fn drop(&mut self) {
-        self.end(Outcome::Released);
+        self.end(|| Outcome::Released);
     }
 }
 

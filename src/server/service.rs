@@ -7,7 +7,6 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body::Body;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -200,12 +199,10 @@ where
     if declared.is_some_and(|len| len > limit as u64) {
         return Ok(reject(Problem::BodyTooLarge { limit }));
     }
-    let bytes = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(err) if err.is::<LengthLimitError>() => {
-            return Ok(reject(Problem::BodyTooLarge { limit }));
-        }
-        Err(_) => return Ok(reject(Problem::BodyUnreadable)),
+    let bytes = match buffer(std::pin::pin!(body), limit).await {
+        Buffered::Whole { data, .. } => data,
+        Buffered::TooLarge { .. } => return Ok(reject(Problem::BodyTooLarge { limit })),
+        Buffered::Failed { .. } => return Ok(reject(Problem::BodyUnreadable)),
     };
     let fingerprint = fingerprint(&parts, &config.fingerprint_headers, &bytes);
     let request = Request::from_parts(parts, RequestBody::buffered(bytes));
@@ -293,13 +290,9 @@ impl Keyed {
 
     /// Replays `record` and hands it to this process's followers.
     fn settle<B: Body>(&self, lead: Lead, record: Record) -> Response<ResponseBody<B>> {
-        let record = Arc::new(record);
-        lead.finish(Outcome::Completed(record.clone()));
-        // Without followers the record is ours alone: replay it without copying its headers.
-        match Arc::try_unwrap(record) {
-            Ok(record) => self.replay(record),
-            Err(shared) => self.replay(Record::clone(&shared)),
-        }
+        // Followers get a copy; without any, the record is replayed as it is.
+        lead.finish_with(|| Outcome::Completed(Arc::new(record.clone())));
+        self.replay(record)
     }
 
     /// Fails open (the lead goes on, without a claim) or closed (the flight ends with 503).
@@ -465,7 +458,7 @@ impl ClaimGuard {
             return Ok(Response::from_parts(parts, ResponseBody::inner(body)));
         }
         let fingerprint = self.keyed.fingerprint;
-        match buffer(body, config.max_stored_response).await {
+        match buffer(Box::pin(body), config.max_stored_response).await {
             Buffered::Whole { data, trailers } => {
                 let mut headers = HeaderMap::with_capacity(parts.headers.len());
                 for (name, value) in &parts.headers {
@@ -545,10 +538,9 @@ impl ClaimGuard {
 
     /// Stores the record, if the claim still holds, and hands it to the followers.
     async fn complete(mut self, record: Record) {
-        let record = Arc::new(record);
         let Some(token) = self.token.take() else {
             // Failing open: nothing to store, but this process's duplicates get the answer.
-            self.finish(Outcome::Completed(record));
+            self.finish_with(|| Outcome::Completed(Arc::new(record)));
             return;
         };
         let config = self.keyed.config();
@@ -560,13 +552,13 @@ impl ClaimGuard {
         )
         .await;
         match stored {
-            Ok(Completion::Stored) => self.finish(Outcome::Completed(record)),
+            Ok(Completion::Stored) => self.finish_with(|| Outcome::Completed(Arc::new(record))),
             Ok(Completion::Fenced) => {
                 tracing::warn!(
                     key = %self.keyed.key,
                     "idempotency: the claim's lease lapsed before the handler finished; its response was not stored (fenced)"
                 );
-                self.finish(Outcome::Released);
+                self.finish_with(|| Outcome::Released);
             }
             Err(err) => {
                 tracing::error!(key = %self.keyed.key, error = %err, "idempotency: could not store the response");
@@ -576,10 +568,10 @@ impl ClaimGuard {
         }
     }
 
-    fn finish(&mut self, outcome: Outcome) {
+    fn finish_with(&mut self, outcome: impl FnOnce() -> Outcome) {
         self.token = None;
         if let Some(lead) = self.lead.take() {
-            lead.finish(outcome);
+            lead.finish_with(outcome);
         }
     }
 
@@ -593,7 +585,7 @@ impl ClaimGuard {
                 tracing::warn!(key = %self.keyed.key, error = %err, "idempotency: could not release the claim; it frees itself when its lease lapses");
             }
         }
-        self.finish(Outcome::Released);
+        self.finish_with(|| Outcome::Released);
     }
 }
 

@@ -1,7 +1,7 @@
 //! The in-process store.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, VecDeque, hash_map::Entry},
     pin::Pin,
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
@@ -62,10 +62,33 @@ struct Shard {
     map: HashMap<StoreKey, Slot>,
     /// Completed records in the order they were stored: the front is the oldest, evicted first.
     /// An entry whose sequence number no longer matches its slot is stale and skipped.
-    order: VecDeque<(StoreKey, u64)>,
+    order: VecDeque<(StoreKey, u64, Instant)>,
     next_seq: u64,
+    usage: Usage,
+}
+
+/// What the completed records of a shard hold.
+#[derive(Default)]
+struct Usage {
     completed: usize,
     bytes: usize,
+}
+
+impl Usage {
+    /// Accounts for a slot that left the map, and wakes its waiters.
+    fn forget(&mut self, slot: &Slot) {
+        match slot {
+            Slot::Completed { encoded, .. } => {
+                self.completed -= 1;
+                self.bytes -= encoded.len();
+            }
+            Slot::InFlight { waiters, .. } => {
+                if let Some(waiters) = waiters {
+                    waiters.notify_waiters();
+                }
+            }
+        }
+    }
 }
 
 enum Slot {
@@ -136,7 +159,7 @@ impl MemoryStore {
 
     /// The bytes of encoded records the store holds.
     pub fn stored_bytes(&self) -> usize {
-        self.inner.shards.iter().map(|s| lock(s).bytes).sum()
+        self.inner.shards.iter().map(|s| lock(s).usage.bytes).sum()
     }
 
     fn shard(&self, key: &StoreKey) -> MutexGuard<'_, Shard> {
@@ -171,18 +194,27 @@ impl Seen {
     }
 }
 
+impl Slot {
+    fn expired(&self, now: Instant) -> bool {
+        match self {
+            Slot::InFlight { lease_until, .. } => *lease_until <= now,
+            Slot::Completed { expires, .. } => *expires <= now,
+        }
+    }
+}
+
 impl Shard {
     /// The slot of `key`, dropping it first if its lease or retention has run out.
     fn live(&mut self, key: &StoreKey, now: Instant) -> Option<&mut Slot> {
-        let expired = match self.map.get(key)? {
-            Slot::InFlight { lease_until, .. } => *lease_until <= now,
-            Slot::Completed { expires, .. } => *expires <= now,
-        };
-        if expired {
-            self.remove(key);
-            return None;
+        match self.map.entry(*key) {
+            Entry::Vacant(_) => None,
+            Entry::Occupied(entry) if entry.get().expired(now) => {
+                let slot = entry.remove();
+                self.usage.forget(&slot);
+                None
+            }
+            Entry::Occupied(entry) => Some(entry.into_mut()),
         }
-        self.map.get_mut(key)
     }
 
     fn seen(&mut self, key: &StoreKey, now: Instant) -> Seen {
@@ -195,17 +227,7 @@ impl Shard {
 
     fn remove(&mut self, key: &StoreKey) -> Option<Slot> {
         let slot = self.map.remove(key)?;
-        match &slot {
-            Slot::Completed { encoded, .. } => {
-                self.completed -= 1;
-                self.bytes -= encoded.len();
-            }
-            Slot::InFlight { waiters, .. } => {
-                if let Some(waiters) = waiters {
-                    waiters.notify_waiters();
-                }
-            }
-        }
+        self.usage.forget(&slot);
         Some(slot)
     }
 
@@ -215,27 +237,20 @@ impl Shard {
     }
 
     /// Drops expired records from the front, then the oldest until `incoming` more bytes fit.
+    /// The queue carries each record's expiry, so the map is only touched to evict.
     fn make_room(&mut self, now: Instant, incoming: usize, max_entries: usize, max_bytes: usize) {
-        while let Some(&(key, seq)) = self.order.front() {
-            let evict = match self.map.get(&key) {
-                Some(Slot::Completed {
-                    seq: s, expires, ..
-                }) if *s == seq => {
-                    *expires <= now
-                        || self.completed >= max_entries
-                        || self.bytes + incoming > max_bytes
-                }
-                // Stale: the record behind this entry is gone already.
-                _ => {
-                    self.order.pop_front();
-                    continue;
-                }
-            };
-            if !evict {
+        while let Some(&(key, seq, expires)) = self.order.front() {
+            let over = expires <= now
+                || self.usage.completed >= max_entries
+                || self.usage.bytes + incoming > max_bytes;
+            if !over {
                 break;
             }
             self.order.pop_front();
-            self.remove(&key);
+            // Evict only the record this entry was made for; a stale entry's is gone already.
+            if matches!(self.map.get(&key), Some(Slot::Completed { seq: s, .. }) if *s == seq) {
+                self.remove(&key);
+            }
         }
     }
 }
@@ -250,22 +265,28 @@ impl KeyStore for MemoryStore {
     ) -> Result<Claim, StoreError> {
         let token = FencingToken::random();
         let now = Instant::now();
+        let claim = Slot::InFlight {
+            token,
+            fingerprint: *fingerprint,
+            lease_until: now + lease,
+            waiters: None,
+        };
         let seen = {
             let mut shard = self.shard(key);
-            match shard.seen(key, now) {
-                Seen::Nothing => {
-                    shard.map.insert(
-                        *key,
-                        Slot::InFlight {
-                            token,
-                            fingerprint: *fingerprint,
-                            lease_until: now + lease,
-                            waiters: None,
-                        },
-                    );
+            match shard.map.entry(*key) {
+                Entry::Vacant(entry) => {
+                    entry.insert(claim);
                     return Ok(Claim::Claimed(token));
                 }
-                seen => seen,
+                Entry::Occupied(entry) if entry.get().expired(now) => {
+                    let lapsed = std::mem::replace(entry.into_mut(), claim);
+                    shard.usage.forget(&lapsed);
+                    return Ok(Claim::Claimed(token));
+                }
+                Entry::Occupied(entry) => match entry.get() {
+                    Slot::InFlight { fingerprint, .. } => Seen::InFlight(*fingerprint),
+                    Slot::Completed { encoded, .. } => Seen::Completed(encoded.clone()),
+                },
             }
         };
         Ok(Claim::Held(seen.into_holder()?.expect("seen something")))
@@ -281,20 +302,18 @@ impl KeyStore for MemoryStore {
         let encoded = record.encode();
         let now = Instant::now();
         let mut shard = self.shard(key);
-        if let Some(Slot::Completed { token: t, .. }) = shard.live(key, now) {
-            return Ok(if *t == token {
-                Completion::Stored
-            } else {
-                Completion::Fenced
-            });
+        match shard.live(key, now) {
+            Some(Slot::Completed { token: t, .. }) => {
+                return Ok(if *t == token {
+                    Completion::Stored
+                } else {
+                    Completion::Fenced
+                });
+            }
+            Some(Slot::InFlight { token: t, .. }) if *t == token => {}
+            _ => return Ok(Completion::Fenced),
         }
-        if !shard.owns(key, token, now) {
-            return Ok(Completion::Fenced);
-        }
-        // Wakes this claim's waiters once the record is in place.
-        let Some(Slot::InFlight { waiters, .. }) = shard.map.remove(key) else {
-            unreachable!("owned above")
-        };
+        // Eviction takes only completed records, never this claim.
         shard.make_room(
             now,
             encoded.len(),
@@ -302,19 +321,24 @@ impl KeyStore for MemoryStore {
             self.inner.max_bytes_per_shard,
         );
         let seq = shard.next_seq;
+        let expires = now + retention;
         shard.next_seq += 1;
-        shard.completed += 1;
-        shard.bytes += encoded.len();
-        shard.order.push_back((*key, seq));
-        shard.map.insert(
-            *key,
+        shard.usage.completed += 1;
+        shard.usage.bytes += encoded.len();
+        shard.order.push_back((*key, seq, expires));
+        let slot = shard.map.get_mut(key).expect("the claim checked above");
+        // Wakes this claim's waiters once the record is in place.
+        let Slot::InFlight { waiters, .. } = std::mem::replace(
+            slot,
             Slot::Completed {
                 token,
                 encoded,
-                expires: now + retention,
+                expires,
                 seq,
             },
-        );
+        ) else {
+            unreachable!("the claim checked above")
+        };
         drop(shard);
         if let Some(waiters) = waiters {
             waiters.notify_waiters();

@@ -172,6 +172,21 @@ impl IdempotencyServiceLayer {
 
     /// Which responses are stored and replayed. For the others the claim is released, so a
     /// retry runs the request again. The default stores every response but 5xx, 408 and 429.
+    ///
+    /// A stored response is read whole (up to [`max_stored_response`](Self::max_stored_response))
+    /// before its first byte goes out. For a keyed endpoint that streams its answer (server-sent
+    /// events, say), leave such responses out here, so they pass through as they are made:
+    ///
+    /// ```
+    /// use http::header::CONTENT_TYPE;
+    /// use tower_idempotency::IdempotencyServiceLayer;
+    ///
+    /// let layer = IdempotencyServiceLayer::default().store_if(|parts| {
+    ///     let streamed = parts.headers.get(CONTENT_TYPE).is_some_and(|v| v == "text/event-stream");
+    ///     !streamed && !parts.status.is_server_error()
+    /// });
+    /// # let _ = layer;
+    /// ```
     pub fn store_if<F>(mut self, predicate: F) -> Self
     where
         F: Fn(&response::Parts) -> bool + Send + Sync + 'static,

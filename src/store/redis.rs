@@ -47,38 +47,46 @@ const HEADER_LEN: usize = 1 + 1 + 16 + 32;
 // version, byte 2 the state, bytes 3..=18 the fencing token. They return -1 for a value they do
 // not recognise, 0 when the token does not own the key, 1 when they did their work.
 
+/// A script that starts by reading the key's value into `v`: a missing key returns 0, a value
+/// shorter than the header or of another version -1 (the literals are `HEADER_LEN` and
+/// `VALUE_VERSION`).
+macro_rules! script {
+    ($($line:literal)*) => {
+        concat!(
+            "local v = redis.call('GET', KEYS[1])\n",
+            "if not v then return 0 end\n",
+            "if #v < 50 or string.byte(v, 1) ~= 1 then return -1 end\n",
+            $($line, "\n",)*
+        )
+    };
+}
+
+// The scripts spell the header's length and version as literals.
+const _: () = assert!(HEADER_LEN == 50 && VALUE_VERSION == 1);
+
 /// KEYS: the key, its channel. ARGV: token, the completed value, retention in ms.
-const COMPLETE_SCRIPT: &str = r"
-local v = redis.call('GET', KEYS[1])
-if not v then return 0 end
-if #v < 50 or string.byte(v, 1) ~= 1 then return -1 end
-if string.sub(v, 3, 18) ~= ARGV[1] then return 0 end
-if string.byte(v, 2) == 1 then return 1 end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-redis.call('SPUBLISH', KEYS[2], 'completed')
-return 1
-";
+const COMPLETE_SCRIPT: &str = script!(
+    "if string.sub(v, 3, 18) ~= ARGV[1] then return 0 end"
+    "if string.byte(v, 2) == 1 then return 1 end"
+    "redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])"
+    "redis.call('SPUBLISH', KEYS[2], 'completed')"
+    "return 1"
+);
 
 /// KEYS: the key, its channel. ARGV: token.
-const RELEASE_SCRIPT: &str = r"
-local v = redis.call('GET', KEYS[1])
-if not v then return 0 end
-if #v < 50 or string.byte(v, 1) ~= 1 then return -1 end
-if string.sub(v, 3, 18) ~= ARGV[1] or string.byte(v, 2) ~= 0 then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('SPUBLISH', KEYS[2], 'released')
-return 1
-";
+const RELEASE_SCRIPT: &str = script!(
+    "if string.sub(v, 3, 18) ~= ARGV[1] or string.byte(v, 2) ~= 0 then return 0 end"
+    "redis.call('DEL', KEYS[1])"
+    "redis.call('SPUBLISH', KEYS[2], 'released')"
+    "return 1"
+);
 
 /// KEYS: the key. ARGV: token, lease in ms.
-const EXTEND_SCRIPT: &str = r"
-local v = redis.call('GET', KEYS[1])
-if not v then return 0 end
-if #v < 50 or string.byte(v, 1) ~= 1 then return -1 end
-if string.sub(v, 3, 18) ~= ARGV[1] or string.byte(v, 2) ~= 0 then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-";
+const EXTEND_SCRIPT: &str = script!(
+    "if string.sub(v, 3, 18) ~= ARGV[1] or string.byte(v, 2) ~= 0 then return 0 end"
+    "redis.call('PEXPIRE', KEYS[1], ARGV[2])"
+    "return 1"
+);
 
 /// A [`KeyStore`] in Redis, Redis Cluster or Valkey, shared by every process that points at it.
 ///

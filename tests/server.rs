@@ -535,12 +535,14 @@ async fn a_lapsed_lease_lets_another_run_in_and_fences_the_stale_completion() {
 async fn with_keep_alive_a_slow_handler_keeps_its_claim() {
     let store = MemoryStore::new();
     let runs = Counter::default();
-    let layer = || IdempotencyServiceLayer::new(store.clone()).lease(Duration::from_millis(200));
+    // A 600 ms lease, renewed every 200 ms, under a 1.5 s handler: without the renewals the
+    // duplicate at 900 ms would find the claim lapsed and run.
+    let layer = || IdempotencyServiceLayer::new(store.clone()).lease(Duration::from_millis(600));
     let a = Arc::new(serve(app(runs.clone()).layer(layer()), runs.clone()).await);
     let b = serve(app(runs.clone()).layer(layer()), runs).await;
-    let slow = a.spawn_post("/orders?delay_ms=700", "k", "tea");
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let duplicate = b.post("/orders?delay_ms=700", "k", "tea").await;
+    let slow = a.spawn_post("/orders?delay_ms=1500", "k", "tea");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let duplicate = b.post("/orders?delay_ms=1500", "k", "tea").await;
     let first = slow.await.unwrap();
     assert!(
         duplicate.replayed(),

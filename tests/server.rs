@@ -128,16 +128,16 @@ async fn a_duplicate_in_flight_with_another_body_is_422_at_once() {
 async fn reject_mode_answers_409_with_retry_after_while_in_flight() {
     let s =
         Arc::new(server(IdempotencyServiceLayer::default().on_conflict(OnConflict::Reject)).await);
-    let first = s.spawn_post("/orders?delay_ms=500", "k", "tea");
+    let first = s.spawn_post("/orders?delay_ms=1000", "k", "tea");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let conflict = s.post("/orders?delay_ms=500", "k", "tea").await;
+    let conflict = s.post("/orders?delay_ms=1000", "k", "tea").await;
     assert_eq!(conflict.status, StatusCode::CONFLICT);
     assert_eq!(conflict.headers[header::RETRY_AFTER], "1");
     conflict.problem();
     assert!(!first.is_finished(), "reject mode must not wait");
     let first = first.await.unwrap();
     // Once it finished, the retry is a replay.
-    let retry = s.post("/orders?delay_ms=500", "k", "tea").await;
+    let retry = s.post("/orders?delay_ms=1000", "k", "tea").await;
     assert!(retry.replayed());
     assert_eq!(retry.body, first.body);
     assert_eq!(s.runs.runs(), 1);

@@ -377,6 +377,26 @@ impl RedisStore {
     /// Runs one step against Redis, bounded by the call timeout. A step that met a broken
     /// connection is sent once more: the connection has begun to reconnect by then (the error
     /// may be left over from before Redis came back), and every step is safe to run twice.
+    /// Runs one of the token-checked scripts: `true` when it did its work, `false` when the token
+    /// does not own the key, an error for a value the script does not recognise.
+    async fn owned_step(
+        &self,
+        what: &str,
+        key: &StoreKey,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<bool, StoreError> {
+        let outcome: i64 = self
+            .call(what, |mut conn| async move {
+                invocation.invoke_async(&mut conn).await
+            })
+            .await?;
+        match outcome {
+            1 => Ok(true),
+            0 => Ok(false),
+            _ => Err(self.corrupt_in_script(key)),
+        }
+    }
+
     async fn call<T, F, Fut>(&self, what: &str, step: F) -> Result<T, StoreError>
     where
         F: Fn(Conn) -> Fut,
@@ -591,17 +611,11 @@ impl KeyStore for RedisStore {
             .arg(&token_arg(token)[..])
             .arg(&value[..])
             .arg(millis(retention));
-        let invocation = &invocation;
-        let outcome: i64 = self
-            .call("complete", |mut conn| async move {
-                invocation.invoke_async(&mut conn).await
-            })
-            .await?;
-        match outcome {
-            1 => Ok(Completion::Stored),
-            0 => Ok(Completion::Fenced),
-            _ => Err(self.corrupt_in_script(key)),
-        }
+        Ok(if self.owned_step("complete", key, &invocation).await? {
+            Completion::Stored
+        } else {
+            Completion::Fenced
+        })
     }
 
     async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<bool, StoreError> {
@@ -610,17 +624,7 @@ impl KeyStore for RedisStore {
             .key(self.redis_key(key))
             .key(self.channel(key))
             .arg(&token_arg(token)[..]);
-        let invocation = &invocation;
-        let outcome: i64 = self
-            .call("release", |mut conn| async move {
-                invocation.invoke_async(&mut conn).await
-            })
-            .await?;
-        match outcome {
-            1 => Ok(true),
-            0 => Ok(false),
-            _ => Err(self.corrupt_in_script(key)),
-        }
+        self.owned_step("release", key, &invocation).await
     }
 
     async fn extend(
@@ -634,17 +638,7 @@ impl KeyStore for RedisStore {
             .key(self.redis_key(key))
             .arg(&token_arg(token)[..])
             .arg(millis(lease));
-        let invocation = &invocation;
-        let outcome: i64 = self
-            .call("extend", |mut conn| async move {
-                invocation.invoke_async(&mut conn).await
-            })
-            .await?;
-        match outcome {
-            1 => Ok(true),
-            0 => Ok(false),
-            _ => Err(self.corrupt_in_script(key)),
-        }
+        self.owned_step("extend", key, &invocation).await
     }
 
     async fn read(&self, key: &StoreKey) -> Result<Option<Holder>, StoreError> {

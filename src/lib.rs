@@ -80,6 +80,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod client;
+mod digest;
 pub mod key;
 pub mod server;
 pub mod store;

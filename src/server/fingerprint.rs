@@ -4,39 +4,37 @@ use std::sync::LazyLock;
 
 use http::{HeaderName, request::Parts};
 
-use crate::store::Fingerprint;
+use crate::{digest, store::Fingerprint};
 
 /// A BLAKE3 digest of the method, the path and query, the values of `headers` (in the order
 /// given) and the body. Every field is length-prefixed, so no two different requests can
 /// run together into the same input.
 pub(crate) fn fingerprint(parts: &Parts, headers: &[HeaderName], body: &[u8]) -> Fingerprint {
-    // Deriving the key hashes the context string: once per process, not once per request.
-    static HASHER: LazyLock<blake3::Hasher> = LazyLock::new(|| {
-        blake3::Hasher::new_derive_key("tower-idempotency 2026 request fingerprint")
-    });
-    let mut hasher = HASHER.clone();
-    let mut field = |bytes: &[u8]| {
-        hasher.update(&(bytes.len() as u64).to_le_bytes());
-        hasher.update(bytes);
-    };
-    field(parts.method.as_str().as_bytes());
-    field(
-        parts
-            .uri
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .as_bytes(),
-    );
-    for name in headers {
-        field(name.as_str().as_bytes());
-        let values = parts.headers.get_all(name);
-        field(&(values.iter().count() as u64).to_le_bytes());
-        for value in values {
-            field(value.as_bytes());
+    static KEY: LazyLock<[u8; 32]> =
+        LazyLock::new(|| digest::purpose_key("tower-idempotency 2026 request fingerprint"));
+    Fingerprint::from_bytes(digest::keyed_digest(&KEY, |sink| {
+        let mut field = |bytes: &[u8]| {
+            sink(&(bytes.len() as u64).to_le_bytes());
+            sink(bytes);
+        };
+        field(parts.method.as_str().as_bytes());
+        field(
+            parts
+                .uri
+                .path_and_query()
+                .map_or("/", |pq| pq.as_str())
+                .as_bytes(),
+        );
+        for name in headers {
+            field(name.as_str().as_bytes());
+            let values = parts.headers.get_all(name);
+            field(&(values.iter().count() as u64).to_le_bytes());
+            for value in values {
+                field(value.as_bytes());
+            }
         }
-    }
-    field(body);
-    Fingerprint::from_bytes(*hasher.finalize().as_bytes())
+        field(body);
+    }))
 }
 
 #[cfg(test)]

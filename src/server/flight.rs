@@ -1,14 +1,14 @@
 //! In-process coalescing: one request per key leads, duplicates in this process follow it.
 
 use std::{
-    collections::{HashMap, hash_map::Entry},
+    collections::hash_map::Entry,
     sync::{Arc, Mutex},
 };
 
 use tokio::{sync::watch, time::Instant};
 
 use super::problem::Problem;
-use crate::store::{Fingerprint, Record, StoreKey};
+use crate::store::{Fingerprint, KeyMap, Record, StoreKey};
 
 /// How a flight ended, as its followers learn it.
 #[derive(Clone, Debug)]
@@ -24,7 +24,7 @@ pub(crate) enum Outcome {
 type Slot = Option<Outcome>;
 /// The channel of a flight is made when its first follower joins: most keys never have one, and
 /// making, filling and dropping a channel for each of them costs more than the rest of the flight.
-type Shard = HashMap<StoreKey, (Fingerprint, Option<watch::Sender<Slot>>)>;
+type Shard = KeyMap<(Fingerprint, Option<watch::Sender<Slot>>)>;
 
 /// The requests being led in this process, one per key, in independently locked shards.
 #[derive(Debug)]

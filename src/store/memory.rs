@@ -1,7 +1,7 @@
 //! The in-process store.
 
 use std::{
-    collections::{HashMap, VecDeque, hash_map::Entry},
+    collections::{VecDeque, hash_map::Entry},
     pin::Pin,
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
@@ -15,7 +15,8 @@ use tokio::{
 };
 
 use super::{
-    Claim, Completion, FencingToken, Fingerprint, Holder, KeyStore, Record, StoreError, StoreKey,
+    Claim, Completion, FencingToken, Fingerprint, Holder, KeyMap, KeyStore, Record, StoreError,
+    StoreKey,
 };
 
 /// Records kept by default before the oldest are evicted.
@@ -59,7 +60,7 @@ struct Inner {
 
 #[derive(Default)]
 struct Shard {
-    map: HashMap<StoreKey, Slot>,
+    map: KeyMap<Slot>,
     /// Completed records in the order they were stored: the front is the oldest, evicted first.
     /// An entry whose sequence number no longer matches its slot is stale and skipped.
     order: VecDeque<(StoreKey, u64, Instant)>,

@@ -53,7 +53,7 @@ use std::{
 
 use async_trait::async_trait;
 
-use crate::IdempotencyKey;
+use crate::{IdempotencyKey, digest};
 
 mod memory;
 mod record;
@@ -90,14 +90,13 @@ impl std::hash::Hash for StoreKey {
 impl StoreKey {
     /// The store key of `key` in `scope`.
     pub fn new(scope: &[u8], key: &IdempotencyKey) -> Self {
-        // Deriving the key hashes the context string: once per process, not once per key.
-        static HASHER: LazyLock<blake3::Hasher> =
-            LazyLock::new(|| blake3::Hasher::new_derive_key("tower-idempotency 2026 store key"));
-        let mut hasher = HASHER.clone();
-        hasher.update(&(scope.len() as u64).to_le_bytes());
-        hasher.update(scope);
-        hasher.update(key.as_str().as_bytes());
-        Self(*hasher.finalize().as_bytes())
+        static KEY: LazyLock<[u8; 32]> =
+            LazyLock::new(|| digest::purpose_key("tower-idempotency 2026 store key"));
+        Self(digest::keyed_digest(&KEY, |field| {
+            field(&(scope.len() as u64).to_le_bytes());
+            field(scope);
+            field(key.as_str().as_bytes());
+        }))
     }
 
     /// Wraps a digest computed elsewhere.
@@ -121,6 +120,12 @@ impl fmt::Debug for StoreKey {
         write!(f, "StoreKey({})", &self.to_hex()[..16])
     }
 }
+
+/// A map keyed by [`StoreKey`], for the in-process tables. A store key is a digest anyone can
+/// compute for a key of their choosing, so the table is hashed with a per-process random seed
+/// (foldhash): cheap for a key that is already uniformly random, and no client can aim many
+/// keys at one bucket.
+pub(crate) type KeyMap<V> = std::collections::HashMap<StoreKey, V, foldhash::fast::RandomState>;
 
 /// A digest of what makes two requests "the same": method, path and query, chosen headers and
 /// body. A key reused with a different fingerprint is answered 422.

@@ -5,7 +5,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, header};
+use http::{HeaderMap, HeaderValue, Request, Response, header, request};
 use http_body::Body;
 use tokio::time::Instant;
 use tower_layer::Layer;
@@ -143,10 +143,22 @@ where
             }
             Err(err) => return ResponseFuture::ready(reject(Problem::InvalidKey(err))),
         };
+        let (parts, body) = req.into_parts();
+        let store_key = match admit(config, &parts, &key) {
+            Ok(store_key) => store_key,
+            Err(problem) => return ResponseFuture::ready(reject(problem)),
+        };
         // The ready service handles this request; a clone takes its place for the next one.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::keyed(Box::pin(handle(self.shared.clone(), inner, req, key)))
+        ResponseFuture::keyed(Box::pin(handle(
+            self.shared.clone(),
+            key,
+            store_key,
+            inner,
+            parts,
+            body,
+        )))
     }
 }
 
@@ -165,75 +177,92 @@ struct Keyed {
     key: IdempotencyKey,
     store_key: StoreKey,
     fingerprint: Fingerprint,
-    deadline: Instant,
+    /// When waiting for the same request gives up: set when this request first waits.
+    deadline: Option<Instant>,
 }
 
-async fn handle<S, ReqBody, ResBody>(
-    shared: Arc<Shared>,
-    inner: S,
-    req: Request<ReqBody>,
-    key: IdempotencyKey,
-) -> Answer<ResBody, S::Error>
-where
-    S: Inner<ReqBody, ResBody>,
-    ReqBody: Body<Data = Bytes> + Send + 'static,
-    ReqBody::Error: Into<BoxError>,
-    ResBody: SendBody,
-{
-    let config = &shared.config;
-    let (parts, body) = req.into_parts();
+/// What can be checked of a keyed request before its body is read: its scope and declared
+/// length. Gives the key's name in the store.
+fn admit(
+    config: &Config,
+    parts: &request::Parts,
+    key: &IdempotencyKey,
+) -> Result<StoreKey, Problem> {
     let scope = match &config.scope {
         None => String::new(),
-        Some(scope) => match scope(&parts) {
-            Some(scope) => scope,
-            None => return Ok(reject(Problem::MissingScope)),
-        },
+        Some(scope) => scope(parts).ok_or(Problem::MissingScope)?,
     };
-    let store_key = StoreKey::new(scope.as_bytes(), &key);
-
     let limit = config.max_request_body;
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit as u64) {
-        return Ok(reject(Problem::BodyTooLarge { limit }));
+        return Err(Problem::BodyTooLarge { limit });
     }
-    let bytes = match buffer(std::pin::pin!(body), limit).await {
-        Buffered::Whole { data, .. } => data,
-        Buffered::TooLarge { .. } => return Ok(reject(Problem::BodyTooLarge { limit })),
-        Buffered::Failed { .. } => return Ok(reject(Problem::BodyUnreadable)),
-    };
-    let fingerprint = fingerprint(&parts, &config.fingerprint_headers, &bytes);
-    let request = Request::from_parts(parts, RequestBody::buffered(bytes));
-    let keyed = Keyed {
-        deadline: Instant::now() + config.wait_timeout,
-        shared: shared.clone(),
-        key,
-        store_key,
-        fingerprint,
-    };
+    Ok(StoreKey::new(scope.as_bytes(), key))
+}
 
-    loop {
-        let lead = match shared.flights.join(store_key, fingerprint) {
-            Join::Lead(lead) => lead,
-            Join::Mismatch => return Ok(reject(Problem::KeyReused)),
-            Join::Follow(_) if config.on_conflict == OnConflict::Reject => {
-                return Ok(reject(Problem::InFlight));
-            }
-            Join::Follow(receiver) => {
-                tracing::debug!(key = %keyed.key, "idempotency: waiting for the same request in this process");
-                match follow(receiver, keyed.deadline).await {
-                    None => return Ok(reject(Problem::WaitTimedOut)),
-                    Some(Outcome::Released) => continue,
-                    Some(Outcome::Completed(record)) => {
-                        return Ok(keyed.replay(Record::clone(&record)));
-                    }
-                    Some(Outcome::Respond(problem)) => return Ok(reject(problem)),
-                }
-            }
+// The functions from here on return `async` blocks rather than being `async fn`s: an `async
+// fn` keeps a second copy of its arguments in its future, and these futures are moved and
+// boxed on every keyed request.
+
+/// Reads the body, then leads the request or follows the same request in this process.
+#[expect(clippy::manual_async_fn, reason = "an async fn would keep its arguments twice")]
+fn handle<S, ReqBody, ResBody>(
+    shared: Arc<Shared>,
+    key: IdempotencyKey,
+    store_key: StoreKey,
+    inner: S,
+    parts: request::Parts,
+    body: ReqBody,
+) -> impl Future<Output = Answer<ResBody, S::Error>> + Send
+where
+    S: Inner<ReqBody, ResBody>,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: SendBody,
+{
+    async move {
+        let config = &shared.config;
+        let limit = config.max_request_body;
+        let bytes = match buffer(std::pin::pin!(body), limit).await {
+            Buffered::Whole { data, .. } => data,
+            Buffered::TooLarge { .. } => return Ok(reject(Problem::BodyTooLarge { limit })),
+            Buffered::Failed { .. } => return Ok(reject(Problem::BodyUnreadable)),
         };
-        return keyed.lead(lead, inner, request).await;
+        let fingerprint = fingerprint(&parts, &config.fingerprint_headers, &bytes);
+        let request = Request::from_parts(parts, RequestBody::buffered(bytes));
+        let mut keyed = Keyed {
+            shared: shared.clone(),
+            key,
+            store_key,
+            fingerprint,
+            deadline: None,
+        };
+        loop {
+            let lead = match shared.flights.join(store_key, fingerprint) {
+                Join::Lead(lead) => lead,
+                Join::Mismatch => return Ok(reject(Problem::KeyReused)),
+                Join::Follow(_) if config.on_conflict == OnConflict::Reject => {
+                    return Ok(reject(Problem::InFlight));
+                }
+                Join::Follow(receiver) => {
+                    tracing::debug!(key = %keyed.key, "idempotency: waiting for the same request in this process");
+                    // Boxed, as every wait is: waits are rare, and their timers would weigh on
+                    // every request.
+                    match Box::pin(follow(receiver, keyed.deadline())).await {
+                        None => return Ok(reject(Problem::WaitTimedOut)),
+                        Some(Outcome::Released) => continue,
+                        Some(Outcome::Completed(record)) => {
+                            return Ok(keyed.replay(Record::clone(&record)));
+                        }
+                        Some(Outcome::Respond(problem)) => return Ok(reject(problem)),
+                    }
+                }
+            };
+            return keyed.lead(lead, inner, request).await;
+        }
     }
 }
 
@@ -247,7 +276,7 @@ async fn store_call<T>(
     if let Poll::Ready(answer) = poll_once(call.as_mut()).await {
         return answer;
     }
-    tokio::time::timeout(config.store_timeout, call)
+    Box::pin(tokio::time::timeout(config.store_timeout, call))
         .await
         .unwrap_or(Err(StoreError::Timeout(config.store_timeout)))
 }
@@ -260,6 +289,11 @@ async fn poll_once<F: Future>(mut future: std::pin::Pin<&mut F>) -> Poll<F::Outp
 impl Keyed {
     fn config(&self) -> &Config {
         &self.shared.config
+    }
+
+    fn deadline(&mut self) -> Instant {
+        let wait = self.shared.config.wait_timeout;
+        *self.deadline.get_or_insert_with(|| Instant::now() + wait)
     }
 
     /// The stored response, marked as replayed; or why it cannot be.
@@ -310,11 +344,46 @@ impl Keyed {
         }
     }
 
-    /// Leads the request in this process: claims the key in the store, or waits for whoever
-    /// holds it there.
-    async fn lead<S, ReqBody, ResBody>(
+    async fn claim(&self) -> Result<Claim, StoreError> {
+        let config = self.config();
+        store_call(
+            config,
+            config
+                .store
+                .claim(&self.store_key, &self.fingerprint, config.lease),
+        )
+        .await
+    }
+
+    /// Leads the request in this process: claims the key in the store and runs the request.
+    #[expect(clippy::manual_async_fn, reason = "an async fn would keep its arguments twice")]
+    fn lead<S, ReqBody, ResBody>(
         self,
         lead: Lead,
+        inner: S,
+        request: Request<RequestBody<ReqBody>>,
+    ) -> impl Future<Output = Answer<ResBody, S::Error>> + Send
+    where
+        S: Inner<ReqBody, ResBody>,
+        ReqBody: Body<Data = Bytes> + Send + 'static,
+        ResBody: SendBody,
+    {
+        async move {
+            match self.claim().await {
+                Ok(Claim::Claimed(token)) => self.run(lead, Some(token), inner, request).await,
+                // Anything else is rarer, and may wait: it is boxed, so that its timers do not
+                // weigh on every request.
+                claimed => Box::pin(self.contend(lead, claimed, inner, request)).await,
+            }
+        }
+    }
+
+    /// Acts on a claim that did not simply succeed: replays what the store holds, fails open
+    /// or closed, or waits for whoever holds the key in the store and claims it again.
+    async fn contend<S, ReqBody, ResBody>(
+        mut self,
+        lead: Lead,
+        mut claimed: Result<Claim, StoreError>,
         inner: S,
         request: Request<RequestBody<ReqBody>>,
     ) -> Answer<ResBody, S::Error>
@@ -323,16 +392,10 @@ impl Keyed {
         ReqBody: Body<Data = Bytes> + Send + 'static,
         ResBody: SendBody,
     {
-        let config = self.config();
+        let shared = self.shared.clone();
+        let config = &shared.config;
         loop {
-            let held = match store_call(
-                config,
-                config
-                    .store
-                    .claim(&self.store_key, &self.fingerprint, config.lease),
-            )
-            .await
-            {
+            let held = match claimed {
                 Ok(Claim::Claimed(token)) => {
                     return self.run(lead, Some(token), inner, request).await;
                 }
@@ -352,7 +415,7 @@ impl Keyed {
                 }
                 Holder::InFlight { .. } => {}
             }
-            let remaining = self.deadline.saturating_duration_since(Instant::now());
+            let remaining = self.deadline().saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Ok(self.give_up(lead, Problem::WaitTimedOut));
             }
@@ -363,28 +426,29 @@ impl Keyed {
             )
             .await
             .unwrap_or(Err(StoreError::Timeout(remaining + config.store_timeout)));
-            match waited {
-                Ok(None) => continue,
+            claimed = match waited {
+                // Freed: claim it again.
+                Ok(None) => self.claim().await,
                 Ok(Some(Holder::Completed(record))) => return Ok(self.settle(lead, record)),
                 Ok(Some(Holder::InFlight { .. })) => {
                     return Ok(self.give_up(lead, Problem::WaitTimedOut));
                 }
-                Err(err) => match self.store_failed(lead, &err) {
-                    Ok(lead) => return self.run(lead, None, inner, request).await,
-                    Err(problem) => return Ok(reject(problem)),
-                },
-            }
+                Err(err) => Err(err),
+            };
         }
     }
 
     /// Runs the handler under a claim (`token`), or without one when the store failed open.
-    async fn run<S, ReqBody, ResBody>(
+    ///
+    /// Not an `async fn`: the request and the claim move straight into the boxed run, and the
+    /// future returned holds only the box.
+    fn run<S, ReqBody, ResBody>(
         self,
         lead: Lead,
         token: Option<FencingToken>,
         inner: S,
         request: Request<RequestBody<ReqBody>>,
-    ) -> Answer<ResBody, S::Error>
+    ) -> impl Future<Output = Answer<ResBody, S::Error>> + Send
     where
         S: Inner<ReqBody, ResBody>,
         ReqBody: Body<Data = Bytes> + Send + 'static,
@@ -397,23 +461,25 @@ impl Keyed {
             token,
             lead: Some(lead),
         };
-        // Boxed: the run is most of this future's size, and a small future moves cheaply.
+        // Boxed: it may move into a task of its own.
         let mut execute = Box::pin(claim.execute(inner, request));
-        if !detach {
-            return execute.await;
-        }
-        // A run that finishes on its first poll has nothing left for a disconnect to cancel:
-        // only what is still pending moves into a task of its own.
-        if let Poll::Ready(answer) = poll_once(execute.as_mut()).await {
-            return answer;
-        }
-        match tokio::spawn(execute).await {
-            Ok(answer) => answer,
-            // The handler panicked: its claim was released as the task unwound. Let the panic
-            // go on in the caller's task, as it would without this layer.
-            Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
-            // The runtime is shutting down.
-            Err(_) => Ok(reject(Problem::StoreUnavailable)),
+        async move {
+            if !detach {
+                return execute.await;
+            }
+            // A run that finishes on its first poll has nothing left for a disconnect to
+            // cancel: only what is still pending moves into a task of its own.
+            if let Poll::Ready(answer) = poll_once(execute.as_mut()).await {
+                return answer;
+            }
+            match tokio::spawn(execute).await {
+                Ok(answer) => answer,
+                // The handler panicked: its claim was released as the task unwound. Let the
+                // panic go on in the caller's task, as it would without this layer.
+                Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+                // The runtime is shutting down.
+                Err(_) => Ok(reject(Problem::StoreUnavailable)),
+            }
         }
     }
 }
@@ -439,19 +505,14 @@ impl ClaimGuard {
     {
         let shared = self.keyed.shared.clone();
         let config = &shared.config;
-        let call = inner.call(request);
-        let response = match self.token {
-            Some(token) if config.keep_lease_alive => self.keep_alive(call, token).await,
-            _ => call.await,
-        };
-        let response = match response {
+        let response = match self.keep_alive(inner.call(request)).await {
             Ok(response) => response,
             Err(err) => {
                 self.release().await;
                 return Err(err);
             }
         };
-        let (parts, body) = response.into_parts();
+        let (mut parts, body) = response.into_parts();
         if !(config.store_if)(&parts) {
             tracing::debug!(key = %self.keyed.key, status = parts.status.as_u16(), "idempotency: response not stored; releasing the key");
             self.release().await;
@@ -460,23 +521,31 @@ impl ClaimGuard {
         let fingerprint = self.keyed.fingerprint;
         match buffer(Box::pin(body), config.max_stored_response).await {
             Buffered::Whole { data, trailers } => {
-                let mut headers = HeaderMap::with_capacity(parts.headers.len());
-                for (name, value) in &parts.headers {
-                    if !config.replay_excluded.contains(name) {
-                        headers.append(name.clone(), value.clone());
+                // The record takes the response's headers, and gives them back once stored;
+                // only a response with headers that are never replayed needs a filtered copy.
+                let excluded = parts
+                    .headers
+                    .keys()
+                    .any(|name| config.replay_excluded.contains(name));
+                let headers = if excluded {
+                    let mut kept = HeaderMap::with_capacity(parts.headers.len());
+                    for (name, value) in &parts.headers {
+                        if !config.replay_excluded.contains(name) {
+                            kept.append(name.clone(), value.clone());
+                        }
                     }
+                    kept
+                } else {
+                    std::mem::take(&mut parts.headers)
+                };
+                let record = Record::response(fingerprint, parts.status, headers, data, trailers);
+                let record = self.complete(record).await;
+                if !excluded {
+                    parts.headers = record.headers;
                 }
-                let record = Record::response(
-                    fingerprint,
-                    parts.status,
-                    headers,
-                    data.clone(),
-                    trailers.clone(),
-                );
-                self.complete(record).await;
                 Ok(Response::from_parts(
                     parts,
-                    ResponseBody::full(data, trailers),
+                    ResponseBody::full(record.body, record.trailers),
                 ))
             }
             Buffered::TooLarge { chunks, rest } => {
@@ -502,16 +571,21 @@ impl ClaimGuard {
         }
     }
 
-    /// Runs `call` while renewing the claim's lease every third of it.
-    async fn keep_alive<F: Future>(&self, call: F, token: FencingToken) -> F::Output {
+    /// Runs `call`, renewing the claim's lease every third of it if it takes that long.
+    async fn keep_alive<F: Future>(&self, call: F) -> F::Output {
         let mut call = std::pin::pin!(call);
+        let config = self.keyed.config();
+        let token = match self.token {
+            Some(token) if config.keep_lease_alive => token,
+            _ => return call.await,
+        };
         // A handler that answers at once needs no renewal timer.
         if let Poll::Ready(output) = poll_once(call.as_mut()).await {
             return output;
         }
-        let config = self.keyed.config();
         let period = (config.lease / 3).max(std::time::Duration::from_millis(1));
-        let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
+        // Boxed: only handlers that wait carry the timer.
+        let mut ticker = Box::new(tokio::time::interval_at(Instant::now() + period, period));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -536,12 +610,13 @@ impl ClaimGuard {
         }
     }
 
-    /// Stores the record, if the claim still holds, and hands it to the followers.
-    async fn complete(mut self, record: Record) {
+    /// Stores the record, if the claim still holds, and hands it to the followers; gives the
+    /// record back for the response.
+    async fn complete(mut self, record: Record) -> Record {
         let Some(token) = self.token.take() else {
             // Failing open: nothing to store, but this process's duplicates get the answer.
-            self.finish_with(|| Outcome::Completed(Arc::new(record)));
-            return;
+            self.finish_with(|| Outcome::Completed(Arc::new(record.clone())));
+            return record;
         };
         let config = self.keyed.config();
         let stored = store_call(
@@ -552,7 +627,9 @@ impl ClaimGuard {
         )
         .await;
         match stored {
-            Ok(Completion::Stored) => self.finish_with(|| Outcome::Completed(Arc::new(record))),
+            Ok(Completion::Stored) => {
+                self.finish_with(|| Outcome::Completed(Arc::new(record.clone())));
+            }
             Ok(Completion::Fenced) => {
                 tracing::warn!(
                     key = %self.keyed.key,
@@ -566,6 +643,7 @@ impl ClaimGuard {
                 self.release().await;
             }
         }
+        record
     }
 
     fn finish_with(&mut self, outcome: impl FnOnce() -> Outcome) {

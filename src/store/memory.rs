@@ -58,54 +58,53 @@ struct Inner {
     max_bytes_per_shard: usize,
 }
 
+/// One shard. Claims in flight and completed records are kept apart, so that the work on a
+/// fresh key touches as little cold memory as it can: the claim lives in `in_flight`, a small
+/// map that stays in cache; the record is appended to `records`, a queue in the order records
+/// were stored; and `index` maps a key to its record's position in the queue. Evicting the
+/// oldest record pops the queue's front and leaves its index entry behind, stale (its position
+/// is below the queue's first): a lookup treats it as absent, and once stale entries outnumber
+/// live ones they are swept out in one pass over the index, so an eviction costs no lookup.
 #[derive(Default)]
 struct Shard {
-    map: KeyMap<Slot>,
-    /// Completed records in the order they were stored: the front is the oldest, evicted first.
-    /// An entry whose sequence number no longer matches its slot is stale and skipped.
-    order: VecDeque<(StoreKey, u64, Instant)>,
-    next_seq: u64,
+    in_flight: KeyMap<InFlight>,
+    index: KeyMap<u64>,
+    records: VecDeque<Stored>,
+    /// The position of the queue's front: positions only grow.
+    first: u64,
     usage: Usage,
 }
 
-/// What the completed records of a shard hold.
+/// What the live records of a shard hold.
 #[derive(Default)]
 struct Usage {
-    completed: usize,
+    records: usize,
     bytes: usize,
 }
 
-impl Usage {
-    /// Accounts for a slot that left the map, and wakes its waiters.
-    fn forget(&mut self, slot: &Slot) {
-        match slot {
-            Slot::Completed { encoded, .. } => {
-                self.completed -= 1;
-                self.bytes -= encoded.len();
-            }
-            Slot::InFlight { waiters, .. } => {
-                if let Some(waiters) = waiters {
-                    waiters.notify_waiters();
-                }
-            }
+struct InFlight {
+    token: FencingToken,
+    fingerprint: Fingerprint,
+    lease_until: Instant,
+    /// Created when the first waiter arrives.
+    waiters: Option<Arc<Notify>>,
+}
+
+impl InFlight {
+    /// Wakes the waiters of a claim that ended.
+    fn end(self) {
+        if let Some(waiters) = self.waiters {
+            waiters.notify_waiters();
         }
     }
 }
 
-enum Slot {
-    InFlight {
-        token: FencingToken,
-        fingerprint: Fingerprint,
-        lease_until: Instant,
-        /// Created when the first waiter arrives.
-        waiters: Option<Arc<Notify>>,
-    },
-    Completed {
-        token: FencingToken,
-        encoded: Bytes,
-        expires: Instant,
-        seq: u64,
-    },
+/// A completed record in the queue; `encoded` is `None` once it died before reaching the
+/// queue's front (its retention ran out, or it was replaced).
+struct Stored {
+    encoded: Option<Bytes>,
+    token: FencingToken,
+    expires: Instant,
 }
 
 impl Default for MemoryStore {
@@ -150,7 +149,14 @@ impl MemoryStore {
     /// How many keys the store holds, in flight or completed (expired ones not yet swept
     /// included).
     pub fn len(&self) -> usize {
-        self.inner.shards.iter().map(|s| lock(s).map.len()).sum()
+        self.inner
+            .shards
+            .iter()
+            .map(|s| {
+                let shard = lock(s);
+                shard.in_flight.len() + shard.usage.records
+            })
+            .sum()
     }
 
     /// Whether the store holds no keys.
@@ -178,7 +184,7 @@ fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// What a slot shows a reader, taken out of the lock before any decoding.
+/// What a reader sees of a key, taken out of the lock before any decoding.
 enum Seen {
     Nothing,
     InFlight(Fingerprint),
@@ -195,63 +201,105 @@ impl Seen {
     }
 }
 
-impl Slot {
-    fn expired(&self, now: Instant) -> bool {
-        match self {
-            Slot::InFlight { lease_until, .. } => *lease_until <= now,
-            Slot::Completed { expires, .. } => *expires <= now,
-        }
-    }
-}
-
 impl Shard {
-    /// The slot of `key`, dropping it first if its lease or retention has run out.
-    fn live(&mut self, key: &StoreKey, now: Instant) -> Option<&mut Slot> {
-        match self.map.entry(*key) {
+    /// The live claim on `key`, dropping it first (and waking its waiters) if its lease ran out.
+    fn claim_of(&mut self, key: &StoreKey, now: Instant) -> Option<&mut InFlight> {
+        match self.in_flight.entry(*key) {
             Entry::Vacant(_) => None,
-            Entry::Occupied(entry) if entry.get().expired(now) => {
-                let slot = entry.remove();
-                self.usage.forget(&slot);
+            Entry::Occupied(entry) if entry.get().lease_until <= now => {
+                entry.remove().end();
                 None
             }
             Entry::Occupied(entry) => Some(entry.into_mut()),
         }
     }
 
+    /// The live record of `key`, marking it dead first if its retention ran out.
+    fn record_of(&mut self, key: &StoreKey, now: Instant) -> Option<&Stored> {
+        let &position = self.index.get(key)?;
+        let stored = self
+            .records
+            .get_mut(usize::try_from(position.checked_sub(self.first)?).ok()?)?;
+        let encoded = stored.encoded.as_ref()?;
+        if stored.expires <= now {
+            self.usage.records -= 1;
+            self.usage.bytes -= encoded.len();
+            stored.encoded = None;
+            return None;
+        }
+        Some(stored)
+    }
+
     fn seen(&mut self, key: &StoreKey, now: Instant) -> Seen {
-        match self.live(key, now) {
+        if let Some(claim) = self.claim_of(key, now) {
+            return Seen::InFlight(claim.fingerprint);
+        }
+        match self.record_of(key, now) {
+            Some(stored) => Seen::Completed(stored.encoded.clone().expect("a live record")),
             None => Seen::Nothing,
-            Some(Slot::InFlight { fingerprint, .. }) => Seen::InFlight(*fingerprint),
-            Some(Slot::Completed { encoded, .. }) => Seen::Completed(encoded.clone()),
         }
     }
 
-    fn remove(&mut self, key: &StoreKey) -> Option<Slot> {
-        let slot = self.map.remove(key)?;
-        self.usage.forget(&slot);
-        Some(slot)
-    }
-
-    /// Whether `token` holds the live claim on `key`.
-    fn owns(&mut self, key: &StoreKey, token: FencingToken, now: Instant) -> bool {
-        matches!(self.live(key, now), Some(Slot::InFlight { token: t, .. }) if *t == token)
+    /// Takes the claim on `key` if `token` holds it and its lease has not run out.
+    fn take_claim(
+        &mut self,
+        key: &StoreKey,
+        token: FencingToken,
+        now: Instant,
+    ) -> Option<InFlight> {
+        match self.claim_of(key, now) {
+            Some(claim) if claim.token == token => self.in_flight.remove(key),
+            _ => None,
+        }
     }
 
     /// Drops expired records from the front, then the oldest until `incoming` more bytes fit.
-    /// The queue carries each record's expiry, so the map is only touched to evict.
+    /// Nothing but the queue is touched: the index entries of the records dropped go stale.
     fn make_room(&mut self, now: Instant, incoming: usize, max_entries: usize, max_bytes: usize) {
-        while let Some(&(key, seq, expires)) = self.order.front() {
-            let over = expires <= now
-                || self.usage.completed >= max_entries
-                || self.usage.bytes + incoming > max_bytes;
-            if !over {
-                break;
+        while let Some(front) = self.records.front() {
+            if let Some(encoded) = &front.encoded {
+                let over = front.expires <= now
+                    || self.usage.records >= max_entries
+                    || self.usage.bytes + incoming > max_bytes;
+                if !over {
+                    break;
+                }
+                self.usage.records -= 1;
+                self.usage.bytes -= encoded.len();
             }
-            self.order.pop_front();
-            // Evict only the record this entry was made for; a stale entry's is gone already.
-            if matches!(self.map.get(&key), Some(Slot::Completed { seq: s, .. }) if *s == seq) {
-                self.remove(&key);
+            self.records.pop_front();
+            self.first += 1;
+        }
+    }
+
+    /// Appends a record for `key`, pointing the index at it.
+    fn append(&mut self, key: &StoreKey, stored: Stored) {
+        let bytes = stored.encoded.as_ref().map_or(0, Bytes::len);
+        let position = self.first + self.records.len() as u64;
+        self.records.push_back(stored);
+        self.usage.records += 1;
+        self.usage.bytes += bytes;
+        if let Some(previous) = self.index.insert(*key, position) {
+            // A record replaced before it reached the front: it is no longer reachable.
+            if let Some(old) = previous
+                .checked_sub(self.first)
+                .and_then(|i| self.records.get_mut(usize::try_from(i).ok()?))
+                && let Some(encoded) = old.encoded.take()
+            {
+                self.usage.records -= 1;
+                self.usage.bytes -= encoded.len();
             }
+        }
+        // Sweep stale entries once they outnumber the live ones.
+        if self.index.len() > 2 * self.usage.records + 64 {
+            let first = self.first;
+            let records = &self.records;
+            self.index.retain(|_, position| {
+                position
+                    .checked_sub(first)
+                    .and_then(|i| records.get(usize::try_from(i).ok()?))
+                    .is_some_and(|stored| stored.encoded.is_some())
+            });
         }
     }
 }
@@ -264,30 +312,25 @@ impl KeyStore for MemoryStore {
         fingerprint: &Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        let token = FencingToken::random();
         let now = Instant::now();
-        let claim = Slot::InFlight {
-            token,
-            fingerprint: *fingerprint,
-            lease_until: now + lease,
-            waiters: None,
-        };
         let seen = {
             let mut shard = self.shard(key);
-            match shard.map.entry(*key) {
-                Entry::Vacant(entry) => {
-                    entry.insert(claim);
-                    return Ok(Claim::Claimed(token));
-                }
-                Entry::Occupied(entry) if entry.get().expired(now) => {
-                    let lapsed = std::mem::replace(entry.into_mut(), claim);
-                    shard.usage.forget(&lapsed);
-                    return Ok(Claim::Claimed(token));
-                }
-                Entry::Occupied(entry) => match entry.get() {
-                    Slot::InFlight { fingerprint, .. } => Seen::InFlight(*fingerprint),
-                    Slot::Completed { encoded, .. } => Seen::Completed(encoded.clone()),
-                },
+            if let Some(claim) = shard.claim_of(key, now) {
+                Seen::InFlight(claim.fingerprint)
+            } else if let Some(stored) = shard.record_of(key, now) {
+                Seen::Completed(stored.encoded.clone().expect("a live record"))
+            } else {
+                let token = FencingToken::random();
+                shard.in_flight.insert(
+                    *key,
+                    InFlight {
+                        token,
+                        fingerprint: *fingerprint,
+                        lease_until: now + lease,
+                        waiters: None,
+                    },
+                );
+                return Ok(Claim::Claimed(token));
             }
         };
         Ok(Claim::Held(seen.into_holder()?.expect("seen something")))
@@ -303,57 +346,36 @@ impl KeyStore for MemoryStore {
         let encoded = record.encode();
         let now = Instant::now();
         let mut shard = self.shard(key);
-        match shard.live(key, now) {
-            Some(Slot::Completed { token: t, .. }) => {
-                return Ok(if *t == token {
-                    Completion::Stored
-                } else {
-                    Completion::Fenced
-                });
-            }
-            Some(Slot::InFlight { token: t, .. }) if *t == token => {}
-            _ => return Ok(Completion::Fenced),
-        }
-        // Eviction takes only completed records, never this claim.
+        let Some(claim) = shard.take_claim(key, token, now) else {
+            // Completing again with the token that completed the key is a success.
+            return Ok(match shard.record_of(key, now) {
+                Some(stored) if stored.token == token => Completion::Stored,
+                _ => Completion::Fenced,
+            });
+        };
         shard.make_room(
             now,
             encoded.len(),
             self.inner.max_entries_per_shard,
             self.inner.max_bytes_per_shard,
         );
-        let seq = shard.next_seq;
-        let expires = now + retention;
-        shard.next_seq += 1;
-        shard.usage.completed += 1;
-        shard.usage.bytes += encoded.len();
-        shard.order.push_back((*key, seq, expires));
-        let slot = shard.map.get_mut(key).expect("the claim checked above");
-        // Wakes this claim's waiters once the record is in place.
-        let Slot::InFlight { waiters, .. } = std::mem::replace(
-            slot,
-            Slot::Completed {
+        shard.append(
+            key,
+            Stored {
+                encoded: Some(encoded),
                 token,
-                encoded,
-                expires,
-                seq,
+                expires: now + retention,
             },
-        ) else {
-            unreachable!("the claim checked above")
-        };
+        );
         drop(shard);
-        if let Some(waiters) = waiters {
-            waiters.notify_waiters();
-        }
+        // Wakes this claim's waiters once the record is in place.
+        claim.end();
         Ok(Completion::Stored)
     }
 
     async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<bool, StoreError> {
-        let mut shard = self.shard(key);
-        if !shard.owns(key, token, Instant::now()) {
-            return Ok(false);
-        }
-        shard.remove(key);
-        Ok(true)
+        let claim = self.shard(key).take_claim(key, token, Instant::now());
+        Ok(claim.map(InFlight::end).is_some())
     }
 
     async fn extend(
@@ -364,13 +386,9 @@ impl KeyStore for MemoryStore {
     ) -> Result<bool, StoreError> {
         let now = Instant::now();
         let mut shard = self.shard(key);
-        match shard.live(key, now) {
-            Some(Slot::InFlight {
-                token: t,
-                lease_until,
-                ..
-            }) if *t == token => {
-                *lease_until = now + lease;
+        match shard.claim_of(key, now) {
+            Some(claim) if claim.token == token => {
+                claim.lease_until = now + lease;
                 Ok(true)
             }
             _ => Ok(false),
@@ -409,15 +427,12 @@ impl MemoryStore {
     fn watch(&self, key: &StoreKey, deadline: Instant) -> Watch {
         let now = Instant::now();
         let mut shard = self.shard(key);
-        match shard.live(key, now) {
-            Some(Slot::InFlight {
-                waiters,
-                lease_until,
-                ..
-            }) if now < deadline => {
-                let wake_at = (*lease_until).min(deadline);
+        match shard.claim_of(key, now) {
+            Some(claim) if now < deadline => {
+                let wake_at = claim.lease_until.min(deadline);
                 let mut notified = Box::pin(
-                    waiters
+                    claim
+                        .waiters
                         .get_or_insert_with(Default::default)
                         .clone()
                         .notified_owned(),
@@ -484,6 +499,61 @@ mod tests {
             Some(Holder::Completed(_))
         ));
         assert!(store.read(&key(0)).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn evicted_keys_can_be_claimed_again_and_stale_index_entries_are_swept() {
+        let store = MemoryStore::with_limits(640, usize::MAX);
+        let fp = Fingerprint::from_bytes([0; 32]);
+        let stored = |i: usize| {
+            Record::response(
+                fp,
+                StatusCode::OK,
+                Default::default(),
+                Bytes::from(format!("answer {i}")),
+                None,
+            )
+        };
+        let run = |i: usize| {
+            let store = store.clone();
+            let record = stored(i);
+            async move {
+                let Claim::Claimed(token) = store
+                    .claim(&key(i), &fp, Duration::from_secs(60))
+                    .await
+                    .unwrap()
+                else {
+                    panic!("key {i} was not claimable")
+                };
+                store
+                    .complete(&key(i), token, &record, Duration::from_secs(3600))
+                    .await
+                    .unwrap()
+            }
+        };
+        for round in 0..3 {
+            for i in 0..5_000 {
+                assert_eq!(run(i).await, Completion::Stored, "round {round}, key {i}");
+            }
+        }
+        // The newest records are the last round's, and they replay.
+        let Some(Holder::Completed(record)) = store.read(&key(4_999)).await.unwrap() else {
+            panic!("the newest record was evicted")
+        };
+        assert_eq!(record.body, "answer 4999");
+        assert!(store.read(&key(0)).await.unwrap().is_none());
+        // 15,000 records went through a store that keeps 640: the index keeps no more than
+        // twice the live records (plus a little per shard) before it sweeps.
+        for shard in store.inner.shards.iter() {
+            let shard = lock(shard);
+            assert!(shard.usage.records <= 10);
+            assert!(
+                shard.index.len() <= 2 * shard.usage.records + 64,
+                "{} index entries for {} records",
+                shard.index.len(),
+                shard.usage.records
+            );
+        }
     }
 
     #[tokio::test]

@@ -105,9 +105,10 @@ pin_project! {
     #[project = ResponseKindProj]
     enum ResponseKind<B: Body> {
         Inner { #[pin] body: B },
-        // Buffered frames, then (when the response was too large to buffer whole) the rest of
-        // the inner body, or the error that cut it short.
-        Buffered { data: VecDeque<Bytes>, trailers: Option<HeaderMap>, rest: Option<Pin<Box<B>>>, error: Option<B::Error> },
+        // Buffered frames (a whole body is one chunk, kept outside the queue so that it needs no
+        // allocation), then (when the response was too large to buffer whole) the rest of the
+        // inner body, or the error that cut it short.
+        Buffered { first: Option<Bytes>, data: VecDeque<Bytes>, trailers: Option<HeaderMap>, rest: Option<Pin<Box<B>>>, error: Option<B::Error> },
     }
 }
 
@@ -119,12 +120,15 @@ impl<B: Body> ResponseBody<B> {
     }
 
     pub(crate) fn full(data: Bytes, trailers: Option<HeaderMap>) -> Self {
-        let data = if data.is_empty() {
-            VecDeque::new()
-        } else {
-            VecDeque::from([data])
-        };
-        Self::buffered(data, trailers, None, None)
+        Self {
+            kind: ResponseKind::Buffered {
+                first: (!data.is_empty()).then_some(data),
+                data: VecDeque::new(),
+                trailers,
+                rest: None,
+                error: None,
+            },
+        }
     }
 
     pub(crate) fn buffered(
@@ -135,6 +139,7 @@ impl<B: Body> ResponseBody<B> {
     ) -> Self {
         Self {
             kind: ResponseKind::Buffered {
+                first: None,
                 data,
                 trailers,
                 rest,
@@ -148,8 +153,9 @@ impl<B: Body> std::fmt::Debug for ResponseBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.kind {
             ResponseKind::Inner { .. } => f.write_str("ResponseBody::Inner"),
-            ResponseKind::Buffered { data, .. } => {
-                write!(f, "ResponseBody::Buffered({} chunks)", data.len())
+            ResponseKind::Buffered { first, data, .. } => {
+                let chunks = usize::from(first.is_some()) + data.len();
+                write!(f, "ResponseBody::Buffered({chunks} chunks)")
             }
         }
     }
@@ -166,12 +172,13 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
         match self.project().kind.project() {
             ResponseKindProj::Inner { body } => body.poll_frame(cx),
             ResponseKindProj::Buffered {
+                first,
                 data,
                 trailers,
                 rest,
                 error,
             } => {
-                if let Some(chunk) = data.pop_front() {
+                if let Some(chunk) = first.take().or_else(|| data.pop_front()) {
                     return Poll::Ready(Some(Ok(Frame::data(chunk))));
                 }
                 if let Some(rest) = rest {
@@ -189,12 +196,14 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
         match &self.kind {
             ResponseKind::Inner { body } => body.is_end_stream(),
             ResponseKind::Buffered {
+                first,
                 data,
                 trailers,
                 rest,
                 error,
             } => {
-                data.is_empty()
+                first.is_none()
+                    && data.is_empty()
                     && trailers.is_none()
                     && error.is_none()
                     && rest.as_ref().is_none_or(|r| r.is_end_stream())
@@ -205,8 +214,10 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             ResponseKind::Inner { body } => body.size_hint(),
-            ResponseKind::Buffered { data, rest, .. } => {
-                let buffered: u64 = data.iter().map(|d| d.len() as u64).sum();
+            ResponseKind::Buffered {
+                first, data, rest, ..
+            } => {
+                let buffered: u64 = first.iter().chain(data).map(|d| d.len() as u64).sum();
                 match rest {
                     None => SizeHint::with_exact(buffered),
                     Some(rest) => {

@@ -208,7 +208,10 @@ fn admit(
 // boxed on every keyed request.
 
 /// Reads the body, then leads the request or follows the same request in this process.
-#[expect(clippy::manual_async_fn, reason = "an async fn would keep its arguments twice")]
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep its arguments twice"
+)]
 fn handle<S, ReqBody, ResBody>(
     shared: Arc<Shared>,
     key: IdempotencyKey,
@@ -261,7 +264,15 @@ where
                     }
                 }
             };
-            return keyed.lead(lead, inner, request).await;
+            // Lead in this process: claim the key in the store and run the request. Written
+            // out here rather than as a future of its own, which would hold a second copy of
+            // the request.
+            return match keyed.claim().await {
+                Ok(Claim::Claimed(token)) => keyed.run(lead, Some(token), inner, request).await,
+                // Anything else is rarer, and may wait: it is boxed, so that its timers do not
+                // weigh on every request.
+                claimed => Box::pin(keyed.contend(lead, claimed, inner, request)).await,
+            };
         }
     }
 }
@@ -353,29 +364,6 @@ impl Keyed {
                 .claim(&self.store_key, &self.fingerprint, config.lease),
         )
         .await
-    }
-
-    /// Leads the request in this process: claims the key in the store and runs the request.
-    #[expect(clippy::manual_async_fn, reason = "an async fn would keep its arguments twice")]
-    fn lead<S, ReqBody, ResBody>(
-        self,
-        lead: Lead,
-        inner: S,
-        request: Request<RequestBody<ReqBody>>,
-    ) -> impl Future<Output = Answer<ResBody, S::Error>> + Send
-    where
-        S: Inner<ReqBody, ResBody>,
-        ReqBody: Body<Data = Bytes> + Send + 'static,
-        ResBody: SendBody,
-    {
-        async move {
-            match self.claim().await {
-                Ok(Claim::Claimed(token)) => self.run(lead, Some(token), inner, request).await,
-                // Anything else is rarer, and may wait: it is boxed, so that its timers do not
-                // weigh on every request.
-                claimed => Box::pin(self.contend(lead, claimed, inner, request)).await,
-            }
-        }
     }
 
     /// Acts on a claim that did not simply succeed: replays what the store holds, fails open
@@ -494,86 +482,92 @@ struct ClaimGuard {
 }
 
 impl ClaimGuard {
-    async fn execute<S, ReqBody, ResBody>(
-        self,
+    /// Calls the inner service, then stores its response. The call is made at once; the
+    /// future returned holds the call's future, not the service.
+    fn execute<S, ReqBody, ResBody>(
+        mut self,
         mut inner: S,
         request: Request<RequestBody<ReqBody>>,
-    ) -> Answer<ResBody, S::Error>
+    ) -> impl Future<Output = Answer<ResBody, S::Error>> + Send
     where
-        S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
-        ResBody: Body<Data = Bytes>,
+        S: Inner<ReqBody, ResBody>,
+        ResBody: SendBody,
     {
-        let shared = self.keyed.shared.clone();
-        let config = &shared.config;
-        let response = match self.keep_alive(inner.call(request)).await {
-            Ok(response) => response,
-            Err(err) => {
-                self.release().await;
-                return Err(err);
-            }
-        };
-        let (mut parts, body) = response.into_parts();
-        if !(config.store_if)(&parts) {
-            tracing::debug!(key = %self.keyed.key, status = parts.status.as_u16(), "idempotency: response not stored; releasing the key");
-            self.release().await;
-            return Ok(Response::from_parts(parts, ResponseBody::inner(body)));
-        }
-        let fingerprint = self.keyed.fingerprint;
-        match buffer(Box::pin(body), config.max_stored_response).await {
-            Buffered::Whole { data, trailers } => {
-                // The record takes the response's headers, and gives them back once stored;
-                // only a response with headers that are never replayed needs a filtered copy.
-                let excluded = parts
-                    .headers
-                    .keys()
-                    .any(|name| config.replay_excluded.contains(name));
-                let headers = if excluded {
-                    let mut kept = HeaderMap::with_capacity(parts.headers.len());
-                    for (name, value) in &parts.headers {
-                        if !config.replay_excluded.contains(name) {
-                            kept.append(name.clone(), value.clone());
-                        }
-                    }
-                    kept
-                } else {
-                    std::mem::take(&mut parts.headers)
-                };
-                let record = Record::response(fingerprint, parts.status, headers, data, trailers);
-                let record = self.complete(record).await;
-                if !excluded {
-                    parts.headers = record.headers;
+        let call = inner.call(request);
+        async move {
+            let shared = self.keyed.shared.clone();
+            let config = &shared.config;
+            let call = std::pin::pin!(call);
+            let response = match self.keep_alive(call).await {
+                Ok(response) => response,
+                Err(err) => {
+                    self.release().await;
+                    return Err(err);
                 }
-                Ok(Response::from_parts(
-                    parts,
-                    ResponseBody::full(record.body, record.trailers),
-                ))
-            }
-            Buffered::TooLarge { chunks, rest } => {
-                tracing::warn!(
-                    key = %self.keyed.key,
-                    limit = config.max_stored_response,
-                    "idempotency: response too large to store; duplicates will be told it cannot be replayed"
-                );
-                self.complete(Record::not_replayable(fingerprint, parts.status))
-                    .await;
-                Ok(Response::from_parts(
-                    parts,
-                    ResponseBody::buffered(chunks, None, Some(rest), None),
-                ))
-            }
-            Buffered::Failed { chunks, error } => {
+            };
+            let (mut parts, body) = response.into_parts();
+            if !(config.store_if)(&parts) {
+                tracing::debug!(key = %self.keyed.key, status = parts.status.as_u16(), "idempotency: response not stored; releasing the key");
                 self.release().await;
-                Ok(Response::from_parts(
-                    parts,
-                    ResponseBody::buffered(chunks, None, None, Some(error)),
-                ))
+                return Ok(Response::from_parts(parts, ResponseBody::inner(body)));
+            }
+            let fingerprint = self.keyed.fingerprint;
+            match buffer(Box::pin(body), config.max_stored_response).await {
+                Buffered::Whole { data, trailers } => {
+                    // The record takes the response's headers, and gives them back once stored;
+                    // only a response with headers that are never replayed needs a filtered copy.
+                    let excluded = parts
+                        .headers
+                        .keys()
+                        .any(|name| config.replay_excluded.contains(name));
+                    let headers = if excluded {
+                        let mut kept = HeaderMap::with_capacity(parts.headers.len());
+                        for (name, value) in &parts.headers {
+                            if !config.replay_excluded.contains(name) {
+                                kept.append(name.clone(), value.clone());
+                            }
+                        }
+                        kept
+                    } else {
+                        std::mem::take(&mut parts.headers)
+                    };
+                    let record =
+                        Record::response(fingerprint, parts.status, headers, data, trailers);
+                    self.complete(&record).await;
+                    if !excluded {
+                        parts.headers = record.headers;
+                    }
+                    Ok(Response::from_parts(
+                        parts,
+                        ResponseBody::full(record.body, record.trailers),
+                    ))
+                }
+                Buffered::TooLarge { chunks, rest } => {
+                    tracing::warn!(
+                        key = %self.keyed.key,
+                        limit = config.max_stored_response,
+                        "idempotency: response too large to store; duplicates will be told it cannot be replayed"
+                    );
+                    self.complete(&Record::not_replayable(fingerprint, parts.status))
+                        .await;
+                    Ok(Response::from_parts(
+                        parts,
+                        ResponseBody::buffered(chunks, None, Some(rest), None),
+                    ))
+                }
+                Buffered::Failed { chunks, error } => {
+                    self.release().await;
+                    Ok(Response::from_parts(
+                        parts,
+                        ResponseBody::buffered(chunks, None, None, Some(error)),
+                    ))
+                }
             }
         }
     }
 
     /// Runs `call`, renewing the claim's lease every third of it if it takes that long.
-    async fn keep_alive<F: Future>(&self, call: F) -> F::Output {
-        let mut call = std::pin::pin!(call);
+    async fn keep_alive<F: Future>(&self, mut call: std::pin::Pin<&mut F>) -> F::Output {
         let config = self.keyed.config();
         let token = match self.token {
             Some(token) if config.keep_lease_alive => token,
@@ -610,20 +604,19 @@ impl ClaimGuard {
         }
     }
 
-    /// Stores the record, if the claim still holds, and hands it to the followers; gives the
-    /// record back for the response.
-    async fn complete(mut self, record: Record) -> Record {
+    /// Stores the record, if the claim still holds, and hands it to the followers.
+    async fn complete(&mut self, record: &Record) {
         let Some(token) = self.token.take() else {
             // Failing open: nothing to store, but this process's duplicates get the answer.
             self.finish_with(|| Outcome::Completed(Arc::new(record.clone())));
-            return record;
+            return;
         };
         let config = self.keyed.config();
         let stored = store_call(
             config,
             config
                 .store
-                .complete(&self.keyed.store_key, token, &record, config.retention),
+                .complete(&self.keyed.store_key, token, record, config.retention),
         )
         .await;
         match stored {
@@ -643,7 +636,6 @@ impl ClaimGuard {
                 self.release().await;
             }
         }
-        record
     }
 
     fn finish_with(&mut self, outcome: impl FnOnce() -> Outcome) {
@@ -654,7 +646,7 @@ impl ClaimGuard {
     }
 
     /// Gives up the claim so a retry can run, then tells the followers.
-    async fn release(mut self) {
+    async fn release(&mut self) {
         if let Some(token) = self.token.take() {
             let config = self.keyed.config();
             if let Err(err) =

@@ -3,12 +3,15 @@
 use std::{
     collections::{VecDeque, hash_map::Entry},
     pin::Pin,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::{
     sync::{Notify, futures::OwnedNotified},
     time::Instant,
@@ -23,6 +26,10 @@ use super::{
 const DEFAULT_MAX_ENTRIES: usize = 1_000_000;
 /// Bytes of encoded records kept by default before the oldest are evicted.
 const DEFAULT_MAX_BYTES: usize = 512 * 1024 * 1024;
+/// Records are written one after another into buffers of this size (a record over a quarter
+/// of it gets one of its own), so storing a record allocates nothing and evicting one frees
+/// nothing until its whole buffer is done with.
+const SEGMENT: usize = 64 * 1024;
 
 /// A [`KeyStore`] in this process's memory: the embedded default.
 ///
@@ -54,6 +61,10 @@ pub struct MemoryStore {
 
 struct Inner {
     shards: Box<[Mutex<Shard>]>,
+    /// Where records are written, one buffer per thread (as near as a thread's index modulo
+    /// their number gets): each thread writes its records one after another, so the memory it
+    /// writes next is the memory it just wrote beside.
+    segments: Box<[Mutex<BytesMut>]>,
     max_entries_per_shard: usize,
     max_bytes_per_shard: usize,
 }
@@ -140,6 +151,9 @@ impl MemoryStore {
         Self {
             inner: Arc::new(Inner {
                 shards: (0..shards).map(|_| Mutex::default()).collect(),
+                segments: (0..parallelism.next_power_of_two())
+                    .map(|_| Mutex::default())
+                    .collect(),
                 max_entries_per_shard: max_entries.div_ceil(shards).max(1),
                 max_bytes_per_shard: max_bytes.div_ceil(shards).max(1),
             }),
@@ -176,10 +190,37 @@ impl MemoryStore {
     }
 }
 
-fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
-    // A panic while holding a shard lock cannot leave it inconsistent in a way later calls trip
-    // over (each step re-checks what it reads), so a poisoned lock is used as is.
-    shard
+impl Inner {
+    /// Writes `record` (`len` bytes encoded) into this thread's segment.
+    fn encode(&self, record: &Record, len: usize) -> Bytes {
+        if len > SEGMENT / 4 {
+            let mut own = BytesMut::with_capacity(len);
+            record.put(&mut own);
+            return own.freeze();
+        }
+        thread_local! {
+            static THREAD: usize = {
+                static NEXT: AtomicUsize = AtomicUsize::new(0);
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            };
+        }
+        let slot = THREAD.with(|thread| *thread) & (self.segments.len() - 1);
+        let mut segment = lock(&self.segments[slot]);
+        // Empty but for what a panic part way through a write may have left.
+        segment.clear();
+        if segment.capacity() < len {
+            *segment = BytesMut::with_capacity(SEGMENT);
+        }
+        record.put(&mut segment);
+        segment.split().freeze()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a lock cannot leave a shard or a segment inconsistent in a way
+    // later calls trip over (each step re-checks what it reads, and a segment is emptied before
+    // each write), so a poisoned lock is used as is.
+    mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -255,14 +296,26 @@ impl Shard {
 
     /// Drops expired records from the front, then the oldest until `incoming` more bytes fit.
     /// Nothing but the queue is touched: the index entries of the records dropped go stale.
+    ///
+    /// A full shard evicts a batch, making room for a 64th of either bound (at most 63 more
+    /// records), rather than one record for each one stored: the queue's front is cold memory,
+    /// and reading it in runs lets the processor fetch it ahead.
     fn make_room(&mut self, now: Instant, incoming: usize, max_entries: usize, max_bytes: usize) {
+        let slack_records = (max_entries / 64).min(63);
+        let slack_bytes = max_bytes / 64;
+        let mut batching = false;
         while let Some(front) = self.records.front() {
             if let Some(encoded) = &front.encoded {
-                let over = front.expires <= now
-                    || self.usage.records >= max_entries
-                    || self.usage.bytes + incoming > max_bytes;
-                if !over {
-                    break;
+                if front.expires > now {
+                    let usage = &self.usage;
+                    if usage.records >= max_entries || usage.bytes + incoming > max_bytes {
+                        batching = true;
+                    } else if !(batching
+                        && (usage.records + slack_records >= max_entries
+                            || usage.bytes + incoming + slack_bytes > max_bytes))
+                    {
+                        break;
+                    }
                 }
                 self.usage.records -= 1;
                 self.usage.bytes -= encoded.len();
@@ -343,7 +396,8 @@ impl KeyStore for MemoryStore {
         record: &Record,
         retention: Duration,
     ) -> Result<Completion, StoreError> {
-        let encoded = record.encode();
+        let len = record.encoded_len();
+        let encoded = self.inner.encode(record, len);
         let now = Instant::now();
         let mut shard = self.shard(key);
         let Some(claim) = shard.take_claim(key, token, now) else {
@@ -355,7 +409,7 @@ impl KeyStore for MemoryStore {
         };
         shard.make_room(
             now,
-            encoded.len(),
+            len,
             self.inner.max_entries_per_shard,
             self.inner.max_bytes_per_shard,
         );

@@ -74,6 +74,11 @@ impl Record {
     /// Appends the binary form to `buf`.
     pub fn encode_into(&self, buf: &mut BytesMut) {
         buf.reserve(self.encoded_len());
+        self.put(buf);
+    }
+
+    /// Appends the binary form to `buf`, which grows as it must.
+    pub(crate) fn put(&self, buf: &mut BytesMut) {
         let mut flags = 0;
         if self.replayable {
             flags |= FLAG_REPLAYABLE;
@@ -244,7 +249,8 @@ impl Reader {
 
     fn headers(&mut self) -> Result<HeaderMap, StoreError> {
         let count = self.len()?;
-        let mut headers = HeaderMap::with_capacity(count);
+        // With room for one more: a replay adds `Idempotent-Replayed`.
+        let mut headers = HeaderMap::with_capacity(count.saturating_add(1).min(self.bytes.len()));
         for _ in 0..count {
             let n = self.len()?;
             let name = self.take(n)?;

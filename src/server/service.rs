@@ -269,6 +269,7 @@ where
             // the request.
             return match keyed.claim().await {
                 Ok(Claim::Claimed(token)) => keyed.run(lead, Some(token), inner, request).await,
+                Ok(Claim::Held(Holder::Completed(record))) => Ok(keyed.settle(lead, record)),
                 // Anything else is rarer, and may wait: it is boxed, so that its timers do not
                 // weigh on every request.
                 claimed => Box::pin(keyed.contend(lead, claimed, inner, request)).await,

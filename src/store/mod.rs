@@ -47,6 +47,8 @@
 
 use std::{
     fmt,
+    future::Future,
+    pin::Pin,
     sync::{Arc, LazyLock},
     time::Duration,
 };
@@ -307,45 +309,88 @@ pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
     async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<Option<Holder>, StoreError>;
 }
 
-#[async_trait]
+/// The future of a [`KeyStore`] method, as `async_trait` makes it.
+type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+// Each method hands back the inner store's future as it is, rather than boxing it again.
 impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {
-    async fn claim(
-        &self,
-        key: &StoreKey,
-        fingerprint: &Fingerprint,
+    fn claim<'s, 'k, 'f, 'a>(
+        &'s self,
+        key: &'k StoreKey,
+        fingerprint: &'f Fingerprint,
         lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        (**self).claim(key, fingerprint, lease).await
+    ) -> StoreFuture<'a, Claim>
+    where
+        's: 'a,
+        'k: 'a,
+        'f: 'a,
+        Self: 'a,
+    {
+        (**self).claim(key, fingerprint, lease)
     }
 
-    async fn complete(
-        &self,
-        key: &StoreKey,
+    fn complete<'s, 'k, 'r, 'a>(
+        &'s self,
+        key: &'k StoreKey,
         token: FencingToken,
-        record: &Record,
+        record: &'r Record,
         retention: Duration,
-    ) -> Result<Completion, StoreError> {
-        (**self).complete(key, token, record, retention).await
+    ) -> StoreFuture<'a, Completion>
+    where
+        's: 'a,
+        'k: 'a,
+        'r: 'a,
+        Self: 'a,
+    {
+        (**self).complete(key, token, record, retention)
     }
 
-    async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<bool, StoreError> {
-        (**self).release(key, token).await
+    fn release<'s, 'k, 'a>(
+        &'s self,
+        key: &'k StoreKey,
+        token: FencingToken,
+    ) -> StoreFuture<'a, bool>
+    where
+        's: 'a,
+        'k: 'a,
+        Self: 'a,
+    {
+        (**self).release(key, token)
     }
 
-    async fn extend(
-        &self,
-        key: &StoreKey,
+    fn extend<'s, 'k, 'a>(
+        &'s self,
+        key: &'k StoreKey,
         token: FencingToken,
         lease: Duration,
-    ) -> Result<bool, StoreError> {
-        (**self).extend(key, token, lease).await
+    ) -> StoreFuture<'a, bool>
+    where
+        's: 'a,
+        'k: 'a,
+        Self: 'a,
+    {
+        (**self).extend(key, token, lease)
     }
 
-    async fn read(&self, key: &StoreKey) -> Result<Option<Holder>, StoreError> {
-        (**self).read(key).await
+    fn read<'s, 'k, 'a>(&'s self, key: &'k StoreKey) -> StoreFuture<'a, Option<Holder>>
+    where
+        's: 'a,
+        'k: 'a,
+        Self: 'a,
+    {
+        (**self).read(key)
     }
 
-    async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<Option<Holder>, StoreError> {
-        (**self).wait(key, timeout).await
+    fn wait<'s, 'k, 'a>(
+        &'s self,
+        key: &'k StoreKey,
+        timeout: Duration,
+    ) -> StoreFuture<'a, Option<Holder>>
+    where
+        's: 'a,
+        'k: 'a,
+        Self: 'a,
+    {
+        (**self).wait(key, timeout)
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example server -- [--addr 127.0.0.1:3000] [--store memory]
-//!     [--on-conflict wait|reject] [--ttl-secs N] [--wait-timeout-ms N] [--lease-ms N]
+//!     [--on-conflict wait|reject] [--ttl-secs N] [--wait-timeout-ms N] [--lease-ms N] [--max-entries N]
 //!     [--scope-header NAME] [--require-key] [--bare]
 //! ```
 //!
@@ -11,6 +11,7 @@
 //! - `PATCH /orders/ID` does the same and answers 200.
 //! - `GET /stats` answers `{"executions": N}`.
 //!
+//! `--max-entries N` bounds the memory store (default a million records).
 //! `--store` takes `memory` (the default), or with the `redis` feature `redis://HOST:PORT` and
 //! `redis+cluster://HOST:PORT[,HOST:PORT...]`. `--bare` serves the same handlers without the
 //! idempotency layer, as a baseline for benchmarks.
@@ -47,7 +48,7 @@ use tower_idempotency::{
 };
 
 const USAGE: &str = "usage: server [--addr 127.0.0.1:3000] [--store memory|redis://HOST:PORT|redis+cluster://HOST:PORT[,HOST:PORT...]]
-              [--on-conflict wait|reject] [--ttl-secs N] [--wait-timeout-ms N] [--lease-ms N]
+              [--on-conflict wait|reject] [--ttl-secs N] [--wait-timeout-ms N] [--lease-ms N] [--max-entries N]
               [--scope-header NAME] [--require-key] [--bare]";
 
 #[derive(Debug)]
@@ -58,6 +59,7 @@ struct Options {
     ttl: Option<Duration>,
     wait_timeout: Option<Duration>,
     lease: Option<Duration>,
+    max_entries: Option<usize>,
     scope_header: Option<HeaderName>,
     require_key: bool,
     bare: bool,
@@ -71,6 +73,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String>
         ttl: None,
         wait_timeout: None,
         lease: None,
+        max_entries: None,
         scope_header: None,
         require_key: false,
         bare: false,
@@ -98,6 +101,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String>
                 opts.wait_timeout = Some(Duration::from_millis(number(value()?)?))
             }
             "--lease-ms" => opts.lease = Some(Duration::from_millis(number(value()?)?)),
+            "--max-entries" => opts.max_entries = Some(number(value()?)? as usize),
             "--scope-header" => {
                 let name = value()?;
                 opts.scope_header = Some(
@@ -114,9 +118,12 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String>
     Ok(opts)
 }
 
-async fn open_store(url: &str) -> Result<Arc<dyn KeyStore>, String> {
+async fn open_store(url: &str, max_entries: Option<usize>) -> Result<Arc<dyn KeyStore>, String> {
     match url {
-        "memory" => Ok(Arc::new(MemoryStore::new())),
+        "memory" => Ok(Arc::new(match max_entries {
+            None => MemoryStore::new(),
+            Some(n) => MemoryStore::with_limits(n, 512 * 1024 * 1024),
+        })),
         #[cfg(feature = "redis")]
         url if url.starts_with("redis+cluster://") => {
             let nodes = url["redis+cluster://".len()..]
@@ -243,7 +250,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let store = match open_store(&opts.store).await {
+    let store = match open_store(&opts.store, opts.max_entries).await {
         Ok(store) => store,
         Err(err) => {
             eprintln!("error: {err}");

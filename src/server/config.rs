@@ -5,7 +5,10 @@ use std::{fmt, sync::Arc, time::Duration};
 use http::{HeaderName, Method, StatusCode, header, request, response};
 
 use super::flight::Flights;
-use crate::{IDEMPOTENCY_KEY, store::KeyStore};
+use crate::{
+    IDEMPOTENCY_KEY,
+    store::{KeyStore, MemoryStore},
+};
 
 /// What a request does when another request with the same key is still running.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -39,6 +42,8 @@ pub(crate) type StorePredicate = dyn Fn(&response::Parts) -> bool + Send + Sync;
 #[derive(Clone)]
 pub(crate) struct Config {
     pub(crate) store: Arc<dyn KeyStore>,
+    /// The store again when it is a [`MemoryStore`], whose steps are called directly.
+    pub(crate) local: Option<MemoryStore>,
     pub(crate) header: HeaderName,
     pub(crate) methods: Vec<Method>,
     pub(crate) require_key: bool,
@@ -84,9 +89,10 @@ pub(crate) fn default_replay_excluded() -> Vec<HeaderName> {
 }
 
 impl Config {
-    pub(crate) fn new(store: Arc<dyn KeyStore>) -> Self {
+    pub(crate) fn new(store: Arc<dyn KeyStore>, local: Option<MemoryStore>) -> Self {
         Self {
             store,
+            local,
             header: IDEMPOTENCY_KEY,
             methods: vec![Method::POST, Method::PATCH],
             require_key: false,

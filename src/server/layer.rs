@@ -51,14 +51,22 @@ impl Default for IdempotencyServiceLayer {
 impl IdempotencyServiceLayer {
     /// A layer keeping keys in `store`, with the default settings.
     pub fn new(store: impl KeyStore) -> Self {
-        Self::with_shared_store(Arc::new(store))
+        // A memory store answers every step at once: the service calls it directly.
+        let local = (&store as &dyn std::any::Any)
+            .downcast_ref::<MemoryStore>()
+            .cloned();
+        Self::from_config(Config::new(Arc::new(store), local))
     }
 
     /// A layer keeping keys in a store that is already shared.
     pub fn with_shared_store(store: Arc<dyn KeyStore>) -> Self {
+        Self::from_config(Config::new(store, None))
+    }
+
+    fn from_config(config: Config) -> Self {
         Self {
             shared: Arc::new(Shared {
-                config: Config::new(store),
+                config,
                 flights: Arc::new(Flights::new()),
             }),
         }

@@ -358,6 +358,9 @@ impl Keyed {
 
     async fn claim(&self) -> Result<Claim, StoreError> {
         let config = self.config();
+        if let Some(local) = &config.local {
+            return local.claim_now(&self.store_key, &self.fingerprint, config.lease);
+        }
         store_call(
             config,
             config
@@ -613,13 +616,18 @@ impl ClaimGuard {
             return;
         };
         let config = self.keyed.config();
-        let stored = store_call(
-            config,
-            config
-                .store
-                .complete(&self.keyed.store_key, token, record, config.retention),
-        )
-        .await;
+        let stored = match &config.local {
+            Some(local) => {
+                local.complete_now(&self.keyed.store_key, token, record, config.retention)
+            }
+            None => {
+                let complete =
+                    config
+                        .store
+                        .complete(&self.keyed.store_key, token, record, config.retention);
+                store_call(config, complete).await
+            }
+        };
         match stored {
             Ok(Completion::Stored) => {
                 self.finish_with(|| Outcome::Completed(Arc::new(record.clone())));
@@ -650,9 +658,13 @@ impl ClaimGuard {
     async fn release(&mut self) {
         if let Some(token) = self.token.take() {
             let config = self.keyed.config();
-            if let Err(err) =
-                store_call(config, config.store.release(&self.keyed.store_key, token)).await
-            {
+            let released = match &config.local {
+                Some(local) => Ok(local.release_now(&self.keyed.store_key, token)),
+                None => {
+                    store_call(config, config.store.release(&self.keyed.store_key, token)).await
+                }
+            };
+            if let Err(err) = released {
                 tracing::warn!(key = %self.keyed.key, error = %err, "idempotency: could not release the claim; it frees itself when its lease lapses");
             }
         }

@@ -357,9 +357,10 @@ impl Shard {
     }
 }
 
-#[async_trait]
-impl KeyStore for MemoryStore {
-    async fn claim(
+/// The steps, answered at once: the service calls these directly when its store is a
+/// `MemoryStore`, without a boxed future for each.
+impl MemoryStore {
+    pub(crate) fn claim_now(
         &self,
         key: &StoreKey,
         fingerprint: &Fingerprint,
@@ -389,7 +390,7 @@ impl KeyStore for MemoryStore {
         Ok(Claim::Held(seen.into_holder()?.expect("seen something")))
     }
 
-    async fn complete(
+    pub(crate) fn complete_now(
         &self,
         key: &StoreKey,
         token: FencingToken,
@@ -427,9 +428,47 @@ impl KeyStore for MemoryStore {
         Ok(Completion::Stored)
     }
 
-    async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<bool, StoreError> {
+    pub(crate) fn release_now(&self, key: &StoreKey, token: FencingToken) -> bool {
         let claim = self.shard(key).take_claim(key, token, Instant::now());
-        Ok(claim.map(InFlight::end).is_some())
+        claim.map(InFlight::end).is_some()
+    }
+
+    pub(crate) fn extend_now(&self, key: &StoreKey, token: FencingToken, lease: Duration) -> bool {
+        let now = Instant::now();
+        let mut shard = self.shard(key);
+        match shard.claim_of(key, now) {
+            Some(claim) if claim.token == token => {
+                claim.lease_until = now + lease;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+#[async_trait]
+impl KeyStore for MemoryStore {
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.claim_now(key, fingerprint, lease)
+    }
+
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: FencingToken,
+        record: &Record,
+        retention: Duration,
+    ) -> Result<Completion, StoreError> {
+        self.complete_now(key, token, record, retention)
+    }
+
+    async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<bool, StoreError> {
+        Ok(self.release_now(key, token))
     }
 
     async fn extend(
@@ -438,15 +477,7 @@ impl KeyStore for MemoryStore {
         token: FencingToken,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        let now = Instant::now();
-        let mut shard = self.shard(key);
-        match shard.claim_of(key, now) {
-            Some(claim) if claim.token == token => {
-                claim.lease_until = now + lease;
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
+        Ok(self.extend_now(key, token, lease))
     }
 
     async fn read(&self, key: &StoreKey) -> Result<Option<Holder>, StoreError> {

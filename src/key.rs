@@ -26,7 +26,7 @@
 //! # Ok::<(), tower_idempotency::InvalidKey>(())
 //! ```
 
-use std::{fmt, str::FromStr, sync::Arc};
+use std::{borrow::Cow, fmt, str::FromStr, sync::Arc};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -70,24 +70,7 @@ impl IdempotencyKey {
 
     /// Parses one header value, in the bare form or as a structured-field string.
     pub fn from_header_value(value: &HeaderValue) -> Result<Self, InvalidKey> {
-        let raw = trim_ows(value.as_bytes());
-        match raw {
-            [b'"', inner @ ..] => {
-                let Some(inner) = inner.strip_suffix(b"\"") else {
-                    return Err(InvalidKey::UnterminatedQuote);
-                };
-                let unescaped = unescape(inner)?;
-                validate(&unescaped, true)?;
-                // `validate` admitted only ASCII.
-                Ok(Self(Arc::from(
-                    String::from_utf8_lossy(&unescaped).as_ref(),
-                )))
-            }
-            _ => {
-                validate(raw, false)?;
-                Ok(Self(Arc::from(String::from_utf8_lossy(raw).as_ref())))
-            }
-        }
+        parse(value).map(|key| Self(Arc::from(&*key)))
     }
 
     /// Reads the key from `headers[name]`: `Ok(None)` when the header is absent, an error when it
@@ -96,14 +79,9 @@ impl IdempotencyKey {
         headers: &HeaderMap,
         name: &HeaderName,
     ) -> Result<Option<Self>, InvalidKey> {
-        let mut values = headers.get_all(name).iter();
-        let Some(first) = values.next() else {
-            return Ok(None);
-        };
-        if values.next().is_some() {
-            return Err(InvalidKey::Repeated);
-        }
-        Self::from_header_value(first).map(Some)
+        single_value(headers, name)?
+            .map(Self::from_header_value)
+            .transpose()
     }
 
     /// The key as a header value: the bare form, or a quoted string when the key has a space or
@@ -124,6 +102,41 @@ impl IdempotencyKey {
             HeaderValue::from_str(&self.0).expect("a validated key is a valid header value")
         }
     }
+}
+
+/// The value of `headers[name]`: `None` when the header is absent, an error when it is given
+/// more than once.
+pub(crate) fn single_value<'h>(
+    headers: &'h HeaderMap,
+    name: &HeaderName,
+) -> Result<Option<&'h HeaderValue>, InvalidKey> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(InvalidKey::Repeated);
+    }
+    Ok(first)
+}
+
+/// The key a header value holds, in the bare form or as a structured-field string; borrowed
+/// from the value unless it had escapes to undo.
+pub(crate) fn parse(value: &HeaderValue) -> Result<Cow<'_, str>, InvalidKey> {
+    let raw = trim_ows(value.as_bytes());
+    let key = match raw {
+        [b'"', inner @ ..] => {
+            let Some(inner) = inner.strip_suffix(b"\"") else {
+                return Err(InvalidKey::UnterminatedQuote);
+            };
+            let unescaped = unescape(inner)?;
+            validate(&unescaped, true)?;
+            Cow::Owned(String::from_utf8(unescaped).expect("validate admits only ASCII"))
+        }
+        _ => {
+            validate(raw, false)?;
+            Cow::Borrowed(std::str::from_utf8(raw).expect("validate admits only ASCII"))
+        }
+    };
+    Ok(key)
 }
 
 impl fmt::Debug for IdempotencyKey {

@@ -19,7 +19,7 @@ use axum::{
 use http_body_util::{BodyExt, Full};
 use support::app::{Counter, TestServer, app, assert_one_answer, many_keys, serve, server, storm};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tower::{ServiceExt, service_fn};
+use tower::{Layer, ServiceExt, service_fn};
 use tower_idempotency::{
     IdempotencyService, IdempotencyServiceLayer,
     server::{OnConflict, OnStoreError},
@@ -697,4 +697,63 @@ async fn records_expire_after_the_retention() {
     assert!(!later.replayed());
     assert_ne!(later.body, first.body);
     assert_eq!(s.runs.runs(), 2);
+}
+
+/// A response body that gives an exact length shorter than what it sends.
+struct RunsPastItsLength {
+    chunks: std::collections::VecDeque<Bytes>,
+    says: u64,
+}
+
+impl http_body::Body for RunsPastItsLength {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Ready(
+            self.chunks
+                .pop_front()
+                .map(|c| Ok(http_body::Frame::data(c))),
+        )
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.says)
+    }
+}
+
+#[tokio::test]
+async fn a_body_that_runs_past_its_length_reaches_its_caller_whole_and_is_not_stored() {
+    let calls = Counter::default();
+    let counted = calls.clone();
+    let svc = IdempotencyServiceLayer::default()
+        .max_stored_response(8)
+        .layer(service_fn(move |_req: Request<_>| {
+            counted.0.fetch_add(1, Ordering::SeqCst);
+            async {
+                let body = RunsPastItsLength {
+                    chunks: [Bytes::from("0123456789"), Bytes::from("abcdefghij")].into(),
+                    says: 5,
+                };
+                Ok::<_, Infallible>(Response::new(body))
+            }
+        }));
+    let req = || {
+        Request::post("/orders")
+            .header("idempotency-key", "k")
+            .body(Full::new(Bytes::from("tea")))
+            .unwrap()
+    };
+    let first = svc.clone().oneshot(req()).await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    assert_eq!(
+        first.into_body().collect().await.unwrap().to_bytes(),
+        "0123456789abcdefghij"
+    );
+    let again = svc.clone().oneshot(req()).await.unwrap();
+    assert_eq!(again.status(), StatusCode::CONFLICT);
+    assert_eq!(calls.runs(), 1);
 }

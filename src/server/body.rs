@@ -236,26 +236,23 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
 }
 
 /// How a body was buffered: a request's to fingerprint it, a response's to store it.
-pub(crate) enum Buffered<B: Body> {
+pub(crate) enum Buffered<E> {
     /// The whole body, within the limit.
     Whole {
         data: Bytes,
         trailers: Option<HeaderMap>,
     },
-    /// The limit was passed: what was read so far and the rest, to stream on.
-    TooLarge { chunks: VecDeque<Bytes>, rest: B },
+    /// The limit was passed: what was read so far. The rest is still in the body.
+    TooLarge { chunks: VecDeque<Bytes> },
     /// The body failed part way.
-    Failed {
-        chunks: VecDeque<Bytes>,
-        error: B::Error,
-    },
+    Failed { chunks: VecDeque<Bytes>, error: E },
 }
 
 /// Reads `body` until its end or until more than `limit` bytes have come. A body that arrives
 /// in one chunk (the usual case) is kept as it is, without copying or collecting.
-pub(crate) async fn buffer<B>(mut body: B, limit: usize) -> Buffered<B>
+pub(crate) async fn buffer<B>(mut body: Pin<&mut B>, limit: usize) -> Buffered<B::Error>
 where
-    B: Body<Data = Bytes> + Unpin,
+    B: Body<Data = Bytes>,
 {
     use http_body_util::BodyExt;
 
@@ -273,10 +270,9 @@ where
         if len > limit {
             return Buffered::TooLarge {
                 chunks: chunks(first, more),
-                rest: body,
             };
         }
-        match body.frame().await {
+        match body.as_mut().frame().await {
             None => break,
             Some(Err(error)) => {
                 return Buffered::Failed {

@@ -20,7 +20,7 @@ use super::{
     problem::Problem,
 };
 use crate::{
-    IDEMPOTENT_REPLAYED, IdempotencyKey,
+    IDEMPOTENT_REPLAYED, key,
     store::{
         BoxError, Claim, Completion, FencingToken, Fingerprint, Holder, KeyStore, Record,
         StoreError, StoreKey,
@@ -131,8 +131,9 @@ where
         if !config.methods.contains(req.method()) {
             return ResponseFuture::passthrough(self.inner.call(req.map(RequestBody::inner)));
         }
-        let key = match IdempotencyKey::from_headers(req.headers(), &config.header) {
-            Ok(Some(key)) => key,
+        let value = match key::single_value(req.headers(), &config.header) {
+            // A copy of a header value shares its bytes.
+            Ok(Some(value)) => value.clone(),
             Ok(None) if config.require_key => {
                 return ResponseFuture::ready(reject(Problem::MissingKey {
                     header: config.header.clone(),
@@ -144,10 +145,14 @@ where
             Err(err) => return ResponseFuture::ready(reject(Problem::InvalidKey(err))),
         };
         let (parts, body) = req.into_parts();
-        let store_key = match admit(config, &parts, &key) {
+        let store_key = match key::parse(&value)
+            .map_err(Problem::InvalidKey)
+            .and_then(|key| admit(config, &parts, &key))
+        {
             Ok(store_key) => store_key,
             Err(problem) => return ResponseFuture::ready(reject(problem)),
         };
+        let key = LogKey(value);
         // The ready service handles this request; a clone takes its place for the next one.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
@@ -174,7 +179,7 @@ fn reject<B: Body>(problem: Problem) -> Response<ResponseBody<B>> {
 /// Everything about a keyed request once its body is read.
 struct Keyed {
     shared: Arc<Shared>,
-    key: IdempotencyKey,
+    key: LogKey,
     store_key: StoreKey,
     fingerprint: Fingerprint,
     /// When waiting for the same request gives up: set when this request first waits.
@@ -183,11 +188,7 @@ struct Keyed {
 
 /// What can be checked of a keyed request before its body is read: its scope and declared
 /// length. Gives the key's name in the store.
-fn admit(
-    config: &Config,
-    parts: &request::Parts,
-    key: &IdempotencyKey,
-) -> Result<StoreKey, Problem> {
+fn admit(config: &Config, parts: &request::Parts, key: &str) -> Result<StoreKey, Problem> {
     let scope = match &config.scope {
         None => String::new(),
         Some(scope) => scope(parts).ok_or(Problem::MissingScope)?,
@@ -200,7 +201,17 @@ fn admit(
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(Problem::BodyTooLarge { limit });
     }
-    Ok(StoreKey::new(scope.as_bytes(), key))
+    Ok(StoreKey::of(scope.as_bytes(), key))
+}
+
+/// The key as it came in its header, for the logs.
+struct LogKey(HeaderValue);
+
+impl std::fmt::Display for LogKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A key that was admitted is visible ASCII.
+        f.write_str(self.0.to_str().unwrap_or("(not ASCII)"))
+    }
 }
 
 // The functions from here on return `async` blocks rather than being `async fn`s: an `async
@@ -214,7 +225,7 @@ fn admit(
 )]
 fn handle<S, ReqBody, ResBody>(
     shared: Arc<Shared>,
-    key: IdempotencyKey,
+    key: LogKey,
     store_key: StoreKey,
     inner: S,
     parts: request::Parts,
@@ -516,8 +527,18 @@ impl ClaimGuard {
                 return Ok(Response::from_parts(parts, ResponseBody::inner(body)));
             }
             let fingerprint = self.keyed.fingerprint;
-            match buffer(Box::pin(body), config.max_stored_response).await {
-                Buffered::Whole { data, trailers } => {
+            let limit = config.max_stored_response;
+            // A body that gives its length, within the limit, is read where it lies; any other
+            // is boxed, so that what is left of it can stream on if it is too large to store.
+            let fits = body.size_hint().exact().is_some_and(|n| n <= limit as u64);
+            let (buffered, rest) = if fits {
+                (buffer(std::pin::pin!(body), usize::MAX).await, None)
+            } else {
+                let mut body = Box::pin(body);
+                (buffer(body.as_mut(), limit).await, Some(body))
+            };
+            let unstored = match buffered {
+                Buffered::Whole { data, trailers } if data.len() <= limit => {
                     // The record takes the response's headers, and gives them back once stored;
                     // only a response with headers that are never replayed needs a filtered copy.
                     let excluded = parts
@@ -541,32 +562,30 @@ impl ClaimGuard {
                     if !excluded {
                         parts.headers = record.headers;
                     }
-                    Ok(Response::from_parts(
+                    return Ok(Response::from_parts(
                         parts,
                         ResponseBody::full(record.body, record.trailers),
-                    ))
+                    ));
                 }
-                Buffered::TooLarge { chunks, rest } => {
-                    tracing::warn!(
-                        key = %self.keyed.key,
-                        limit = config.max_stored_response,
-                        "idempotency: response too large to store; duplicates will be told it cannot be replayed"
-                    );
-                    self.complete(&Record::not_replayable(fingerprint, parts.status))
-                        .await;
-                    Ok(Response::from_parts(
-                        parts,
-                        ResponseBody::buffered(chunks, None, Some(rest), None),
-                    ))
-                }
+                // Only a body that ran past the length it gave arrives here whole.
+                Buffered::Whole { data, trailers } => ResponseBody::full(data, trailers),
+                Buffered::TooLarge { chunks } => ResponseBody::buffered(chunks, None, rest, None),
                 Buffered::Failed { chunks, error } => {
                     self.release().await;
-                    Ok(Response::from_parts(
+                    return Ok(Response::from_parts(
                         parts,
                         ResponseBody::buffered(chunks, None, None, Some(error)),
-                    ))
+                    ));
                 }
-            }
+            };
+            tracing::warn!(
+                key = %self.keyed.key,
+                limit,
+                "idempotency: response too large to store; duplicates will be told it cannot be replayed"
+            );
+            self.complete(&Record::not_replayable(fingerprint, parts.status))
+                .await;
+            Ok(Response::from_parts(parts, unstored))
         }
     }
 

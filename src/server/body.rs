@@ -105,11 +105,19 @@ pin_project! {
     #[project = ResponseKindProj]
     enum ResponseKind<B: Body> {
         Inner { #[pin] body: B },
-        // Buffered frames (a whole body is one chunk, kept outside the queue so that it needs no
-        // allocation), then (when the response was too large to buffer whole) the rest of the
-        // inner body, or the error that cut it short.
-        Buffered { first: Option<Bytes>, data: VecDeque<Bytes>, trailers: Option<HeaderMap>, rest: Option<Pin<Box<B>>>, error: Option<B::Error> },
+        // A whole body: its one chunk and its trailers. Small, since responses are moved about
+        // and boxed by the layers around this one.
+        Full { data: Option<Bytes>, trailers: Option<Box<HeaderMap>> },
+        // Part of a body, read before it proved too large to store or failed.
+        Partial { partial: Box<Partial<B>> },
     }
+}
+
+/// The frames read of a body, then the rest of it, or the error that cut it short.
+struct Partial<B: Body> {
+    data: VecDeque<Bytes>,
+    rest: Option<Pin<Box<B>>>,
+    error: Option<B::Error>,
 }
 
 impl<B: Body> ResponseBody<B> {
@@ -121,29 +129,22 @@ impl<B: Body> ResponseBody<B> {
 
     pub(crate) fn full(data: Bytes, trailers: Option<HeaderMap>) -> Self {
         Self {
-            kind: ResponseKind::Buffered {
-                first: (!data.is_empty()).then_some(data),
-                data: VecDeque::new(),
-                trailers,
-                rest: None,
-                error: None,
+            kind: ResponseKind::Full {
+                data: (!data.is_empty()).then_some(data),
+                trailers: trailers.map(Box::new),
             },
         }
     }
 
-    pub(crate) fn buffered(
+    /// The chunks read, then `rest` of the body or the `error` that cut it short.
+    pub(crate) fn partial(
         data: VecDeque<Bytes>,
-        trailers: Option<HeaderMap>,
         rest: Option<Pin<Box<B>>>,
         error: Option<B::Error>,
     ) -> Self {
         Self {
-            kind: ResponseKind::Buffered {
-                first: None,
-                data,
-                trailers,
-                rest,
-                error,
+            kind: ResponseKind::Partial {
+                partial: Box::new(Partial { data, rest, error }),
             },
         }
     }
@@ -153,9 +154,13 @@ impl<B: Body> std::fmt::Debug for ResponseBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.kind {
             ResponseKind::Inner { .. } => f.write_str("ResponseBody::Inner"),
-            ResponseKind::Buffered { first, data, .. } => {
-                let chunks = usize::from(first.is_some()) + data.len();
-                write!(f, "ResponseBody::Buffered({chunks} chunks)")
+            ResponseKind::Full { data, .. } => write!(
+                f,
+                "ResponseBody::Full({} bytes)",
+                data.as_ref().map_or(0, Bytes::len)
+            ),
+            ResponseKind::Partial { partial } => {
+                write!(f, "ResponseBody::Partial({} chunks)", partial.data.len())
             }
         }
     }
@@ -171,23 +176,18 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project().kind.project() {
             ResponseKindProj::Inner { body } => body.poll_frame(cx),
-            ResponseKindProj::Buffered {
-                first,
-                data,
-                trailers,
-                rest,
-                error,
-            } => {
-                if let Some(chunk) = first.take().or_else(|| data.pop_front()) {
+            ResponseKindProj::Full { data, trailers } => Poll::Ready(match data.take() {
+                Some(data) => Some(Ok(Frame::data(data))),
+                None => trailers.take().map(|t| Ok(Frame::trailers(*t))),
+            }),
+            ResponseKindProj::Partial { partial } => {
+                if let Some(chunk) = partial.data.pop_front() {
                     return Poll::Ready(Some(Ok(Frame::data(chunk))));
                 }
-                if let Some(rest) = rest {
+                if let Some(rest) = &mut partial.rest {
                     return rest.as_mut().poll_frame(cx);
                 }
-                if let Some(error) = error.take() {
-                    return Poll::Ready(Some(Err(error)));
-                }
-                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+                Poll::Ready(partial.error.take().map(Err))
             }
         }
     }
@@ -195,18 +195,11 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             ResponseKind::Inner { body } => body.is_end_stream(),
-            ResponseKind::Buffered {
-                first,
-                data,
-                trailers,
-                rest,
-                error,
-            } => {
-                first.is_none()
-                    && data.is_empty()
-                    && trailers.is_none()
-                    && error.is_none()
-                    && rest.as_ref().is_none_or(|r| r.is_end_stream())
+            ResponseKind::Full { data, trailers } => data.is_none() && trailers.is_none(),
+            ResponseKind::Partial { partial } => {
+                partial.data.is_empty()
+                    && partial.error.is_none()
+                    && partial.rest.as_ref().is_none_or(|r| r.is_end_stream())
             }
         }
     }
@@ -214,11 +207,12 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             ResponseKind::Inner { body } => body.size_hint(),
-            ResponseKind::Buffered {
-                first, data, rest, ..
-            } => {
-                let buffered: u64 = first.iter().chain(data).map(|d| d.len() as u64).sum();
-                match rest {
+            ResponseKind::Full { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            ResponseKind::Partial { partial } => {
+                let buffered: u64 = partial.data.iter().map(|d| d.len() as u64).sum();
+                match &partial.rest {
                     None => SizeHint::with_exact(buffered),
                     Some(rest) => {
                         let hint = rest.size_hint();

@@ -569,12 +569,12 @@ impl ClaimGuard {
                 }
                 // Only a body that ran past the length it gave arrives here whole.
                 Buffered::Whole { data, trailers } => ResponseBody::full(data, trailers),
-                Buffered::TooLarge { chunks } => ResponseBody::buffered(chunks, None, rest, None),
+                Buffered::TooLarge { chunks } => ResponseBody::partial(chunks, rest, None),
                 Buffered::Failed { chunks, error } => {
                     self.release().await;
                     return Ok(Response::from_parts(
                         parts,
-                        ResponseBody::buffered(chunks, None, None, Some(error)),
+                        ResponseBody::partial(chunks, None, Some(error)),
                     ));
                 }
             };

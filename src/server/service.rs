@@ -214,9 +214,9 @@ impl std::fmt::Display for LogKey {
     }
 }
 
-// The functions from here on return `async` blocks rather than being `async fn`s: an `async
-// fn` keeps a second copy of its arguments in its future, and these futures are moved and
-// boxed on every keyed request.
+// `handle`, `Keyed::run` and `ClaimGuard::execute` return `async` blocks rather than being
+// `async fn`s: an `async fn` keeps a second copy of its arguments in its future, and these
+// futures are moved and boxed on every keyed request.
 
 /// Reads the body, then leads the request or follows the same request in this process.
 #[expect(

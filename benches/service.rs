@@ -10,6 +10,8 @@
 //! the middleware adds on one core. The handler is trivial (a small `Full<Bytes>`, body not
 //! read), so the ratio is the worst case; a real handler dilutes it.
 
+mod common;
+
 use std::{
     convert::Infallible,
     sync::{
@@ -20,54 +22,14 @@ use std::{
 };
 
 use bytes::Bytes;
+use common::{ANSWER, handler, request, runtime, send};
 use criterion::{
     BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main, measurement::WallTime,
 };
-use http::{Method, Request, Response};
-use http_body_util::{BodyExt, Full};
-use tokio::runtime::Runtime;
-use tower::{Layer, Service, ServiceExt, service_fn};
+use http::{Request, Response};
+use http_body_util::Full;
+use tower::{Layer, service_fn};
 use tower_idempotency::{IdempotencyServiceLayer, store::MemoryStore};
-
-const BODY: &[u8] = br#"{"sku":"tea","qty":1}"#;
-const ANSWER: &[u8] = br#"{"id":"8f14e45f","status":"created"}"#;
-
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime")
-}
-
-fn request(key: Option<&str>) -> Request<Full<Bytes>> {
-    let mut req = Request::builder()
-        .method(Method::POST)
-        .uri("/orders")
-        .header("content-type", "application/json");
-    if let Some(key) = key {
-        req = req.header("idempotency-key", key);
-    }
-    req.body(Full::new(Bytes::from_static(BODY)))
-        .expect("a valid request")
-}
-
-/// The trivial handler, generic over the request body so that both services run the same code.
-fn handler<B>(_req: Request<B>) -> std::future::Ready<Result<Response<Full<Bytes>>, Infallible>> {
-    std::future::ready(Ok(Response::new(Full::new(Bytes::from_static(ANSWER)))))
-}
-
-/// Sends `req` through `svc` and reads the whole response body, as a server would.
-async fn send<S, B, RB>(svc: &S, req: Request<B>)
-where
-    S: Service<Request<B>, Response = Response<RB>, Error = Infallible> + Clone,
-    RB: http_body::Body<Data = Bytes>,
-    RB::Error: std::fmt::Debug,
-{
-    let response = svc.clone().oneshot(req).await.expect("infallible");
-    assert!(response.status().is_success());
-    let body = response.into_body().collect().await.expect("a body");
-    std::hint::black_box(body);
-}
 
 fn group<'a>(c: &'a mut Criterion, name: &str) -> BenchmarkGroup<'a, WallTime> {
     let mut group = c.benchmark_group(name);

@@ -1,0 +1,83 @@
+#![allow(missing_docs)]
+//! Sends requests of one kind through `IdempotencyService` in process, one after another, and
+//! prints the time per request: a program to count instructions per request with callgrind, or
+//! to time fresh keys into a store that is already full.
+//!
+//! ```text
+//! cargo bench --bench requests -- MODE N [PREFILL] [--small-store]
+//! ```
+//!
+//! MODE is `bare` (the handler alone, with a key), `nokey`, `fresh` (a new key each time) or
+//! `replay`. PREFILL fresh keys are sent first, untimed, to fill the store; `--small-store`
+//! keeps it to 1,000 records, so that it evicts from the start and stays in cache.
+//! Instructions per request: run the executable (`cargo bench --bench requests --no-run` names
+//! it) under `valgrind --tool=callgrind` with N and with 2N, and divide the difference by N.
+
+mod common;
+
+use std::time::Instant;
+
+use common::{handler, request, runtime, send};
+use tower::{Layer, service_fn};
+use tower_idempotency::{IdempotencyServiceLayer, store::MemoryStore};
+
+const USAGE: &str = "usage: requests bare|nokey|fresh|replay N [PREFILL] [--small-store]";
+
+fn main() {
+    // `cargo bench` adds `--bench`.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let small = args.iter().any(|a| a == "--small-store");
+    let mut words = args.iter().filter(|a| !a.starts_with("--"));
+    let (Some(mode), Some(n)) = (words.next(), words.next().and_then(|n| n.parse().ok())) else {
+        eprintln!("{USAGE}");
+        std::process::exit(2);
+    };
+    let n: u64 = n;
+    let prefill: u64 = words.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let store = if small {
+        MemoryStore::with_limits(1_000, usize::MAX)
+    } else {
+        MemoryStore::new()
+    };
+    let idempotent = IdempotencyServiceLayer::new(store).layer(service_fn(handler));
+    let bare = service_fn(handler);
+    runtime().block_on(async {
+        for i in 0..prefill {
+            send(&idempotent, request(Some(&format!("prefill-{i}")))).await;
+        }
+        send(&idempotent, request(Some("replayed"))).await;
+        let keys: Vec<String> = (0..n).map(|i| format!("fresh-{i:012}")).collect();
+        let start = Instant::now();
+        match mode.as_str() {
+            "bare" => {
+                for _ in 0..n {
+                    send(&bare, request(Some("k"))).await;
+                }
+            }
+            "nokey" => {
+                for _ in 0..n {
+                    send(&idempotent, request(None)).await;
+                }
+            }
+            "fresh" => {
+                for key in &keys {
+                    send(&idempotent, request(Some(key))).await;
+                }
+            }
+            "replay" => {
+                for _ in 0..n {
+                    send(&idempotent, request(Some("replayed"))).await;
+                }
+            }
+            _ => {
+                eprintln!("{USAGE}");
+                std::process::exit(2);
+            }
+        }
+        let per_request = start.elapsed().as_nanos() as f64 / n.max(1) as f64;
+        println!("REQUESTS mode={mode} n={n} prefill={prefill} ns_per_request={per_request:.0}");
+    });
+}

@@ -61,9 +61,9 @@ pub struct MemoryStore {
 
 struct Inner {
     shards: Box<[Mutex<Shard>]>,
-    /// Where records are written, one buffer per thread (as near as a thread's index modulo
-    /// their number gets): each thread writes its records one after another, so the memory it
-    /// writes next is the memory it just wrote beside.
+    /// Where records are written: a buffer per thread (threads beyond their number share
+    /// them). Each thread writes its records one after another, so the memory it writes next
+    /// lies beside the memory it just wrote.
     segments: Box<[Mutex<BytesMut>]>,
     max_entries_per_shard: usize,
     max_bytes_per_shard: usize,

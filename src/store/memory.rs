@@ -546,29 +546,34 @@ mod tests {
         StoreKey::new(b"", &IdempotencyKey::new(format!("k{i}")).unwrap())
     }
 
+    /// A stored 200 with `body`, for the fingerprint the tests use.
+    fn response(body: impl Into<Bytes>) -> Record {
+        let fp = Fingerprint::from_bytes([0; 32]);
+        Record::response(fp, StatusCode::OK, Default::default(), body.into(), None)
+    }
+
+    /// Claims the fresh key `i` and completes it with `record`.
+    async fn store_fresh(store: &MemoryStore, i: usize, record: &Record) -> Completion {
+        let fp = Fingerprint::from_bytes([0; 32]);
+        let Claim::Claimed(token) = store
+            .claim(&key(i), &fp, Duration::from_secs(60))
+            .await
+            .unwrap()
+        else {
+            panic!("fresh key {i} was not claimable")
+        };
+        store
+            .complete(&key(i), token, record, Duration::from_secs(3600))
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn a_flood_of_unique_keys_stays_within_the_bound() {
         let store = MemoryStore::with_limits(1_000, usize::MAX);
-        let fp = Fingerprint::from_bytes([0; 32]);
-        let record = Record::response(
-            fp,
-            StatusCode::OK,
-            Default::default(),
-            Bytes::from_static(b"x"),
-            None,
-        );
+        let record = response("x");
         for i in 0..20_000 {
-            let Claim::Claimed(token) = store
-                .claim(&key(i), &fp, Duration::from_secs(60))
-                .await
-                .unwrap()
-            else {
-                panic!("fresh key {i} was not claimable")
-            };
-            store
-                .complete(&key(i), token, &record, Duration::from_secs(3600))
-                .await
-                .unwrap();
+            assert_eq!(store_fresh(&store, i, &record).await, Completion::Stored);
         }
         let shards = store.inner.shards.len();
         assert!(
@@ -592,36 +597,14 @@ mod tests {
     #[tokio::test]
     async fn evicted_keys_can_be_claimed_again_and_stale_index_entries_are_swept() {
         let store = MemoryStore::with_limits(640, usize::MAX);
-        let fp = Fingerprint::from_bytes([0; 32]);
-        let stored = |i: usize| {
-            Record::response(
-                fp,
-                StatusCode::OK,
-                Default::default(),
-                Bytes::from(format!("answer {i}")),
-                None,
-            )
-        };
-        let run = |i: usize| {
-            let store = store.clone();
-            let record = stored(i);
-            async move {
-                let Claim::Claimed(token) = store
-                    .claim(&key(i), &fp, Duration::from_secs(60))
-                    .await
-                    .unwrap()
-                else {
-                    panic!("key {i} was not claimable")
-                };
-                store
-                    .complete(&key(i), token, &record, Duration::from_secs(3600))
-                    .await
-                    .unwrap()
-            }
-        };
         for round in 0..3 {
             for i in 0..5_000 {
-                assert_eq!(run(i).await, Completion::Stored, "round {round}, key {i}");
+                let record = response(format!("answer {i}"));
+                assert_eq!(
+                    store_fresh(&store, i, &record).await,
+                    Completion::Stored,
+                    "round {round}, key {i}"
+                );
             }
         }
         // The newest records are the last round's, and they replay.
@@ -655,25 +638,9 @@ mod tests {
         else {
             panic!()
         };
-        let record = Record::response(
-            fp,
-            StatusCode::OK,
-            Default::default(),
-            Bytes::from(vec![0; 1024]),
-            None,
-        );
+        let record = response(vec![0; 1024]);
         for i in 0..5_000 {
-            let Claim::Claimed(token) = store
-                .claim(&key(i), &fp, Duration::from_secs(60))
-                .await
-                .unwrap()
-            else {
-                panic!()
-            };
-            store
-                .complete(&key(i), token, &record, Duration::from_secs(3600))
-                .await
-                .unwrap();
+            store_fresh(&store, i, &record).await;
         }
         let kept = store.stored_bytes();
         assert!(

@@ -6,7 +6,10 @@ mod support;
 
 use std::{
     convert::Infallible,
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -413,6 +416,84 @@ impl KeyStore for HungStore {
     async fn wait(&self, _: &StoreKey, _: Duration) -> Result<Option<Holder>, StoreError> {
         std::future::pending().await
     }
+}
+
+/// A store that hands every step to a memory store and counts the claims and completions it
+/// saw, as a user's instrumented store would.
+#[derive(Debug, Default)]
+struct CountingStore {
+    inner: MemoryStore,
+    claims: AtomicUsize,
+    completions: AtomicUsize,
+}
+
+#[async_trait]
+impl KeyStore for CountingStore {
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.claims.fetch_add(1, Ordering::SeqCst);
+        self.inner.claim(key, fingerprint, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: FencingToken,
+        record: &Record,
+        retention: Duration,
+    ) -> Result<Completion, StoreError> {
+        self.completions.fetch_add(1, Ordering::SeqCst);
+        self.inner.complete(key, token, record, retention).await
+    }
+    async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<bool, StoreError> {
+        self.inner.release(key, token).await
+    }
+    async fn extend(
+        &self,
+        key: &StoreKey,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        self.inner.extend(key, token, lease).await
+    }
+    async fn read(&self, key: &StoreKey) -> Result<Option<Holder>, StoreError> {
+        self.inner.read(key).await
+    }
+    async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<Option<Holder>, StoreError> {
+        self.inner.wait(key, timeout).await
+    }
+}
+
+#[tokio::test]
+async fn a_memory_store_works_however_it_is_handed_over_and_a_wrapper_sees_every_step() {
+    // Shared as `Arc<dyn KeyStore>`: replays as it does when handed over by value.
+    let memory = MemoryStore::new();
+    let s = server(IdempotencyServiceLayer::with_shared_store(Arc::new(
+        memory.clone(),
+    )))
+    .await;
+    let first = s.post("/orders", "k", "tea").await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let again = s.post("/orders", "k", "tea").await;
+    assert!(again.replayed());
+    assert_eq!(again.body, first.body);
+    assert_eq!((s.runs.runs(), memory.len()), (1, 1));
+
+    // A store that wraps a memory store is called for every step, not skipped past.
+    let counting = Arc::new(CountingStore::default());
+    let s = server(IdempotencyServiceLayer::with_shared_store(counting.clone())).await;
+    assert_eq!(
+        s.post("/orders", "k", "tea").await.status,
+        StatusCode::CREATED
+    );
+    assert!(s.post("/orders", "k", "tea").await.replayed());
+    assert_eq!(s.runs.runs(), 1);
+    assert_eq!(counting.claims.load(Ordering::SeqCst), 2);
+    assert_eq!(counting.completions.load(Ordering::SeqCst), 1);
+    assert_eq!(counting.inner.len(), 1);
 }
 
 #[tokio::test]

@@ -1,6 +1,6 @@
 //! The service's settings and their defaults.
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{any::Any, fmt, sync::Arc, time::Duration};
 
 use http::{HeaderName, Method, StatusCode, header, request, response};
 
@@ -89,7 +89,14 @@ pub(crate) fn default_replay_excluded() -> Vec<HeaderName> {
 }
 
 impl Config {
-    pub(crate) fn new(store: Arc<dyn KeyStore>, local: Option<MemoryStore>) -> Self {
+    pub(crate) fn new(store: Arc<dyn KeyStore>) -> Self {
+        // A memory store answers every step at once: the service calls it directly, however it
+        // was handed over.
+        let any: &dyn Any = &*store;
+        let local = any
+            .downcast_ref::<MemoryStore>()
+            .or_else(|| any.downcast_ref::<Arc<MemoryStore>>().map(|store| &**store))
+            .cloned();
         Self {
             store,
             local,

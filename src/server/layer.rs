@@ -50,23 +50,19 @@ impl Default for IdempotencyServiceLayer {
 
 impl IdempotencyServiceLayer {
     /// A layer keeping keys in `store`, with the default settings.
+    ///
+    /// A [`MemoryStore`] (or an `Arc` of one) answers every step at once, so the service calls
+    /// it directly rather than through a boxed future; any other store, a wrapper around a
+    /// memory store included, is called through [`KeyStore`].
     pub fn new(store: impl KeyStore) -> Self {
-        // A memory store answers every step at once: the service calls it directly.
-        let local = (&store as &dyn std::any::Any)
-            .downcast_ref::<MemoryStore>()
-            .cloned();
-        Self::from_config(Config::new(Arc::new(store), local))
+        Self::with_shared_store(Arc::new(store))
     }
 
-    /// A layer keeping keys in a store that is already shared.
+    /// A layer keeping keys in a store that is already shared, as [`new`](Self::new) does.
     pub fn with_shared_store(store: Arc<dyn KeyStore>) -> Self {
-        Self::from_config(Config::new(store, None))
-    }
-
-    fn from_config(config: Config) -> Self {
         Self {
             shared: Arc::new(Shared {
-                config,
+                config: Config::new(store),
                 flights: Arc::new(Flights::new()),
             }),
         }

@@ -46,6 +46,7 @@
 //! ```
 
 use std::{
+    any::Any,
     fmt,
     future::Future,
     pin::Pin,
@@ -274,7 +275,7 @@ impl std::error::Error for StoreError {
 /// with the same token stores once. A lapsed lease is the same as no claim: the next
 /// [`claim`](Self::claim) takes the key over, and the old token is fenced.
 #[async_trait]
-pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
+pub trait KeyStore: Any + Send + Sync + fmt::Debug {
     /// Claims `key` for a run of a request with `fingerprint`, for `lease`; or reports what
     /// holds the key.
     async fn claim(

@@ -122,19 +122,17 @@ async fn read_answer(stream: &mut TcpStream) -> Result<Answer, String> {
         let length: usize = header("content-length")
             .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
             .ok_or("a response without a content-length")?;
-        let answer = Answer {
-            status: response.code.unwrap_or_default(),
-            replayed: header("idempotent-replayed").is_some(),
-            done: Instant::now(),
-        };
+        let status = response.code.unwrap_or_default();
+        let replayed = header("idempotent-replayed").is_some();
         while buf.len() < head + length {
             if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
                 return Err("the server closed a connection mid-body".into());
             }
         }
         return Ok(Answer {
+            status,
+            replayed,
             done: Instant::now(),
-            ..answer
         });
     }
 }

@@ -94,6 +94,7 @@ impl<E, F: Fn(&E) -> bool> ClassifyError<E> for F {
 ///
 /// `request_id` comes from the `x-request-id` header, and is left out with the key when the
 /// request has none.
+#[derive(Clone)]
 pub struct RetryPolicy<C = RetryAnyError> {
     max_attempts: u32,
     min_backoff: Duration,
@@ -238,24 +239,6 @@ impl<C> RetryPolicy<C> {
             .as_mut()
             .expect("the backoff was just made")
             .next_backoff()
-    }
-}
-
-impl<C: Clone> Clone for RetryPolicy<C> {
-    fn clone(&self) -> Self {
-        Self {
-            max_attempts: self.max_attempts,
-            min_backoff: self.min_backoff,
-            max_backoff: self.max_backoff,
-            jitter: self.jitter,
-            max_retry_after: self.max_retry_after,
-            retry_unkeyed: self.retry_unkeyed,
-            header: self.header.clone(),
-            budget: self.budget.clone(),
-            classify: self.classify.clone(),
-            retries: self.retries,
-            backoff: self.backoff.clone(),
-        }
     }
 }
 

@@ -372,22 +372,21 @@ impl MemoryStore {
         let now = Instant::now();
         let seen = {
             let mut shard = self.shard(key);
-            if let Some(claim) = shard.claim_of(key, now) {
-                Seen::InFlight(claim.fingerprint)
-            } else if let Some(stored) = shard.record_of(key, now) {
-                Seen::Completed(stored.encoded.clone().expect("a live record"))
-            } else {
-                let token = FencingToken::random();
-                shard.in_flight.insert(
-                    *key,
-                    InFlight {
-                        token,
-                        fingerprint: *fingerprint,
-                        lease_until: now + lease,
-                        waiters: None,
-                    },
-                );
-                return Ok(Claim::Claimed(token));
+            match shard.seen(key, now) {
+                Seen::Nothing => {
+                    let token = FencingToken::random();
+                    shard.in_flight.insert(
+                        *key,
+                        InFlight {
+                            token,
+                            fingerprint: *fingerprint,
+                            lease_until: now + lease,
+                            waiters: None,
+                        },
+                    );
+                    return Ok(Claim::Claimed(token));
+                }
+                seen => seen,
             }
         };
         Ok(Claim::Held(seen.into_holder()?.expect("seen something")))

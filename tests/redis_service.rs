@@ -1,6 +1,7 @@
 //! `IdempotencyService` on `RedisStore`, end to end: several services (and processes) sharing one
 //! Redis or Redis Cluster, each with its own connections, as replicas behind a load balancer
-//! would be. Every test starts its own `redis-server` processes.
+//! would be. The tests start their own `redis-server` processes (the cluster test uses the
+//! cluster the tests of this binary share).
 
 mod support;
 
@@ -14,7 +15,7 @@ use std::{
 use axum::http::{StatusCode, header};
 use support::{
     Monitor, RedisServer,
-    app::{Counter, TestServer, app, assert_one_answer, many_keys, serve, storm},
+    app::{Counter, TestServer, app, assert_one_answer, many_keys, serve, storm, two_servers},
     cluster, command,
 };
 use tower_idempotency::{
@@ -33,23 +34,11 @@ async fn standalone_store(url: &str) -> RedisStore {
 /// Two services, each on a store of its own (separate connections) to the same Redis, counting
 /// handler runs together.
 async fn two_services(a: RedisStore, b: RedisStore) -> [Arc<TestServer>; 2] {
-    let runs = Counter::default();
-    [
-        Arc::new(
-            serve(
-                app(runs.clone()).layer(IdempotencyServiceLayer::new(a)),
-                runs.clone(),
-            )
-            .await,
-        ),
-        Arc::new(
-            serve(
-                app(runs.clone()).layer(IdempotencyServiceLayer::new(b)),
-                runs,
-            )
-            .await,
-        ),
-    ]
+    two_servers(
+        IdempotencyServiceLayer::new(a),
+        IdempotencyServiceLayer::new(b),
+    )
+    .await
 }
 
 async fn storms_run_once(servers: [Arc<TestServer>; 2]) {
@@ -127,8 +116,7 @@ async fn a_waiter_in_another_service_gets_the_answer_as_soon_as_it_is_stored() {
         assert_eq!(duplicate.body, first.body);
         lags.push(answered.saturating_duration_since(first_answered));
     }
-    lags.sort();
-    let median = lags[lags.len() / 2];
+    let median = support::median(lags.clone());
     println!("cross-service wake-up after completion: median {median:?}, all {lags:?}");
     assert!(
         median < Duration::from_millis(50),
@@ -145,12 +133,7 @@ async fn a_first_seen_key_costs_two_commands_and_a_replay_one() {
         .connect(&server.url())
         .await
         .unwrap();
-    let runs = Counter::default();
-    let s = serve(
-        app(runs.clone()).layer(IdempotencyServiceLayer::new(store)),
-        runs,
-    )
-    .await;
+    let s = support::app::server(IdempotencyServiceLayer::new(store)).await;
     // Load the scripts once, as any long-running service has.
     s.post("/orders", "warm-up", "tea").await;
 
@@ -184,15 +167,8 @@ async fn a_first_seen_key_costs_two_commands_and_a_replay_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dead_redis_fails_closed_and_the_service_recovers_when_it_returns() {
     let mut server = RedisServer::start();
-    let runs = Counter::default();
     let store = standalone_store(&server.url()).await;
-    let s = Arc::new(
-        serve(
-            app(runs.clone()).layer(IdempotencyServiceLayer::new(store)),
-            runs.clone(),
-        )
-        .await,
-    );
+    let s = Arc::new(support::app::server(IdempotencyServiceLayer::new(store)).await);
     assert_eq!(
         s.post("/orders", "before", "tea").await.status,
         StatusCode::CREATED
@@ -216,7 +192,7 @@ async fn a_dead_redis_fails_closed_and_the_service_recovers_when_it_returns() {
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
     server.kill();
-    let runs_at_kill = runs.runs();
+    let runs_at_kill = s.runs.runs();
     let statuses = traffic.await.unwrap();
     assert!(
         statuses.contains(&StatusCode::SERVICE_UNAVAILABLE),
@@ -234,10 +210,10 @@ async fn a_dead_redis_fails_closed_and_the_service_recovers_when_it_returns() {
     assert_eq!(down.headers[header::RETRY_AFTER], "1");
     down.problem();
     assert!(
-        runs.runs() <= runs_at_kill + 1,
+        s.runs.runs() <= runs_at_kill + 1,
         "requests ran while Redis was down"
     );
-    let runs_while_down = runs.runs();
+    let runs_while_down = s.runs.runs();
 
     server.restart();
     let restarted = Instant::now();
@@ -254,7 +230,7 @@ async fn a_dead_redis_fails_closed_and_the_service_recovers_when_it_returns() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     println!("the service answered from Redis again {recovered:?} after the restart");
-    assert_eq!(runs.runs(), runs_while_down + 1);
+    assert_eq!(s.runs.runs(), runs_while_down + 1);
     assert!(s.post("/orders", "after", "tea").await.replayed());
 }
 
@@ -264,17 +240,12 @@ async fn a_corrupted_value_is_an_error_response_not_a_panic() {
     let store = standalone_store(&server.url()).await;
     let key = IdempotencyKey::new("corrupted").unwrap();
     let redis_key = store.redis_key(&StoreKey::new(b"", &key));
-    let runs = Counter::default();
-    let s = serve(
-        app(runs.clone()).layer(IdempotencyServiceLayer::new(store)),
-        runs.clone(),
-    )
-    .await;
+    let s = support::app::server(IdempotencyServiceLayer::new(store)).await;
     assert!(command(server.port(), &format!("SET {redis_key} not-a-record")).starts_with("+OK"));
     let answer = s.post("/orders", key.as_str(), "tea").await;
     assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
     answer.problem();
-    assert_eq!(runs.runs(), 0);
+    assert_eq!(s.runs.runs(), 0);
     // Other keys are unaffected.
     assert_eq!(
         s.post("/orders", "healthy", "tea").await.status,

@@ -15,7 +15,7 @@ use tower_idempotency::{
     },
 };
 
-use support::{Monitor, RedisServer};
+use support::{Monitor, RedisServer, median};
 
 tower_idempotency::key_store_conformance!(
     standalone_conformance,
@@ -65,11 +65,6 @@ async fn claimed(
         Claim::Claimed(token) => token,
         other => panic!("a free key was not claimable: {other:?}"),
     }
-}
-
-fn median(mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
-    samples[samples.len() / 2]
 }
 
 async fn raw_connection(url: &str) -> redis::aio::MultiplexedConnection {
@@ -484,15 +479,18 @@ async fn many_waiters_on_one_key_share_one_subscription() {
         .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut raw = raw_connection(&server.url()).await;
-    let subscribers: Vec<(String, i64)> = redis::cmd("PUBSUB")
-        .arg("SHARDNUMSUB")
-        .arg(b.channel(&key))
-        .query_async(&mut raw)
-        .await
-        .unwrap();
+    let channel = b.channel(&key);
+    let mut subscribers = async || -> Vec<(String, i64)> {
+        redis::cmd("PUBSUB")
+            .arg("SHARDNUMSUB")
+            .arg(&channel)
+            .query_async(&mut raw)
+            .await
+            .unwrap()
+    };
     assert_eq!(
-        subscribers,
-        vec![(b.channel(&key), 1)],
+        subscribers().await,
+        vec![(channel.clone(), 1)],
         "20 waiters in one store must share one subscription"
     );
     a.complete(&key, token, &record("shared"), RETENTION)
@@ -507,18 +505,13 @@ async fn many_waiters_on_one_key_share_one_subscription() {
     // The last waiter gone, the subscription goes too.
     let started = Instant::now();
     loop {
-        let subscribers: Vec<(String, i64)> = redis::cmd("PUBSUB")
-            .arg("SHARDNUMSUB")
-            .arg(b.channel(&key))
-            .query_async(&mut raw)
-            .await
-            .unwrap();
-        if subscribers == vec![(b.channel(&key), 0)] {
+        let now = subscribers().await;
+        if now == vec![(channel.clone(), 0)] {
             break;
         }
         assert!(
             started.elapsed() < Duration::from_secs(5),
-            "the subscription outlived its waiters: {subscribers:?}"
+            "the subscription outlived its waiters: {now:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -20,7 +20,7 @@ use axum::{
     response::Response,
 };
 use http_body_util::{BodyExt, Full};
-use support::app::{Counter, TestServer, app, assert_one_answer, many_keys, serve, server, storm};
+use support::app::{Counter, assert_one_answer, many_keys, server, storm, two_servers};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::{Layer, ServiceExt, service_fn};
 use tower_idempotency::{
@@ -469,12 +469,9 @@ impl KeyStore for CountingStore {
 
 #[tokio::test]
 async fn a_memory_store_works_however_it_is_handed_over_and_a_wrapper_sees_every_step() {
-    // Shared as `Arc<dyn KeyStore>`: replays as it does when handed over by value.
+    // In an `Arc`: replays as it does when handed over by value.
     let memory = MemoryStore::new();
-    let s = server(IdempotencyServiceLayer::with_shared_store(Arc::new(
-        memory.clone(),
-    )))
-    .await;
+    let s = server(IdempotencyServiceLayer::new(Arc::new(memory.clone()))).await;
     let first = s.post("/orders", "k", "tea").await;
     assert_eq!(first.status, StatusCode::CREATED);
     let again = s.post("/orders", "k", "tea").await;
@@ -557,20 +554,16 @@ async fn a_thousand_distinct_keys_run_a_thousand_times() {
     assert_eq!(s.runs.runs(), 1000);
 }
 
-/// Two services that share a store but not their in-process coalescing, as two processes
-/// sharing Redis would.
-async fn two_servers(store: MemoryStore) -> [Arc<TestServer>; 2] {
-    let runs = Counter::default();
-    let layer = || IdempotencyServiceLayer::new(store.clone());
-    [
-        Arc::new(serve(app(runs.clone()).layer(layer()), runs.clone()).await),
-        Arc::new(serve(app(runs.clone()).layer(layer()), runs).await),
-    ]
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn duplicates_split_across_two_services_on_one_store_run_once() {
-    let servers = two_servers(MemoryStore::new()).await;
+    // Two services that share a store but not their in-process coalescing, as two processes
+    // sharing Redis would.
+    let store = MemoryStore::new();
+    let servers = two_servers(
+        IdempotencyServiceLayer::new(store.clone()),
+        IdempotencyServiceLayer::new(store),
+    )
+    .await;
     assert_one_answer(&storm(&servers, 100, "/orders?delay_ms=150", "shared", 100).await);
     assert_eq!(servers[0].runs.runs(), 1);
     many_keys(&servers, 200, 4).await;
@@ -580,17 +573,11 @@ async fn duplicates_split_across_two_services_on_one_store_run_once() {
 #[tokio::test]
 async fn a_lapsed_lease_lets_another_run_in_and_fences_the_stale_completion() {
     let store = MemoryStore::new();
-    let runs = Counter::default();
     // Service a never renews its short lease; service b keeps its claims alive.
     let short = IdempotencyServiceLayer::new(store.clone())
         .lease(Duration::from_millis(200))
         .keep_lease_alive(false);
-    let a = Arc::new(serve(app(runs.clone()).layer(short), runs.clone()).await);
-    let b = serve(
-        app(runs.clone()).layer(IdempotencyServiceLayer::new(store)),
-        runs,
-    )
-    .await;
+    let [a, b] = two_servers(short, IdempotencyServiceLayer::new(store)).await;
     let slow = a.spawn_post("/orders?delay_ms=700", "k", "tea");
     tokio::time::sleep(Duration::from_millis(400)).await;
     // The first run's lease has lapsed: the second service takes the key over and runs.
@@ -615,12 +602,10 @@ async fn a_lapsed_lease_lets_another_run_in_and_fences_the_stale_completion() {
 #[tokio::test]
 async fn with_keep_alive_a_slow_handler_keeps_its_claim() {
     let store = MemoryStore::new();
-    let runs = Counter::default();
     // A 600 ms lease, renewed every 200 ms, under a 1.5 s handler: without the renewals the
     // duplicate at 900 ms would find the claim lapsed and run.
     let layer = || IdempotencyServiceLayer::new(store.clone()).lease(Duration::from_millis(600));
-    let a = Arc::new(serve(app(runs.clone()).layer(layer()), runs.clone()).await);
-    let b = serve(app(runs.clone()).layer(layer()), runs).await;
+    let [a, b] = two_servers(layer(), layer()).await;
     let slow = a.spawn_post("/orders?delay_ms=1500", "k", "tea");
     tokio::time::sleep(Duration::from_millis(900)).await;
     let duplicate = b.post("/orders?delay_ms=1500", "k", "tea").await;
@@ -707,9 +692,9 @@ async fn an_inner_service_error_releases_the_claim_so_a_retry_runs() {
     let counted = calls.clone();
     let svc = IdempotencyService::new(
         service_fn(move |_req: Request<_>| {
-            let n = counted.0.fetch_add(1, Ordering::SeqCst);
+            let n = counted.count();
             async move {
-                if n == 0 {
+                if n == 1 {
                     Err("backend unreachable")
                 } else {
                     Ok(Response::new(Full::new(Bytes::from("created"))))
@@ -813,7 +798,7 @@ async fn a_body_that_runs_past_its_length_reaches_its_caller_whole_and_is_not_st
     let svc = IdempotencyServiceLayer::default()
         .max_stored_response(8)
         .layer(service_fn(move |_req: Request<_>| {
-            counted.0.fetch_add(1, Ordering::SeqCst);
+            counted.count();
             async {
                 let body = RunsPastItsLength {
                     chunks: [Bytes::from("0123456789"), Bytes::from("abcdefghij")].into(),

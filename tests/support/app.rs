@@ -24,11 +24,16 @@ use rand::Rng;
 use tower_idempotency::IdempotencyServiceLayer;
 
 #[derive(Clone, Default)]
-pub struct Counter(pub Arc<AtomicUsize>);
+pub struct Counter(Arc<AtomicUsize>);
 
 impl Counter {
     pub fn runs(&self) -> usize {
         self.0.load(Ordering::SeqCst)
+    }
+
+    /// Counts one more run; how many there have been, this one included.
+    pub fn count(&self) -> usize {
+        self.0.fetch_add(1, Ordering::SeqCst) + 1
     }
 }
 
@@ -43,10 +48,10 @@ pub async fn orders(
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
     }
     if q.contains_key("panic") {
-        runs.0.fetch_add(1, Ordering::SeqCst);
+        runs.count();
         panic!("the handler panicked on purpose");
     }
-    let run = runs.0.fetch_add(1, Ordering::SeqCst) + 1;
+    let run = runs.count();
     let status = q.get("status").map_or(StatusCode::CREATED, |s| {
         StatusCode::from_u16(s.parse().unwrap()).unwrap()
     });
@@ -128,6 +133,19 @@ pub async fn serve(router: Router, runs: Counter) -> TestServer {
 pub async fn server(layer: IdempotencyServiceLayer) -> TestServer {
     let runs = Counter::default();
     serve(app(runs.clone()).layer(layer), runs).await
+}
+
+/// Two servers, each behind its own layer (their own in-process coalescing, as two processes
+/// have), counting their handler runs together.
+pub async fn two_servers(
+    a: IdempotencyServiceLayer,
+    b: IdempotencyServiceLayer,
+) -> [Arc<TestServer>; 2] {
+    let runs = Counter::default();
+    [
+        Arc::new(serve(app(runs.clone()).layer(a), runs.clone()).await),
+        Arc::new(serve(app(runs.clone()).layer(b), runs).await),
+    ]
 }
 
 impl TestServer {

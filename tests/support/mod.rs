@@ -295,6 +295,12 @@ fn ping(port: u16) -> bool {
     command(port, "PING").starts_with("+PONG")
 }
 
+/// The middle of `samples`, sorted.
+pub fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
 /// Sends one inline command and returns the raw reply ("" when the server cannot be reached).
 pub fn command(port: u16, line: &str) -> String {
     let Ok(mut stream) =

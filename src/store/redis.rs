@@ -15,7 +15,8 @@ use std::{
 use async_trait::async_trait;
 use bytes::{BufMut, Bytes, BytesMut};
 use redis::{
-    Client, Cmd, PushInfo, PushKind, RedisFuture, Script, Value,
+    Client, Cmd, ExistenceCheck, PushInfo, PushKind, RedisFuture, Script, SetExpiry, SetOptions,
+    Value,
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
     cluster::ClusterClientBuilder,
     cluster_async::ClusterConnection,
@@ -156,7 +157,6 @@ struct Inner {
     complete: Script,
     release: Script,
     extend: Script,
-    cluster: bool,
 }
 
 impl Drop for Inner {
@@ -169,7 +169,7 @@ impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
             .field("prefix", &self.inner.prefix)
-            .field("cluster", &self.inner.cluster)
+            .field("cluster", &matches!(self.inner.conn, Conn::Cluster(_)))
             .field("call_timeout", &self.inner.call_timeout)
             .finish_non_exhaustive()
     }
@@ -251,7 +251,7 @@ impl RedisStoreBuilder {
             .set_number_of_retries(3)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
-        let subscriptions = Subscriptions::new();
+        let (subscriptions, requests) = Subscriptions::new();
         let bound = self.call_timeout();
         let conn = bounded(
             bound,
@@ -268,7 +268,7 @@ impl RedisStoreBuilder {
             Conn::Standalone(conn),
             Conn::Standalone(subscriber),
             subscriptions,
-            false,
+            requests,
         ))
     }
 
@@ -290,7 +290,7 @@ impl RedisStoreBuilder {
                 .min_retry_wait(20)
                 .max_retry_wait(500)
         };
-        let subscriptions = Subscriptions::new();
+        let (subscriptions, requests) = Subscriptions::new();
         let bound = self.call_timeout();
         let client = builder().build().map_err(StoreError::backend)?;
         let conn = bounded(bound, client.get_async_connection()).await?;
@@ -303,7 +303,7 @@ impl RedisStoreBuilder {
             Conn::Cluster(conn),
             Conn::Cluster(subscriber),
             subscriptions,
-            true,
+            requests,
         ))
     }
 
@@ -316,12 +316,13 @@ impl RedisStoreBuilder {
         conn: Conn,
         subscriber: Conn,
         subscriptions: Arc<Subscriptions>,
-        cluster: bool,
+        requests: mpsc::UnboundedReceiver<Request>,
     ) -> RedisStore {
         let call_timeout = self.call_timeout();
         let watchdog = tokio::spawn(run_subscriber(
             subscriber,
             subscriptions.clone(),
+            requests,
             self.watchdog_interval,
             call_timeout,
         ));
@@ -336,7 +337,6 @@ impl RedisStoreBuilder {
                 complete: Script::new(COMPLETE_SCRIPT),
                 release: Script::new(RELEASE_SCRIPT),
                 extend: Script::new(EXTEND_SCRIPT),
-                cluster,
             }),
         }
     }
@@ -371,12 +371,9 @@ impl RedisStore {
     /// The sharded pub/sub channel on which `key`'s completion or release is announced; in the
     /// key's cluster slot.
     pub fn channel(&self, key: &StoreKey) -> String {
-        format!("{}{{{}}}:done", self.inner.prefix, key.to_hex())
+        channel_of(&self.redis_key(key))
     }
 
-    /// Runs one step against Redis, bounded by the call timeout. A step that met a broken
-    /// connection is sent once more: the connection has begun to reconnect by then (the error
-    /// may be left over from before Redis came back), and every step is safe to run twice.
     /// Runs one of the token-checked scripts: `true` when it did its work, `false` when the token
     /// does not own the key, an error for a value the script does not recognise.
     async fn owned_step(
@@ -397,6 +394,22 @@ impl RedisStore {
         }
     }
 
+    /// Sends `cmd` as one step (see [`call`](Self::call)).
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        what: &str,
+        cmd: &Cmd,
+    ) -> Result<T, StoreError> {
+        self.call(
+            what,
+            |mut conn| async move { cmd.query_async(&mut conn).await },
+        )
+        .await
+    }
+
+    /// Runs one step against Redis, bounded by the call timeout. A step that met a broken
+    /// connection is sent once more: the connection has begun to reconnect by then (the error
+    /// may be left over from before Redis came back), and every step is safe to run twice.
     async fn call<T, F, Fut>(&self, what: &str, step: F) -> Result<T, StoreError>
     where
         F: Fn(Conn) -> Fut,
@@ -559,6 +572,12 @@ fn token_arg(token: FencingToken) -> [u8; 16] {
     token.as_u128().to_be_bytes()
 }
 
+/// The sharded pub/sub channel of the Redis key `redis_key`: in the key's cluster slot, since the
+/// key's hash tag is in it.
+fn channel_of(redis_key: &str) -> String {
+    format!("{redis_key}:done")
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
@@ -572,19 +591,15 @@ impl KeyStore for RedisStore {
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         let token = FencingToken::random();
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(self.redis_key(key))
-            .arg(&Stored::in_flight(token, fingerprint)[..])
-            .arg("NX")
-            .arg("PX")
-            .arg(millis(lease))
-            .arg("GET");
-        let cmd = &cmd;
-        let previous: Option<Vec<u8>> = self
-            .call("claim", |mut conn| async move {
-                cmd.query_async(&mut conn).await
-            })
-            .await?;
+        let cmd = Cmd::set_options(
+            self.redis_key(key),
+            &Stored::in_flight(token, fingerprint)[..],
+            SetOptions::default()
+                .conditional_set(ExistenceCheck::NX)
+                .with_expiration(SetExpiry::PX(millis(lease)))
+                .get(true),
+        );
+        let previous: Option<Vec<u8>> = self.query("claim", &cmd).await?;
         let Some(previous) = previous else {
             return Ok(Claim::Claimed(token));
         };
@@ -604,10 +619,11 @@ impl KeyStore for RedisStore {
         retention: Duration,
     ) -> Result<Completion, StoreError> {
         let value = Stored::completed(token, record);
+        let redis_key = self.redis_key(key);
         let mut invocation = self.inner.complete.prepare_invoke();
         invocation
-            .key(self.redis_key(key))
-            .key(self.channel(key))
+            .key(&redis_key)
+            .key(channel_of(&redis_key))
             .arg(&token_arg(token)[..])
             .arg(&value[..])
             .arg(millis(retention));
@@ -619,10 +635,11 @@ impl KeyStore for RedisStore {
     }
 
     async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<bool, StoreError> {
+        let redis_key = self.redis_key(key);
         let mut invocation = self.inner.release.prepare_invoke();
         invocation
-            .key(self.redis_key(key))
-            .key(self.channel(key))
+            .key(&redis_key)
+            .key(channel_of(&redis_key))
             .arg(&token_arg(token)[..]);
         self.owned_step("release", key, &invocation).await
     }
@@ -642,14 +659,8 @@ impl KeyStore for RedisStore {
     }
 
     async fn read(&self, key: &StoreKey) -> Result<Option<Holder>, StoreError> {
-        let mut cmd = redis::cmd("GET");
-        cmd.arg(self.redis_key(key));
-        let cmd = &cmd;
-        let value: Option<Vec<u8>> = self
-            .call("read", |mut conn| async move {
-                cmd.query_async(&mut conn).await
-            })
-            .await?;
+        let cmd = Cmd::get(self.redis_key(key));
+        let value: Option<Vec<u8>> = self.query("read", &cmd).await?;
         value
             .map(|v| self.decode(key, v)?.into_holder())
             .transpose()
@@ -690,7 +701,6 @@ struct Subscriptions {
     channels: Mutex<HashMap<Vec<u8>, Channel>>,
     /// Subscribe and unsubscribe requests, in the order the map changed, for the subscriber task.
     requests: mpsc::UnboundedSender<Request>,
-    requests_rx: Mutex<Option<mpsc::UnboundedReceiver<Request>>>,
     /// Set when the subscriber connection may have lost its subscriptions.
     stale: AtomicBool,
     /// Wakes the subscriber task to check its connection now.
@@ -710,15 +720,16 @@ enum Request {
 }
 
 impl Subscriptions {
-    fn new() -> Arc<Self> {
+    /// The waiters' map, and the requests it makes for the subscriber task to carry out.
+    fn new() -> (Arc<Self>, mpsc::UnboundedReceiver<Request>) {
         let (requests, rx) = mpsc::unbounded_channel();
-        Arc::new(Self {
+        let subscriptions = Arc::new(Self {
             channels: Mutex::default(),
             requests,
-            requests_rx: Mutex::new(Some(rx)),
             stale: AtomicBool::new(false),
             check_now: Notify::new(),
-        })
+        });
+        (subscriptions, rx)
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<Vec<u8>, Channel>> {
@@ -826,17 +837,10 @@ fn push_handler(
 async fn run_subscriber(
     mut conn: Conn,
     subscriptions: Arc<Subscriptions>,
+    mut requests: mpsc::UnboundedReceiver<Request>,
     every: Duration,
     limit: Duration,
 ) {
-    let Some(mut requests) = subscriptions
-        .requests_rx
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take()
-    else {
-        return;
-    };
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

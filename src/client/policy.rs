@@ -274,33 +274,35 @@ where
         req: &mut Request<B>,
         result: &mut Result<Response<ResB>, E>,
     ) -> Option<Self::Future> {
-        let (wait, outcome) = match result {
+        // The status that asks for a retry; `None` for an error.
+        let (wait, status) = match result {
             Ok(res) => match res.status() {
                 StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT => {
-                    (Wait::Backoff, res.status().as_str().to_owned())
+                    (Wait::Backoff, Some(res.status()))
                 }
                 StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => {
                     let wait = match retry_after(res.headers(), SystemTime::now()) {
                         Some(after) => Wait::For(after),
                         None => Wait::Backoff,
                     };
-                    (wait, res.status().as_str().to_owned())
+                    (wait, Some(res.status()))
                 }
                 // An idempotency server's "a request with this key is still running": come back
                 // after `Retry-After` for its result.
                 StatusCode::CONFLICT if req.headers().contains_key(&self.header) => {
                     match retry_after(res.headers(), SystemTime::now()) {
-                        Some(after) => (Wait::For(after), res.status().as_str().to_owned()),
+                        Some(after) => (Wait::For(after), Some(res.status())),
                         None => return None,
                     }
                 }
                 _ => return None,
             },
-            Err(e) if self.classify.is_retryable(e) => (Wait::Backoff, "error".to_owned()),
+            Err(e) if self.classify.is_retryable(e) => (Wait::Backoff, None),
             Err(_) => return None,
         };
 
         let attempt = self.retries + 1;
+        let outcome = status.as_ref().map_or("error", StatusCode::as_str);
         let give_up = |why: &str| {
             tracing::debug!(target: TARGET, attempt, outcome = %outcome, "not retrying: {why}");
         };
@@ -348,9 +350,7 @@ where
 }
 
 fn log_attempt<B>(req: &Request<B>, key_header: &HeaderName, attempt: u32) {
-    if !tracing::enabled!(target: TARGET, tracing::Level::DEBUG) {
-        return;
-    }
+    // The fields are only read when the event is enabled.
     let header = |name: &HeaderName| {
         req.headers()
             .get(name)

@@ -120,10 +120,10 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String>
 
 async fn open_store(url: &str, max_entries: Option<usize>) -> Result<Arc<dyn KeyStore>, String> {
     match url {
-        "memory" => Ok(Arc::new(match max_entries {
-            None => MemoryStore::new(),
-            Some(n) => MemoryStore::with_limits(n, 512 * 1024 * 1024),
-        })),
+        "memory" => Ok(Arc::new(MemoryStore::with_limits(
+            max_entries.unwrap_or(MemoryStore::DEFAULT_MAX_ENTRIES),
+            MemoryStore::DEFAULT_MAX_BYTES,
+        ))),
         #[cfg(feature = "redis")]
         url if url.starts_with("redis+cluster://") => {
             let nodes = url["redis+cluster://".len()..]

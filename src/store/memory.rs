@@ -22,10 +22,6 @@ use super::{
     StoreKey,
 };
 
-/// Records kept by default before the oldest are evicted.
-const DEFAULT_MAX_ENTRIES: usize = 1_000_000;
-/// Bytes of encoded records kept by default before the oldest are evicted.
-const DEFAULT_MAX_BYTES: usize = 512 * 1024 * 1024;
 /// Records are written one after another into buffers of this size (a record over a quarter
 /// of it gets one of its own), so storing a record allocates nothing and evicting one frees
 /// nothing until its whole buffer is done with.
@@ -134,9 +130,15 @@ impl std::fmt::Debug for MemoryStore {
 }
 
 impl MemoryStore {
+    /// The records [`new`](Self::new) keeps before the oldest are evicted: a million.
+    pub const DEFAULT_MAX_ENTRIES: usize = 1_000_000;
+    /// The bytes of encoded records [`new`](Self::new) keeps before the oldest are evicted:
+    /// 512 MiB.
+    pub const DEFAULT_MAX_BYTES: usize = 512 * 1024 * 1024;
+
     /// A store keeping up to a million records or 512 MiB of them.
     pub fn new() -> Self {
-        Self::with_limits(DEFAULT_MAX_ENTRIES, DEFAULT_MAX_BYTES)
+        Self::with_limits(Self::DEFAULT_MAX_ENTRIES, Self::DEFAULT_MAX_BYTES)
     }
 
     /// A store keeping at most `max_entries` records and `max_bytes` bytes of them (as encoded);

@@ -687,6 +687,53 @@ async fn a_panicking_handler_releases_its_claim_so_a_retry_runs() {
 }
 
 #[tokio::test]
+async fn a_run_whose_caller_left_finishes_on_its_own_and_a_panic_there_frees_the_key() {
+    let req = || {
+        Request::post("/orders")
+            .header("idempotency-key", "k")
+            .body(Full::new(Bytes::from("tea")))
+            .unwrap()
+    };
+    for panics in [false, true] {
+        let calls = Counter::default();
+        let counted = calls.clone();
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let opened = gate.clone();
+        let svc = IdempotencyService::new(
+            service_fn(move |_req: Request<_>| {
+                let n = counted.count();
+                let opened = opened.clone();
+                async move {
+                    if n == 1 {
+                        opened.notified().await;
+                        assert!(!panics, "the first run panics after its caller left");
+                    }
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("run={n}")))))
+                }
+            }),
+            MemoryStore::new(),
+        );
+        // The caller gives up while the handler waits; then the handler goes on.
+        let first = tokio::time::timeout(Duration::from_millis(50), svc.clone().oneshot(req()));
+        assert!(first.await.is_err(), "the first call was still running");
+        gate.notify_one();
+        let retry = svc.clone().oneshot(req()).await.unwrap();
+        assert_eq!(retry.status(), StatusCode::OK);
+        let replayed = retry.headers().contains_key("idempotent-replayed");
+        let body = retry.into_body().collect().await.unwrap().to_bytes();
+        if panics {
+            assert!(!replayed, "the panicked run freed the key");
+            assert_eq!(body, "run=2");
+            assert_eq!(calls.runs(), 2);
+        } else {
+            assert!(replayed, "the orphaned run finished and was stored");
+            assert_eq!(body, "run=1");
+            assert_eq!(calls.runs(), 1);
+        }
+    }
+}
+
+#[tokio::test]
 async fn an_inner_service_error_releases_the_claim_so_a_retry_runs() {
     let calls = Counter::default();
     let counted = calls.clone();

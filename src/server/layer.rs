@@ -219,10 +219,13 @@ impl IdempotencyServiceLayer {
         self
     }
 
-    /// Whether the first request for a key runs in a task of its own (on by default). Then a
-    /// caller who disconnects does not cancel a half-done operation: it runs to the end and
-    /// its response is stored for the retry. Off, the handler runs in the caller's task and a
-    /// disconnect cancels it; the claim is released at once so a retry can run.
+    /// Whether a handler whose caller goes away finishes anyway (on by default).
+    ///
+    /// The handler runs in the caller's task. When the caller drops the response future while
+    /// the handler runs (a client that disconnects, a timeout layer above this one), what is
+    /// left of the run moves into a task of its own: a half-done operation is never cancelled,
+    /// and its response is stored for the retry. Off, the drop cancels the handler, and the
+    /// claim is released at once so a retry can run.
     pub fn detach(mut self, detach: bool) -> Self {
         self.config().detach = detach;
         self

@@ -76,9 +76,9 @@
 //! # Failures
 //!
 //! - A handler that returns an error, panics, or whose caller goes away gives up its claim at
-//!   once, so a retry runs. By default the handler runs in a task of its own
-//!   ([`detach`](IdempotencyServiceLayer::detach)), so a caller who disconnects does not cancel
-//!   a half-done operation: it finishes, and the retry gets its stored response.
+//!   once, so a retry runs. By default a handler whose caller disconnects is not cancelled
+//!   ([`detach`](IdempotencyServiceLayer::detach)): it finishes in a task of its own, and the
+//!   retry gets its stored response.
 //! - Responses with a 5xx, 408 or 429 status are not stored: the claim is released and a retry
 //!   runs again ([`store_if`](IdempotencyServiceLayer::store_if) changes this).
 //! - A claim carries a lease, renewed while the handler runs. If the process dies, the key is

@@ -17,6 +17,7 @@ use super::{
     config::{Config, OnConflict, OnStoreError, Shared},
     fingerprint::fingerprint,
     flight::{Join, Lead, Outcome, follow},
+    future::{Answer, Step, Work},
     problem::Problem,
 };
 use crate::{
@@ -35,16 +36,14 @@ use crate::{
 ///
 /// # Runtime
 ///
-/// The service needs a tokio runtime: it runs handlers in tasks of their own (see
-/// [`detach`](IdempotencyServiceLayer::detach)) and gives up claims from a task when a request
-/// is dropped.
+/// The service needs a tokio runtime: a handler whose caller goes away finishes in a task of
+/// its own (see [`detach`](IdempotencyServiceLayer::detach)), and a request dropped before its
+/// handler finished gives up its claim from a task.
 #[derive(Clone, Debug)]
 pub struct IdempotencyService<S> {
     inner: S,
     shared: Arc<Shared>,
 }
-
-type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
 
 /// What a keyed request needs of the inner service: it moves into a task of its own.
 trait Inner<ReqBody, ResBody>:
@@ -156,13 +155,11 @@ where
         // The ready service handles this request; a clone takes its place for the next one.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::keyed(Box::pin(handle(
-            self.shared.clone(),
-            key,
-            store_key,
-            inner,
-            parts,
-            body,
+        let detach = config.detach;
+        ResponseFuture::keyed(Box::pin(Work::new(
+            handle(self.shared.clone(), key, store_key, inner, parts, body),
+            Run::start,
+            detach,
         )))
     }
 }
@@ -214,11 +211,12 @@ impl std::fmt::Display for LogKey {
     }
 }
 
-// `handle`, `Keyed::run` and `ClaimGuard::execute` return `async` blocks rather than being
-// `async fn`s: an `async fn` keeps a second copy of its arguments in its future, and these
-// futures are moved and boxed on every keyed request.
+// `handle` and `ClaimGuard::execute` return `async` blocks rather than being `async fn`s: an
+// `async fn` keeps a second copy of its arguments in its future, and these futures are moved
+// and boxed on every keyed request.
 
 /// Reads the body, then leads the request or follows the same request in this process.
+/// Leading, it ends in [`Step::Run`], and [`Work`] runs the handler.
 #[expect(
     clippy::manual_async_fn,
     reason = "an async fn would keep its arguments twice"
@@ -230,7 +228,7 @@ fn handle<S, ReqBody, ResBody>(
     inner: S,
     parts: request::Parts,
     body: ReqBody,
-) -> impl Future<Output = Answer<ResBody, S::Error>> + Send
+) -> impl Future<Output = Step<Run<S, ReqBody>, Answer<ResBody, S::Error>>> + Send
 where
     S: Inner<ReqBody, ResBody>,
     ReqBody: Body<Data = Bytes> + Send + 'static,
@@ -242,8 +240,10 @@ where
         let limit = config.max_request_body;
         let bytes = match buffer(std::pin::pin!(body), limit).await {
             Buffered::Whole { data, .. } => data,
-            Buffered::TooLarge { .. } => return Ok(reject(Problem::BodyTooLarge { limit })),
-            Buffered::Failed { .. } => return Ok(reject(Problem::BodyUnreadable)),
+            Buffered::TooLarge { .. } => {
+                return Step::Answered(Ok(reject(Problem::BodyTooLarge { limit })));
+            }
+            Buffered::Failed { .. } => return Step::Answered(Ok(reject(Problem::BodyUnreadable))),
         };
         let fingerprint = fingerprint(&parts, &config.fingerprint_headers, &bytes);
         let request = Request::from_parts(parts, RequestBody::buffered(bytes));
@@ -257,30 +257,34 @@ where
         loop {
             let lead = match shared.flights.join(store_key, fingerprint) {
                 Join::Lead(lead) => lead,
-                Join::Mismatch => return Ok(reject(Problem::KeyReused)),
+                Join::Mismatch => return Step::Answered(Ok(reject(Problem::KeyReused))),
                 Join::Follow(_) if config.on_conflict == OnConflict::Reject => {
-                    return Ok(reject(Problem::InFlight));
+                    return Step::Answered(Ok(reject(Problem::InFlight)));
                 }
                 Join::Follow(receiver) => {
                     tracing::debug!(key = %keyed.key, "idempotency: waiting for the same request in this process");
                     // Boxed, as every wait is: waits are rare, and their timers would weigh on
                     // every request.
                     match Box::pin(follow(receiver, keyed.deadline())).await {
-                        None => return Ok(reject(Problem::WaitTimedOut)),
+                        None => return Step::Answered(Ok(reject(Problem::WaitTimedOut))),
                         Some(Outcome::Released) => continue,
                         Some(Outcome::Completed(record)) => {
-                            return Ok(keyed.replay(Record::clone(&record)));
+                            return Step::Answered(Ok(keyed.replay(Record::clone(&record))));
                         }
-                        Some(Outcome::Respond(problem)) => return Ok(reject(problem)),
+                        Some(Outcome::Respond(problem)) => {
+                            return Step::Answered(Ok(reject(problem)));
+                        }
                     }
                 }
             };
-            // Lead in this process: claim the key in the store and run the request. Written
-            // out here rather than as a future of its own, which would hold a second copy of
-            // the request.
+            // Lead in this process: claim the key in the store, and run the request once it is
+            // claimed. Written out here rather than as a future of its own, which would hold a
+            // second copy of the request.
             return match keyed.claim().await {
-                Ok(Claim::Claimed(token)) => keyed.run(lead, Some(token), inner, request).await,
-                Ok(Claim::Held(Holder::Completed(record))) => Ok(keyed.settle(lead, record)),
+                Ok(Claim::Claimed(token)) => keyed.run(lead, Some(token), inner, request),
+                Ok(Claim::Held(Holder::Completed(record))) => {
+                    Step::Answered(Ok(keyed.settle(lead, record)))
+                }
                 // Anything else is rarer, and may wait: it is boxed, so that its timers do not
                 // weigh on every request.
                 claimed => Box::pin(keyed.contend(lead, claimed, inner, request)).await,
@@ -389,7 +393,7 @@ impl Keyed {
         mut claimed: Result<Claim, StoreError>,
         inner: S,
         request: Request<RequestBody<ReqBody>>,
-    ) -> Answer<ResBody, S::Error>
+    ) -> Step<Run<S, ReqBody>, Answer<ResBody, S::Error>>
     where
         S: Inner<ReqBody, ResBody>,
         ReqBody: Body<Data = Bytes> + Send + 'static,
@@ -400,27 +404,27 @@ impl Keyed {
         loop {
             let held = match claimed {
                 Ok(Claim::Claimed(token)) => {
-                    return self.run(lead, Some(token), inner, request).await;
+                    return self.run(lead, Some(token), inner, request);
                 }
                 Ok(Claim::Held(holder)) => holder,
                 Err(err) => match self.store_failed(lead, &err) {
-                    Ok(lead) => return self.run(lead, None, inner, request).await,
-                    Err(problem) => return Ok(reject(problem)),
+                    Ok(lead) => return self.run(lead, None, inner, request),
+                    Err(problem) => return Step::Answered(Ok(reject(problem))),
                 },
             };
             match held {
-                Holder::Completed(record) => return Ok(self.settle(lead, record)),
+                Holder::Completed(record) => return Step::Answered(Ok(self.settle(lead, record))),
                 Holder::InFlight { fingerprint } if fingerprint != self.fingerprint => {
-                    return Ok(self.give_up(lead, Problem::KeyReused));
+                    return Step::Answered(Ok(self.give_up(lead, Problem::KeyReused)));
                 }
                 Holder::InFlight { .. } if config.on_conflict == OnConflict::Reject => {
-                    return Ok(self.give_up(lead, Problem::InFlight));
+                    return Step::Answered(Ok(self.give_up(lead, Problem::InFlight)));
                 }
                 Holder::InFlight { .. } => {}
             }
             let remaining = self.deadline().saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                return Ok(self.give_up(lead, Problem::WaitTimedOut));
+                return Step::Answered(Ok(self.give_up(lead, Problem::WaitTimedOut)));
             }
             tracing::debug!(key = %self.key, "idempotency: waiting for the same request in another process");
             let waited = tokio::time::timeout(
@@ -432,58 +436,53 @@ impl Keyed {
             claimed = match waited {
                 // Freed: claim it again.
                 Ok(None) => self.claim().await,
-                Ok(Some(Holder::Completed(record))) => return Ok(self.settle(lead, record)),
+                Ok(Some(Holder::Completed(record))) => {
+                    return Step::Answered(Ok(self.settle(lead, record)));
+                }
                 Ok(Some(Holder::InFlight { .. })) => {
-                    return Ok(self.give_up(lead, Problem::WaitTimedOut));
+                    return Step::Answered(Ok(self.give_up(lead, Problem::WaitTimedOut)));
                 }
                 Err(err) => Err(err),
             };
         }
     }
 
-    /// Runs the handler under a claim (`token`), or without one when the store failed open.
-    ///
-    /// Not an `async fn`: the request and the claim move straight into the boxed run, and the
-    /// future returned holds only the box.
-    fn run<S, ReqBody, ResBody>(
+    /// Leads: the handler is to run under a claim (`token`), or without one when the store
+    /// failed open.
+    fn run<S, ReqBody, O>(
         self,
         lead: Lead,
         token: Option<FencingToken>,
         inner: S,
         request: Request<RequestBody<ReqBody>>,
-    ) -> impl Future<Output = Answer<ResBody, S::Error>> + Send
+    ) -> Step<Run<S, ReqBody>, O> {
+        Step::Run(Run {
+            claim: ClaimGuard {
+                keyed: self,
+                token,
+                lead: Some(lead),
+            },
+            inner,
+            request,
+        })
+    }
+}
+
+/// What the handler's run needs: the claim it runs under, the service and the request.
+struct Run<S, ReqBody> {
+    claim: ClaimGuard,
+    inner: S,
+    request: Request<RequestBody<ReqBody>>,
+}
+
+impl<S, ReqBody> Run<S, ReqBody> {
+    fn start<ResBody>(self) -> impl Future<Output = Answer<ResBody, S::Error>> + Send
     where
         S: Inner<ReqBody, ResBody>,
-        ReqBody: Body<Data = Bytes> + Send + 'static,
         ResBody: SendBody,
     {
-        tracing::debug!(key = %self.key, "idempotency: running the first request");
-        let detach = self.config().detach;
-        let claim = ClaimGuard {
-            keyed: self,
-            token,
-            lead: Some(lead),
-        };
-        // Boxed: it may move into a task of its own.
-        let mut execute = Box::pin(claim.execute(inner, request));
-        async move {
-            if !detach {
-                return execute.await;
-            }
-            // A run that finishes on its first poll has nothing left for a disconnect to
-            // cancel: only what is still pending moves into a task of its own.
-            if let Poll::Ready(answer) = poll_once(execute.as_mut()).await {
-                return answer;
-            }
-            match tokio::spawn(execute).await {
-                Ok(answer) => answer,
-                // The handler panicked: its claim was released as the task unwound. Let the
-                // panic go on in the caller's task, as it would without this layer.
-                Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
-                // The runtime is shutting down.
-                Err(_) => Ok(reject(Problem::StoreUnavailable)),
-            }
-        }
+        tracing::debug!(key = %self.claim.keyed.key, "idempotency: running the first request");
+        self.claim.execute(self.inner, self.request)
     }
 }
 

@@ -2,6 +2,8 @@
 
 /// Inputs up to this length are hashed in one call from a stack buffer: one BLAKE3 chunk.
 const INLINE: usize = 1024;
+/// Most keys and requests fit a buffer this small, which is cheaper to clear.
+const SMALL: usize = 128;
 
 /// A BLAKE3 key for one purpose, derived from a context string so that digests made for
 /// different purposes never coincide.
@@ -18,14 +20,10 @@ pub(crate) fn purpose_key(context: &str) -> [u8; 32] {
 pub(crate) fn keyed_digest(key: &[u8; 32], feed: impl Fn(&mut dyn FnMut(&[u8]))) -> [u8; 32] {
     let mut total = 0;
     feed(&mut |bytes| total += bytes.len());
-    if total <= INLINE {
-        let mut buf = [0u8; INLINE];
-        let mut len = 0;
-        feed(&mut |bytes| {
-            buf[len..len + bytes.len()].copy_from_slice(bytes);
-            len += bytes.len();
-        });
-        *blake3::keyed_hash(key, &buf[..len]).as_bytes()
+    if total <= SMALL {
+        inline::<SMALL>(key, feed)
+    } else if total <= INLINE {
+        inline::<INLINE>(key, feed)
     } else {
         let mut hasher = blake3::Hasher::new_keyed(key);
         feed(&mut |bytes| {
@@ -33,6 +31,17 @@ pub(crate) fn keyed_digest(key: &[u8; 32], feed: impl Fn(&mut dyn FnMut(&[u8])))
         });
         *hasher.finalize().as_bytes()
     }
+}
+
+/// [`keyed_digest`] of an input of at most `N` bytes, gathered into a buffer of `N`.
+fn inline<const N: usize>(key: &[u8; 32], feed: impl Fn(&mut dyn FnMut(&[u8]))) -> [u8; 32] {
+    let mut buf = [0u8; N];
+    let mut len = 0;
+    feed(&mut |bytes| {
+        buf[len..len + bytes.len()].copy_from_slice(bytes);
+        len += bytes.len();
+    });
+    *blake3::keyed_hash(key, &buf[..len]).as_bytes()
 }
 
 #[cfg(test)]
@@ -48,6 +57,8 @@ mod tests {
             63,
             64,
             65,
+            SMALL,
+            SMALL + 1,
             INLINE - 1,
             INLINE,
             INLINE + 1,

@@ -38,15 +38,26 @@ impl RedisServer {
 
     /// Starts a server with extra `redis-server` arguments.
     pub fn start_with(extra_args: &[&str]) -> Self {
-        let port = free_port();
-        let mut server = Self {
-            port,
-            dir: temp_dir(port),
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-            child: None,
-        };
-        server.spawn();
-        server
+        const ATTEMPTS: usize = 5;
+        for attempt in 1..=ATTEMPTS {
+            let port = free_port();
+            let mut server = Self {
+                port,
+                dir: temp_dir(port),
+                extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+                child: None,
+            };
+            match server.try_spawn() {
+                Ok(()) => return server,
+                // Another test process may have taken the port (or a cluster node's bus port,
+                // 10000 above it) between our probe and the server's bind: try another.
+                Err(exited) if attempt < ATTEMPTS => {
+                    eprintln!("{exited}; trying another port");
+                }
+                Err(exited) => panic!("{exited}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
     }
 
     /// The port it listens on.
@@ -98,6 +109,13 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) {
+        if let Err(exited) = self.try_spawn() {
+            panic!("{exited}");
+        }
+    }
+
+    /// Starts the server and waits for it to answer; `Err` with its log when it exits first.
+    fn try_spawn(&mut self) -> Result<(), String> {
         std::fs::create_dir_all(&self.dir).expect("create the server's directory");
         let mut cmd = Command::new("redis-server");
         cmd.args([
@@ -134,10 +152,12 @@ impl RedisServer {
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                panic!(
-                    "redis-server exited at start ({status}); its log:\n{}",
+                self.child = None;
+                return Err(format!(
+                    "redis-server on port {} exited at start ({status}); its log:\n{}",
+                    self.port,
                     self.log()
-                );
+                ));
             }
             assert!(
                 started.elapsed() < Duration::from_secs(10),
@@ -146,6 +166,7 @@ impl RedisServer {
             );
             thread::sleep(Duration::from_millis(10));
         }
+        Ok(())
     }
 }
 

@@ -2,8 +2,9 @@
 
 use std::{
     collections::VecDeque,
+    future::Future,
     pin::Pin,
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
 };
 
 use bytes::Bytes;
@@ -242,66 +243,91 @@ pub(crate) enum Buffered<E> {
     Failed { chunks: VecDeque<Bytes>, error: E },
 }
 
-/// Reads `body` until its end or until more than `limit` bytes have come. A body that arrives
-/// in one chunk (the usual case) is kept as it is, without copying or collecting.
-pub(crate) async fn buffer<B>(mut body: Pin<&mut B>, limit: usize) -> Buffered<B::Error>
-where
-    B: Body<Data = Bytes>,
-{
-    use http_body_util::BodyExt;
+pin_project! {
+    /// Reads a body until its end or until more than `limit` bytes have come. A body that
+    /// arrives in one chunk (the usual case) is kept as it is, without copying or collecting.
+    pub(crate) struct Collect<B: Body> {
+        #[pin]
+        body: B,
+        limit: usize,
+        first: Option<Bytes>,
+        more: VecDeque<Bytes>,
+        len: usize,
+        trailers: Option<HeaderMap>,
+    }
+}
 
-    let mut first: Option<Bytes> = None;
-    let mut more = VecDeque::new();
-    let mut len = 0usize;
-    let mut trailers = None;
-    let chunks = |first: Option<Bytes>, mut more: VecDeque<Bytes>| {
-        if let Some(first) = first {
-            more.push_front(first);
-        }
-        more
-    };
-    loop {
-        if len > limit {
-            return Buffered::TooLarge {
-                chunks: chunks(first, more),
-            };
-        }
-        match body.as_mut().frame().await {
-            None => break,
-            Some(Err(error)) => {
-                return Buffered::Failed {
-                    chunks: chunks(first, more),
-                    error,
-                };
-            }
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) if data.is_empty() => {}
-                Ok(data) => {
-                    len += data.len();
-                    match first {
-                        None => first = Some(data),
-                        Some(_) => more.push_back(data),
-                    }
-                }
-                Err(frame) => {
-                    if let Ok(t) = frame.into_trailers() {
-                        trailers.get_or_insert_with(HeaderMap::new).extend(t);
-                    }
-                }
-            },
+impl<B: Body> Collect<B> {
+    pub(crate) fn new(body: B, limit: usize) -> Self {
+        Self {
+            body,
+            limit,
+            first: None,
+            more: VecDeque::new(),
+            len: 0,
+            trailers: None,
         }
     }
-    let data = match (first, more.is_empty()) {
-        (None, _) => Bytes::new(),
-        (Some(only), true) => only,
-        (Some(first), false) => {
-            let mut joined = bytes::BytesMut::with_capacity(len);
-            joined.extend_from_slice(&first);
-            for chunk in &more {
-                joined.extend_from_slice(chunk);
+}
+
+impl<B: Body<Data = Bytes>> Future for Collect<B> {
+    type Output = Buffered<B::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let chunks = |first: &mut Option<Bytes>, more: &mut VecDeque<Bytes>| {
+            let mut chunks = std::mem::take(more);
+            if let Some(first) = first.take() {
+                chunks.push_front(first);
             }
-            joined.freeze()
+            chunks
+        };
+        loop {
+            if *this.len > *this.limit {
+                return Poll::Ready(Buffered::TooLarge {
+                    chunks: chunks(this.first, this.more),
+                });
+            }
+            match ready!(this.body.as_mut().poll_frame(cx)) {
+                None => break,
+                Some(Err(error)) => {
+                    return Poll::Ready(Buffered::Failed {
+                        chunks: chunks(this.first, this.more),
+                        error,
+                    });
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if data.is_empty() => {}
+                    Ok(data) => {
+                        *this.len += data.len();
+                        match this.first {
+                            None => *this.first = Some(data),
+                            Some(_) => this.more.push_back(data),
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(t) = frame.into_trailers() {
+                            this.trailers.get_or_insert_with(HeaderMap::new).extend(t);
+                        }
+                    }
+                },
+            }
         }
-    };
-    Buffered::Whole { data, trailers }
+        let data = match (this.first.take(), this.more.is_empty()) {
+            (None, _) => Bytes::new(),
+            (Some(only), true) => only,
+            (Some(first), false) => {
+                let mut joined = bytes::BytesMut::with_capacity(*this.len);
+                joined.extend_from_slice(&first);
+                for chunk in this.more.drain(..) {
+                    joined.extend_from_slice(&chunk);
+                }
+                joined.freeze()
+            }
+        };
+        Poll::Ready(Buffered::Whole {
+            data,
+            trailers: this.trailers.take(),
+        })
+    }
 }

@@ -4,14 +4,19 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-use http::Response;
+use bytes::Bytes;
+use http::{Response, response};
 use http_body::Body;
 use pin_project_lite::pin_project;
 
-use super::body::ResponseBody;
+use super::{
+    body::{Collect, ResponseBody},
+    service::{ClaimGuard, Inner, Run, SendBody, Start},
+};
+use crate::store::BoxError;
 
 pub(super) type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
-type BoxFuture<B, E> = Pin<Box<dyn Detach<Output = Answer<B, E>> + Send>>;
+type BoxWork<B, E> = Pin<Box<dyn Detach<Output = Answer<B, E>> + Send>>;
 
 pin_project! {
     /// The response future of [`IdempotencyService`](super::IdempotencyService).
@@ -49,7 +54,7 @@ impl<F, B: Body, E> ResponseFuture<F, B, E> {
         }
     }
 
-    pub(crate) fn keyed(future: BoxFuture<B, E>) -> Self {
+    pub(crate) fn keyed(future: BoxWork<B, E>) -> Self {
         Self {
             kind: Kind::Keyed {
                 future: Detached(Some(future)),
@@ -105,7 +110,7 @@ pub(crate) trait Detach: Future {
 }
 
 /// Hands a keyed request's future to [`Detach::detach`] when it is dropped.
-struct Detached<B: Body, E>(Option<BoxFuture<B, E>>);
+struct Detached<B: Body, E>(Option<BoxWork<B, E>>);
 
 impl<B: Body, E> Drop for Detached<B, E> {
     fn drop(&mut self) {
@@ -115,94 +120,209 @@ impl<B: Body, E> Drop for Detached<B, E> {
     }
 }
 
-/// How a keyed request's preparation (reading the body, joining or claiming the key) ends.
-pub(crate) enum Step<A, O> {
+/// A boxed future, for the paths of a keyed request that wait: they are rare, and their
+/// timers would weigh on every request.
+pub(super) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// How a keyed request goes on once its body is read and its key looked up.
+pub(super) enum Step<A, O> {
     /// With an answer: the handler does not run.
     Answered(O),
     /// Leading: run the handler with `A`.
     Run(A),
+    /// After a wait (for the store, or for the same request), with another step.
+    Wait(BoxFuture<Step<A, O>>),
+}
+
+/// How a keyed request goes on once its handler answered.
+pub(super) enum Respond<B: Body, E> {
+    /// With this answer.
+    Now(Answer<B, E>),
+    /// Read the body (of a length known to fit) to store it.
+    Keep(response::Parts, B, ClaimGuard),
+    /// After the store is done with it.
+    Later(BoxFuture<Answer<B, E>>),
 }
 
 pin_project! {
-    /// A keyed request: it prepares, then, when it leads, runs the handler.
+    /// A keyed request, from reading its body to storing its response, in one allocation.
     ///
-    /// Both phases live in one allocation, and the handler runs in the caller's task. Only a
-    /// caller that goes away while the handler runs costs a task: what is left of the run
-    /// moves into one (when `detach` is on), so a half-done operation is never cancelled.
-    pub(crate) struct Work<P, R, A> {
+    /// The path most requests take (a store in this process, a key that is free or already
+    /// done, a response of known length) is written out here, so that it allocates nothing
+    /// more and its state stays small; waits and remote stores go through boxed `async` code.
+    /// The handler runs in the caller's task. Only a caller that goes away while the handler
+    /// runs or its response is stored costs a task: what is left moves into one (when
+    /// `detach` is on), so a half-done operation is never cancelled.
+    pub(crate) struct Work<S, ReqBody: Body, ResBody: Body, F, E> {
         #[pin]
-        phase: Phase<P, R>,
-        run: fn(A) -> R,
+        phase: Phase<S, ReqBody, ResBody, F, E>,
         detach: bool,
-        // Set while the run is being polled: a drop that finds it set comes from a panic in the
-        // run, which cannot be polled again.
+        // Set while the future is being polled: a drop that finds it set comes from a panic,
+        // after which the future cannot be polled again.
         polling: bool,
     }
 }
 
 pin_project! {
     #[project = PhaseProj]
-    enum Phase<P, R> {
-        Prepare { #[pin] future: P },
-        Run { #[pin] future: R },
+    enum Phase<S, ReqBody: Body, ResBody: Body, F, E> {
+        // Reading the request's body.
+        Read { #[pin] body: Collect<ReqBody>, start: Option<Start<S>> },
+        // Waiting for the store or for the same request.
+        Wait { future: BoxFuture<Step<Run<S, ReqBody>, Answer<ResBody, E>>> },
+        // The handler runs; the claim's lease is renewed once it has waited.
+        Call { #[pin] call: F, claim: Option<ClaimGuard>, renewal: Option<BoxFuture<()>> },
+        // Reading the response's body to store it.
+        Keep {
+            #[pin] body: Collect<ResBody>,
+            parts: Option<response::Parts>,
+            claim: Option<ClaimGuard>,
+        },
+        // Storing the response in a remote store, or anything rarer.
+        Finish { future: BoxFuture<Answer<ResBody, E>> },
         Done,
     }
 }
 
-impl<P, R, A> Work<P, R, A> {
-    /// Prepares with `prepare`, and runs with what `run` makes of its [`Step::Run`].
-    pub(crate) fn new(prepare: P, run: fn(A) -> R, detach: bool) -> Self {
+/// What a phase of a keyed request ends in.
+enum Next<P, O> {
+    /// Another phase.
+    Phase(P),
+    /// The answer.
+    Answer(O),
+}
+
+impl<S, ReqBody: Body, ResBody: Body, F, E> Work<S, ReqBody, ResBody, F, E> {
+    /// Reads `body`, up to `limit` bytes, then goes on from `start`.
+    pub(crate) fn new(start: Start<S>, body: ReqBody, limit: usize, detach: bool) -> Self {
         Self {
-            phase: Phase::Prepare { future: prepare },
-            run,
+            phase: Phase::Read {
+                body: Collect::new(body, limit),
+                start: Some(start),
+            },
             detach,
             polling: false,
         }
     }
 }
 
-impl<P, R, A, O> Future for Work<P, R, A>
+impl<S, ReqBody, ResBody, F, E> Phase<S, ReqBody, ResBody, F, E>
 where
-    P: Future<Output = Step<A, O>>,
-    R: Future<Output = O>,
+    S: Inner<ReqBody, ResBody, Future = F, Error = E>,
+    ReqBody: Body,
+    ResBody: SendBody,
 {
-    type Output = O;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<O> {
-        let mut this = self.project();
-        if let PhaseProj::Prepare { future } = this.phase.as_mut().project() {
-            match ready!(future.poll(cx)) {
-                Step::Answered(output) => {
-                    this.phase.set(Phase::Done);
-                    return Poll::Ready(output);
-                }
-                Step::Run(args) => {
-                    let run = (this.run)(args);
-                    this.phase.set(Phase::Run { future: run });
-                }
+    fn after(step: Step<Run<S, ReqBody>, Answer<ResBody, E>>) -> Next<Self, Answer<ResBody, E>> {
+        match step {
+            Step::Answered(answer) => Next::Answer(answer),
+            Step::Wait(future) => Next::Phase(Phase::Wait { future }),
+            Step::Run(run) => {
+                let (call, claim) = run.call();
+                Next::Phase(Phase::Call {
+                    call,
+                    claim: Some(claim),
+                    renewal: None,
+                })
             }
         }
-        let PhaseProj::Run { future } = this.phase.as_mut().project() else {
-            panic!("ResponseFuture polled after completion");
-        };
-        *this.polling = true;
-        let polled = future.poll(cx);
-        *this.polling = false;
-        let output = ready!(polled);
-        this.phase.set(Phase::Done);
-        Poll::Ready(output)
+    }
+
+    fn respond(respond: Respond<ResBody, E>) -> Next<Self, Answer<ResBody, E>> {
+        match respond {
+            Respond::Now(answer) => Next::Answer(answer),
+            Respond::Keep(parts, body, claim) => Next::Phase(Phase::Keep {
+                body: Collect::new(body, usize::MAX),
+                parts: Some(parts),
+                claim: Some(claim),
+            }),
+            Respond::Later(future) => Next::Phase(Phase::Finish { future }),
+        }
     }
 }
 
-impl<P, R, A, O> Detach for Work<P, R, A>
+impl<S, ReqBody, ResBody, F, E> Future for Work<S, ReqBody, ResBody, F, E>
 where
-    P: Future<Output = Step<A, O>>,
-    R: Future<Output = O>,
-    Self: Send + 'static,
+    S: Inner<ReqBody, ResBody, Future = F, Error = E>,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: SendBody,
+    F: Future<Output = Result<Response<ResBody>, E>>,
+{
+    type Output = Answer<ResBody, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        *this.polling = true;
+        let polled = advance(this.phase.as_mut(), cx);
+        *this.polling = false;
+        polled
+    }
+}
+
+/// Polls a keyed request through as many phases as are ready.
+fn advance<S, ReqBody, ResBody, F, E>(
+    mut phase: Pin<&mut Phase<S, ReqBody, ResBody, F, E>>,
+    cx: &mut Context<'_>,
+) -> Poll<Answer<ResBody, E>>
+where
+    S: Inner<ReqBody, ResBody, Future = F, Error = E>,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: SendBody,
+    F: Future<Output = Result<Response<ResBody>, E>>,
+{
+    loop {
+        let next = match phase.as_mut().project() {
+            PhaseProj::Read { body, start } => {
+                let buffered = ready!(body.poll(cx));
+                Phase::after(start.take().expect("read once").read(buffered))
+            }
+            PhaseProj::Wait { future } => Phase::after(ready!(future.as_mut().poll(cx))),
+            PhaseProj::Call {
+                call,
+                claim,
+                renewal,
+            } => match call.poll(cx) {
+                Poll::Ready(answered) => {
+                    Phase::respond(claim.take().expect("called once").answered(answered))
+                }
+                Poll::Pending => {
+                    if let Some(claim) = claim {
+                        claim.keep_alive(renewal, cx);
+                    }
+                    return Poll::Pending;
+                }
+            },
+            PhaseProj::Keep { body, parts, claim } => {
+                let buffered = ready!(body.poll(cx));
+                let claim = claim.take().expect("kept once");
+                Phase::respond(claim.keep(parts.take().expect("kept once"), buffered))
+            }
+            PhaseProj::Finish { future } => Next::Answer(ready!(future.as_mut().poll(cx))),
+            PhaseProj::Done => panic!("ResponseFuture polled after completion"),
+        };
+        match next {
+            Next::Phase(next) => phase.set(next),
+            Next::Answer(answer) => {
+                phase.set(Phase::Done);
+                return Poll::Ready(answer);
+            }
+        }
+    }
+}
+
+impl<S, ReqBody, ResBody, F, E> Detach for Work<S, ReqBody, ResBody, F, E>
+where
+    Self: Future + Send + 'static,
+    ReqBody: Body,
+    ResBody: Body,
 {
     fn detach(self: Pin<Box<Self>>) {
-        let running = matches!(self.phase, Phase::Run { .. }) && !self.polling;
-        if !(running && self.detach) {
+        let running = matches!(
+            self.phase,
+            Phase::Call { .. } | Phase::Keep { .. } | Phase::Finish { .. }
+        );
+        if !(running && self.detach) || self.polling {
             return;
         }
         // Without a runtime the run is dropped, and its claim lapses with its lease.

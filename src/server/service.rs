@@ -5,7 +5,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, header, request};
+use http::{HeaderMap, HeaderValue, Request, Response, header, request, response};
 use http_body::Body;
 use tokio::time::Instant;
 use tower_layer::Layer;
@@ -13,18 +13,18 @@ use tower_service::Service;
 
 use super::{
     IdempotencyServiceLayer, ResponseFuture,
-    body::{Buffered, RequestBody, ResponseBody, buffer},
+    body::{Buffered, Collect, RequestBody, ResponseBody},
     config::{Config, OnConflict, OnStoreError, Shared},
     fingerprint::fingerprint,
     flight::{Join, Lead, Outcome, follow},
-    future::{Answer, Step, Work},
+    future::{Answer, BoxFuture, Respond, Step, Work},
     problem::Problem,
 };
 use crate::{
     IDEMPOTENT_REPLAYED, key,
     store::{
-        BoxError, Claim, Completion, FencingToken, Fingerprint, Holder, KeyStore, Record,
-        StoreError, StoreKey,
+        BoxError, Claim, Completion, FencingToken, Fingerprint, Holder, KeyStore, MemoryStore,
+        Record, StoreError, StoreKey,
     },
 };
 
@@ -46,7 +46,7 @@ pub struct IdempotencyService<S> {
 }
 
 /// What a keyed request needs of the inner service: it moves into a task of its own.
-trait Inner<ReqBody, ResBody>:
+pub(super) trait Inner<ReqBody, ResBody>:
     Service<
         Request<RequestBody<ReqBody>>,
         Response = Response<ResBody>,
@@ -69,7 +69,10 @@ impl<S, ReqBody, ResBody> Inner<ReqBody, ResBody> for S where
 }
 
 /// A response body that can move between tasks.
-trait SendBody: Body<Data = Bytes, Error: Send + 'static> + Send + 'static {}
+pub(super) trait SendBody:
+    Body<Data = Bytes, Error: Send + 'static> + Send + 'static
+{
+}
 
 impl<B: Body<Data = Bytes, Error: Send + 'static> + Send + 'static> SendBody for B {}
 
@@ -151,17 +154,23 @@ where
             Ok(store_key) => store_key,
             Err(problem) => return ResponseFuture::ready(reject(problem)),
         };
-        let key = LogKey(value);
+        let (limit, detach) = (config.max_request_body, config.detach);
         // The ready service handles this request; a clone takes its place for the next one.
         let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        let detach = config.detach;
-        ResponseFuture::keyed(Box::pin(Work::new(
-            handle(self.shared.clone(), key, store_key, inner, parts, body),
-            Run::start,
-            detach,
-        )))
+        let start = Start {
+            shared: self.shared.clone(),
+            key: LogKey(value),
+            store_key,
+            inner: std::mem::replace(&mut self.inner, clone),
+            parts,
+        };
+        ResponseFuture::keyed(Box::pin(Work::new(start, body, limit, detach)))
     }
+}
+
+/// Ends a keyed request with `problem`'s answer, without running it.
+fn rejected<A, B: Body, E>(problem: Problem) -> Step<A, Answer<B, E>> {
+    Step::Answered(Ok(reject(problem)))
 }
 
 fn reject<B: Body>(problem: Problem) -> Response<ResponseBody<B>> {
@@ -202,6 +211,7 @@ fn admit(config: &Config, parts: &request::Parts, key: &str) -> Result<StoreKey,
 }
 
 /// The key as it came in its header, for the logs.
+#[derive(Clone)]
 struct LogKey(HeaderValue);
 
 impl std::fmt::Display for LogKey {
@@ -211,85 +221,44 @@ impl std::fmt::Display for LogKey {
     }
 }
 
-// `handle` and `ClaimGuard::execute` return `async` blocks rather than being `async fn`s: an
-// `async fn` keeps a second copy of its arguments in its future, and these futures are moved
-// and boxed on every keyed request.
-
-/// Reads the body, then leads the request or follows the same request in this process.
-/// Leading, it ends in [`Step::Run`], and [`Work`] runs the handler.
-#[expect(
-    clippy::manual_async_fn,
-    reason = "an async fn would keep its arguments twice"
-)]
-fn handle<S, ReqBody, ResBody>(
+/// A keyed request whose body is still to be read.
+pub(super) struct Start<S> {
     shared: Arc<Shared>,
     key: LogKey,
     store_key: StoreKey,
     inner: S,
     parts: request::Parts,
-    body: ReqBody,
-) -> impl Future<Output = Step<Run<S, ReqBody>, Answer<ResBody, S::Error>>> + Send
-where
-    S: Inner<ReqBody, ResBody>,
-    ReqBody: Body<Data = Bytes> + Send + 'static,
-    ReqBody::Error: Into<BoxError>,
-    ResBody: SendBody,
-{
-    async move {
-        let config = &shared.config;
+}
+
+impl<S> Start<S> {
+    /// With the body read: fingerprints the request, then leads it or follows the same
+    /// request.
+    pub(super) fn read<ReqBody, ResBody>(
+        self,
+        buffered: Buffered<ReqBody::Error>,
+    ) -> Step<Run<S, ReqBody>, Answer<ResBody, S::Error>>
+    where
+        S: Inner<ReqBody, ResBody>,
+        ReqBody: Body<Data = Bytes> + Send + 'static,
+        ResBody: SendBody,
+    {
+        let config = &self.shared.config;
         let limit = config.max_request_body;
-        let bytes = match buffer(std::pin::pin!(body), limit).await {
+        let bytes = match buffered {
             Buffered::Whole { data, .. } => data,
-            Buffered::TooLarge { .. } => {
-                return Step::Answered(Ok(reject(Problem::BodyTooLarge { limit })));
-            }
-            Buffered::Failed { .. } => return Step::Answered(Ok(reject(Problem::BodyUnreadable))),
+            Buffered::TooLarge { .. } => return rejected(Problem::BodyTooLarge { limit }),
+            Buffered::Failed { .. } => return rejected(Problem::BodyUnreadable),
         };
-        let fingerprint = fingerprint(&parts, &config.fingerprint_headers, &bytes);
-        let request = Request::from_parts(parts, RequestBody::buffered(bytes));
-        let mut keyed = Keyed {
-            shared: shared.clone(),
-            key,
-            store_key,
+        let fingerprint = fingerprint(&self.parts, &config.fingerprint_headers, &bytes);
+        let request = Request::from_parts(self.parts, RequestBody::buffered(bytes));
+        let keyed = Keyed {
+            shared: self.shared,
+            key: self.key,
+            store_key: self.store_key,
             fingerprint,
             deadline: None,
         };
-        loop {
-            let lead = match shared.flights.join(store_key, fingerprint) {
-                Join::Lead(lead) => lead,
-                Join::Mismatch => return Step::Answered(Ok(reject(Problem::KeyReused))),
-                Join::Follow(_) if config.on_conflict == OnConflict::Reject => {
-                    return Step::Answered(Ok(reject(Problem::InFlight)));
-                }
-                Join::Follow(receiver) => {
-                    tracing::debug!(key = %keyed.key, "idempotency: waiting for the same request in this process");
-                    // Boxed, as every wait is: waits are rare, and their timers would weigh on
-                    // every request.
-                    match Box::pin(follow(receiver, keyed.deadline())).await {
-                        None => return Step::Answered(Ok(reject(Problem::WaitTimedOut))),
-                        Some(Outcome::Released) => continue,
-                        Some(Outcome::Completed(record)) => {
-                            return Step::Answered(Ok(keyed.replay(Record::clone(&record))));
-                        }
-                        Some(Outcome::Respond(problem)) => {
-                            return Step::Answered(Ok(reject(problem)));
-                        }
-                    }
-                }
-            };
-            // Lead in this process: claim the key in the store, and run the request once it is
-            // claimed. Written out here rather than as a future of its own, which would hold a
-            // second copy of the request.
-            return match keyed.claim().await {
-                Ok(Claim::Claimed(token)) => keyed.run(lead, Some(token), inner, request),
-                Ok(Claim::Held(Holder::Completed(record))) => {
-                    Step::Answered(Ok(keyed.settle(lead, record)))
-                }
-                // Anything else is rarer, and may wait: it is boxed, so that its timers do not
-                // weigh on every request.
-                claimed => Box::pin(keyed.contend(lead, claimed, inner, request)).await,
-            };
-        }
+        keyed.begin(self.inner, request)
     }
 }
 
@@ -371,6 +340,96 @@ impl Keyed {
         }
     }
 
+    /// Leads the request or follows the same request in this process. When the store is in
+    /// this process and the key is free or done, at once; otherwise after a wait.
+    fn begin<S, ReqBody, ResBody>(
+        self,
+        inner: S,
+        request: Request<RequestBody<ReqBody>>,
+    ) -> Step<Run<S, ReqBody>, Answer<ResBody, S::Error>>
+    where
+        S: Inner<ReqBody, ResBody>,
+        ReqBody: Body<Data = Bytes> + Send + 'static,
+        ResBody: SendBody,
+    {
+        let joined = self.shared.flights.join(self.store_key, self.fingerprint);
+        match (joined, &self.config().local) {
+            (Join::Lead(lead), Some(local)) => {
+                let config = self.config();
+                let claimed = local.claim_now(&self.store_key, &self.fingerprint, config.lease);
+                self.claimed(lead, claimed, inner, request)
+            }
+            (joined, _) => Step::Wait(Box::pin(self.proceed(joined, inner, request))),
+        }
+    }
+
+    /// Acts on the store's answer to a claim: runs, replays, or contends for the key.
+    fn claimed<S, ReqBody, ResBody>(
+        self,
+        lead: Lead,
+        claimed: Result<Claim, StoreError>,
+        inner: S,
+        request: Request<RequestBody<ReqBody>>,
+    ) -> Step<Run<S, ReqBody>, Answer<ResBody, S::Error>>
+    where
+        S: Inner<ReqBody, ResBody>,
+        ReqBody: Body<Data = Bytes> + Send + 'static,
+        ResBody: SendBody,
+    {
+        match claimed {
+            Ok(Claim::Claimed(token)) => self.run(lead, Some(token), inner, request),
+            Ok(Claim::Held(Holder::Completed(record))) => {
+                Step::Answered(Ok(self.settle(lead, record)))
+            }
+            claimed => Step::Wait(Box::pin(self.contend(lead, claimed, inner, request))),
+        }
+    }
+
+    /// [`begin`](Self::begin) when it waits: follows this process's flight for the key (as
+    /// `joined` says, then as each new join says), or claims the key in the store.
+    async fn proceed<S, ReqBody, ResBody>(
+        mut self,
+        mut joined: Join,
+        inner: S,
+        request: Request<RequestBody<ReqBody>>,
+    ) -> Step<Run<S, ReqBody>, Answer<ResBody, S::Error>>
+    where
+        S: Inner<ReqBody, ResBody>,
+        ReqBody: Body<Data = Bytes> + Send + 'static,
+        ResBody: SendBody,
+    {
+        let shared = self.shared.clone();
+        let config = &shared.config;
+        loop {
+            let lead = match joined {
+                Join::Lead(lead) => lead,
+                Join::Mismatch => return rejected(Problem::KeyReused),
+                Join::Follow(_) if config.on_conflict == OnConflict::Reject => {
+                    return rejected(Problem::InFlight);
+                }
+                Join::Follow(receiver) => {
+                    tracing::debug!(key = %self.key, "idempotency: waiting for the same request in this process");
+                    match follow(receiver, self.deadline()).await {
+                        None => return rejected(Problem::WaitTimedOut),
+                        Some(Outcome::Released) => {
+                            joined = shared.flights.join(self.store_key, self.fingerprint);
+                            continue;
+                        }
+                        Some(Outcome::Completed(record)) => {
+                            return Step::Answered(Ok(self.replay(Record::clone(&record))));
+                        }
+                        Some(Outcome::Respond(problem)) => return rejected(problem),
+                    }
+                }
+            };
+            let claimed = self.claim().await;
+            return match self.claimed(lead, claimed, inner, request) {
+                Step::Wait(waiting) => waiting.await,
+                step => step,
+            };
+        }
+    }
+
     async fn claim(&self) -> Result<Claim, StoreError> {
         let config = self.config();
         if let Some(local) = &config.local {
@@ -409,7 +468,7 @@ impl Keyed {
                 Ok(Claim::Held(holder)) => holder,
                 Err(err) => match self.store_failed(lead, &err) {
                     Ok(lead) => return self.run(lead, None, inner, request),
-                    Err(problem) => return Step::Answered(Ok(reject(problem))),
+                    Err(problem) => return rejected(problem),
                 },
             };
             match held {
@@ -469,200 +528,268 @@ impl Keyed {
 }
 
 /// What the handler's run needs: the claim it runs under, the service and the request.
-struct Run<S, ReqBody> {
+pub(super) struct Run<S, ReqBody> {
     claim: ClaimGuard,
     inner: S,
     request: Request<RequestBody<ReqBody>>,
 }
 
 impl<S, ReqBody> Run<S, ReqBody> {
-    fn start<ResBody>(self) -> impl Future<Output = Answer<ResBody, S::Error>> + Send
+    /// Calls the handler. The future returned is the call's alone: the service is dropped.
+    pub(super) fn call<ResBody>(mut self) -> (S::Future, ClaimGuard)
     where
         S: Inner<ReqBody, ResBody>,
-        ResBody: SendBody,
     {
         tracing::debug!(key = %self.claim.keyed.key, "idempotency: running the first request");
-        self.claim.execute(self.inner, self.request)
+        (self.inner.call(self.request), self.claim)
     }
 }
 
 /// A claim being run. Dropped before it is completed or released (the handler panicked, or the
 /// caller went away), it releases the claim from a task at once and then tells this process's
 /// followers, so one of them can run.
-struct ClaimGuard {
+pub(super) struct ClaimGuard {
     keyed: Keyed,
     token: Option<FencingToken>,
     lead: Option<Lead>,
 }
 
 impl ClaimGuard {
-    /// Calls the inner service, then stores its response. The call is made at once; the
-    /// future returned holds the call's future, not the service.
-    fn execute<S, ReqBody, ResBody>(
-        mut self,
-        mut inner: S,
-        request: Request<RequestBody<ReqBody>>,
-    ) -> impl Future<Output = Answer<ResBody, S::Error>> + Send
+    /// Renews the claim's lease every third of it while the handler runs. Started the first
+    /// time the handler waits: a handler that answers at once needs no timer.
+    pub(super) fn keep_alive(&self, renewal: &mut Option<BoxFuture<()>>, cx: &mut Context<'_>) {
+        let keyed = &self.keyed;
+        let Some(token) = self.token.filter(|_| keyed.config().keep_lease_alive) else {
+            return;
+        };
+        let renewal = renewal.get_or_insert_with(|| {
+            Box::pin(renew(
+                keyed.shared.clone(),
+                keyed.key.clone(),
+                keyed.store_key,
+                token,
+            ))
+        });
+        // It never ends: a lost claim leaves it idle.
+        let _ = renewal.as_mut().poll(cx);
+    }
+
+    /// Acts on what the handler answered: releases the claim, or stores the response.
+    pub(super) fn answered<ResBody, E>(
+        self,
+        answered: Result<Response<ResBody>, E>,
+    ) -> Respond<ResBody, E>
     where
-        S: Inner<ReqBody, ResBody>,
         ResBody: SendBody,
+        E: Send + 'static,
     {
-        let call = inner.call(request);
-        async move {
-            let shared = self.keyed.shared.clone();
-            let config = &shared.config;
-            let call = std::pin::pin!(call);
-            let response = match self.keep_alive(call).await {
-                Ok(response) => response,
-                Err(err) => {
-                    self.release().await;
-                    return Err(err);
+        let response = match answered {
+            Ok(response) => response,
+            Err(err) => return self.released(Err(err)),
+        };
+        let (parts, body) = response.into_parts();
+        let config = self.keyed.config();
+        if !(config.store_if)(&parts) {
+            tracing::debug!(key = %self.keyed.key, status = parts.status.as_u16(), "idempotency: response not stored; releasing the key");
+            return self.released(Ok(Response::from_parts(parts, ResponseBody::inner(body))));
+        }
+        let limit = config.max_stored_response;
+        // A body that gives its length, within the limit, is read where it lies; any other
+        // is boxed, so that what is left of it can stream on if it is too large to store.
+        if body.size_hint().exact().is_some_and(|n| n <= limit as u64) {
+            return Respond::Keep(parts, body, self);
+        }
+        Respond::Later(Box::pin(async move {
+            let mut body = Box::pin(body);
+            let buffered = Collect::new(body.as_mut(), limit).await;
+            self.store(parts, buffered, Some(body)).await
+        }))
+    }
+
+    /// Stores a response whose body was read whole: at once in a store in this process.
+    pub(super) fn keep<ResBody, E>(
+        mut self,
+        mut parts: response::Parts,
+        buffered: Buffered<ResBody::Error>,
+    ) -> Respond<ResBody, E>
+    where
+        ResBody: SendBody,
+        E: Send + 'static,
+    {
+        let shared = self.keyed.shared.clone();
+        let Some(local) = &shared.config.local else {
+            return Respond::Later(Box::pin(self.store(parts, buffered, None)));
+        };
+        match buffered {
+            Buffered::Whole { data, trailers }
+                if data.len() <= shared.config.max_stored_response =>
+            {
+                let (record, excluded) = self.record(&mut parts, data, trailers);
+                let stored = self.token.take().map(|token| {
+                    let retention = shared.config.retention;
+                    (
+                        token,
+                        local.complete_now(&self.keyed.store_key, token, &record, retention),
+                    )
+                });
+                if let Some((token, err)) = self.completed(stored, &record) {
+                    self.log_unstored(&err);
+                    self.token = Some(token);
+                    self.release_now(local);
                 }
-            };
-            let (mut parts, body) = response.into_parts();
-            if !(config.store_if)(&parts) {
-                tracing::debug!(key = %self.keyed.key, status = parts.status.as_u16(), "idempotency: response not stored; releasing the key");
-                self.release().await;
-                return Ok(Response::from_parts(parts, ResponseBody::inner(body)));
+                Respond::Now(Ok(respond(parts, record, excluded)))
             }
-            let fingerprint = self.keyed.fingerprint;
-            let limit = config.max_stored_response;
-            // A body that gives its length, within the limit, is read where it lies; any other
-            // is boxed, so that what is left of it can stream on if it is too large to store.
-            let fits = body.size_hint().exact().is_some_and(|n| n <= limit as u64);
-            let (buffered, rest) = if fits {
-                (buffer(std::pin::pin!(body), usize::MAX).await, None)
-            } else {
-                let mut body = Box::pin(body);
-                (buffer(body.as_mut(), limit).await, Some(body))
-            };
-            let unstored = match buffered {
-                Buffered::Whole { data, trailers } if data.len() <= limit => {
-                    // The record takes the response's headers, and gives them back once stored;
-                    // only a response with headers that are never replayed needs a filtered copy.
-                    let excluded = parts
-                        .headers
-                        .keys()
-                        .any(|name| config.replay_excluded.contains(name));
-                    let headers = if excluded {
-                        let mut kept = HeaderMap::with_capacity(parts.headers.len());
-                        for (name, value) in &parts.headers {
-                            if !config.replay_excluded.contains(name) {
-                                kept.append(name.clone(), value.clone());
-                            }
-                        }
-                        kept
-                    } else {
-                        std::mem::take(&mut parts.headers)
-                    };
-                    let record =
-                        Record::response(fingerprint, parts.status, headers, data, trailers);
-                    self.complete(&record).await;
-                    if !excluded {
-                        parts.headers = record.headers;
-                    }
-                    return Ok(Response::from_parts(
-                        parts,
-                        ResponseBody::full(record.body, record.trailers),
-                    ));
-                }
-                // Only a body that ran past the length it gave arrives here whole.
-                Buffered::Whole { data, trailers } => ResponseBody::full(data, trailers),
-                Buffered::TooLarge { chunks } => ResponseBody::partial(chunks, rest, None),
-                Buffered::Failed { chunks, error } => {
-                    self.release().await;
-                    return Ok(Response::from_parts(
-                        parts,
-                        ResponseBody::partial(chunks, None, Some(error)),
-                    ));
-                }
-            };
-            tracing::warn!(
-                key = %self.keyed.key,
-                limit,
-                "idempotency: response too large to store; duplicates will be told it cannot be replayed"
-            );
-            self.complete(&Record::not_replayable(fingerprint, parts.status))
-                .await;
-            Ok(Response::from_parts(parts, unstored))
+            // Rarer: a body that failed, or ran past the length it gave.
+            buffered => Respond::Later(Box::pin(self.store(parts, buffered, None))),
         }
     }
 
-    /// Runs `call`, renewing the claim's lease every third of it if it takes that long.
-    async fn keep_alive<F: Future>(&self, mut call: std::pin::Pin<&mut F>) -> F::Output {
-        let config = self.keyed.config();
-        let token = match self.token {
-            Some(token) if config.keep_lease_alive => token,
-            _ => return call.await,
-        };
-        // A handler that answers at once needs no renewal timer.
-        if let Poll::Ready(output) = poll_once(call.as_mut()).await {
-            return output;
+    /// Releases the claim, and answers with `answer`: at once with a store in this process.
+    fn released<B, E>(mut self, answer: Answer<B, E>) -> Respond<B, E>
+    where
+        B: SendBody,
+        E: Send + 'static,
+    {
+        let shared = self.keyed.shared.clone();
+        match &shared.config.local {
+            Some(local) => {
+                self.release_now(local);
+                Respond::Now(answer)
+            }
+            None => Respond::Later(Box::pin(async move {
+                self.release().await;
+                answer
+            })),
         }
-        let period = (config.lease / 3).max(std::time::Duration::from_millis(1));
-        // Boxed: only handlers that wait carry the timer.
-        let mut ticker = Box::new(tokio::time::interval_at(Instant::now() + period, period));
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                biased;
-                output = &mut call => return output,
-                _ = ticker.tick() => {
-                    let renewed = config.store.extend(&self.keyed.store_key, token, config.lease);
-                    match store_call(config, renewed).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            tracing::warn!(
-                                key = %self.keyed.key,
-                                "idempotency: the claim was lost while the handler ran; its response will not be stored"
-                            );
-                            // Nothing left to renew: let the handler finish on its own.
-                            return call.await;
-                        }
-                        Err(err) => tracing::warn!(key = %self.keyed.key, error = %err, "idempotency: could not renew the lease"),
-                    }
+    }
+
+    /// The record of a response, which takes the response's headers; and whether any of them
+    /// are never replayed (then the record has a filtered copy, and the response keeps them).
+    fn record(
+        &self,
+        parts: &mut response::Parts,
+        data: Bytes,
+        trailers: Option<HeaderMap>,
+    ) -> (Record, bool) {
+        let config = self.keyed.config();
+        // The record takes the response's headers, and gives them back once stored; only a
+        // response with headers that are never replayed needs a filtered copy.
+        let excluded = parts
+            .headers
+            .keys()
+            .any(|name| config.replay_excluded.contains(name));
+        let headers = if excluded {
+            let mut kept = HeaderMap::with_capacity(parts.headers.len());
+            for (name, value) in &parts.headers {
+                if !config.replay_excluded.contains(name) {
+                    kept.append(name.clone(), value.clone());
                 }
             }
-        }
+            kept
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
+        let record = Record::response(
+            self.keyed.fingerprint,
+            parts.status,
+            headers,
+            data,
+            trailers,
+        );
+        (record, excluded)
+    }
+
+    /// Stores a buffered response (or marks the key done without it, if it is too large to
+    /// store) and answers with it; `rest` is what is left of a body too large to store.
+    async fn store<B, E>(
+        mut self,
+        mut parts: response::Parts,
+        buffered: Buffered<B::Error>,
+        rest: Option<std::pin::Pin<Box<B>>>,
+    ) -> Answer<B, E>
+    where
+        B: SendBody,
+    {
+        let config = self.keyed.config();
+        let limit = config.max_stored_response;
+        let unstored = match buffered {
+            Buffered::Whole { data, trailers } if data.len() <= limit => {
+                let (record, excluded) = self.record(&mut parts, data, trailers);
+                self.complete(&record).await;
+                return Ok(respond(parts, record, excluded));
+            }
+            // Only a body that ran past the length it gave arrives here whole.
+            Buffered::Whole { data, trailers } => ResponseBody::full(data, trailers),
+            Buffered::TooLarge { chunks } => ResponseBody::partial(chunks, rest, None),
+            Buffered::Failed { chunks, error } => {
+                self.release().await;
+                return Ok(Response::from_parts(
+                    parts,
+                    ResponseBody::partial(chunks, None, Some(error)),
+                ));
+            }
+        };
+        tracing::warn!(
+            key = %self.keyed.key,
+            limit,
+            "idempotency: response too large to store; duplicates will be told it cannot be replayed"
+        );
+        let fingerprint = self.keyed.fingerprint;
+        self.complete(&Record::not_replayable(fingerprint, parts.status))
+            .await;
+        Ok(Response::from_parts(parts, unstored))
     }
 
     /// Stores the record, if the claim still holds, and hands it to the followers.
     async fn complete(&mut self, record: &Record) {
-        let Some(token) = self.token.take() else {
-            // Failing open: nothing to store, but this process's duplicates get the answer.
-            self.finish_with(|| Outcome::Completed(Arc::new(record.clone())));
-            return;
-        };
         let config = self.keyed.config();
-        let stored = match &config.local {
-            Some(local) => {
-                local.complete_now(&self.keyed.store_key, token, record, config.retention)
-            }
-            None => {
-                let complete =
-                    config
-                        .store
-                        .complete(&self.keyed.store_key, token, record, config.retention);
-                store_call(config, complete).await
+        let stored = match self.token.take() {
+            None => None,
+            Some(token) => {
+                let key = &self.keyed.store_key;
+                let stored = match &config.local {
+                    Some(local) => local.complete_now(key, token, record, config.retention),
+                    None => {
+                        let complete = config.store.complete(key, token, record, config.retention);
+                        store_call(config, complete).await
+                    }
+                };
+                Some((token, stored))
             }
         };
+        if let Some((token, err)) = self.completed(stored, record) {
+            self.log_unstored(&err);
+            self.token = Some(token);
+            self.release().await;
+        }
+    }
+
+    /// Tells the followers how the completion went (`None` when there was no claim to
+    /// complete, failing open), or gives back the claim and the error when the store failed.
+    fn completed(
+        &mut self,
+        stored: Option<(FencingToken, Result<Completion, StoreError>)>,
+        record: &Record,
+    ) -> Option<(FencingToken, StoreError)> {
         match stored {
-            Ok(Completion::Stored) => {
+            // Failing open: nothing was stored, but this process's duplicates get the answer.
+            None | Some((_, Ok(Completion::Stored))) => {
                 self.finish_with(|| Outcome::Completed(Arc::new(record.clone())));
             }
-            Ok(Completion::Fenced) => {
+            Some((_, Ok(Completion::Fenced))) => {
                 tracing::warn!(
                     key = %self.keyed.key,
                     "idempotency: the claim's lease lapsed before the handler finished; its response was not stored (fenced)"
                 );
                 self.finish_with(|| Outcome::Released);
             }
-            Err(err) => {
-                tracing::error!(key = %self.keyed.key, error = %err, "idempotency: could not store the response");
-                self.token = Some(token);
-                self.release().await;
-            }
+            Some((token, Err(err))) => return Some((token, err)),
         }
+        None
+    }
+
+    fn log_unstored(&self, err: &StoreError) {
+        tracing::error!(key = %self.keyed.key, error = %err, "idempotency: could not store the response");
     }
 
     fn finish_with(&mut self, outcome: impl FnOnce() -> Outcome) {
@@ -672,21 +799,67 @@ impl ClaimGuard {
         }
     }
 
+    /// Gives up the claim in a store in this process, then tells the followers.
+    fn release_now(&mut self, local: &MemoryStore) {
+        if let Some(token) = self.token.take() {
+            local.release_now(&self.keyed.store_key, token);
+        }
+        self.finish_with(|| Outcome::Released);
+    }
+
     /// Gives up the claim so a retry can run, then tells the followers.
     async fn release(&mut self) {
+        let shared = self.keyed.shared.clone();
+        let config = &shared.config;
+        if let Some(local) = &config.local {
+            return self.release_now(local);
+        }
         if let Some(token) = self.token.take() {
-            let config = self.keyed.config();
-            let released = match &config.local {
-                Some(local) => Ok(local.release_now(&self.keyed.store_key, token)),
-                None => {
-                    store_call(config, config.store.release(&self.keyed.store_key, token)).await
-                }
-            };
-            if let Err(err) = released {
+            let released = config.store.release(&self.keyed.store_key, token);
+            if let Err(err) = store_call(config, released).await {
                 tracing::warn!(key = %self.keyed.key, error = %err, "idempotency: could not release the claim; it frees itself when its lease lapses");
             }
         }
         self.finish_with(|| Outcome::Released);
+    }
+}
+
+/// A response answered with its stored `record`'s body; its headers come back from the record
+/// unless some were left out of it (`excluded`), when the response kept its own.
+fn respond<B: Body>(
+    mut parts: response::Parts,
+    record: Record,
+    excluded: bool,
+) -> Response<ResponseBody<B>> {
+    if !excluded {
+        parts.headers = record.headers;
+    }
+    Response::from_parts(parts, ResponseBody::full(record.body, record.trailers))
+}
+
+/// Renews a claim's lease every third of it, for as long as it is polled. A claim found lost
+/// is not renewed again: its response will not be stored, and the handler finishes on its own.
+async fn renew(shared: Arc<Shared>, key: LogKey, store_key: StoreKey, token: FencingToken) {
+    let config = &shared.config;
+    let period = (config.lease / 3).max(std::time::Duration::from_millis(1));
+    let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let renewed = config.store.extend(&store_key, token, config.lease);
+        match store_call(config, renewed).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(
+                    key = %key,
+                    "idempotency: the claim was lost while the handler ran; its response will not be stored"
+                );
+                return std::future::pending().await;
+            }
+            Err(err) => {
+                tracing::warn!(key = %key, error = %err, "idempotency: could not renew the lease");
+            }
+        }
     }
 }
 

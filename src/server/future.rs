@@ -209,8 +209,10 @@ impl<S, ReqBody: Body, ResBody: Body, F, E> Work<S, ReqBody, ResBody, F, E> {
 impl<S, ReqBody, ResBody, F, E> Phase<S, ReqBody, ResBody, F, E>
 where
     S: Inner<ReqBody, ResBody, Future = F, Error = E>,
-    ReqBody: Body,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
     ResBody: SendBody,
+    F: Future<Output = Result<Response<ResBody>, E>>,
 {
     fn after(step: Step<Run<S, ReqBody>, Answer<ResBody, E>>) -> Next<Self, Answer<ResBody, E>> {
         match step {
@@ -238,6 +240,47 @@ where
             Respond::Later(future) => Next::Phase(Phase::Finish { future }),
         }
     }
+    /// Polls a keyed request through as many phases as are ready.
+    fn advance(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Answer<ResBody, E>> {
+        loop {
+            let next = match self.as_mut().project() {
+                PhaseProj::Read { body, start } => {
+                    let buffered = ready!(body.poll(cx));
+                    Phase::after(start.take().expect("read once").read(buffered))
+                }
+                PhaseProj::Wait { future } => Phase::after(ready!(future.as_mut().poll(cx))),
+                PhaseProj::Call {
+                    call,
+                    claim,
+                    renewal,
+                } => match call.poll(cx) {
+                    Poll::Ready(answered) => {
+                        Phase::respond(claim.take().expect("called once").answered(answered))
+                    }
+                    Poll::Pending => {
+                        if let Some(claim) = claim {
+                            claim.keep_alive(renewal, cx);
+                        }
+                        return Poll::Pending;
+                    }
+                },
+                PhaseProj::Keep { body, parts, claim } => {
+                    let buffered = ready!(body.poll(cx));
+                    let claim = claim.take().expect("kept once");
+                    Phase::respond(claim.keep(parts.take().expect("kept once"), buffered))
+                }
+                PhaseProj::Finish { future } => Next::Answer(ready!(future.as_mut().poll(cx))),
+                PhaseProj::Done => panic!("ResponseFuture polled after completion"),
+            };
+            match next {
+                Next::Phase(next) => self.set(next),
+                Next::Answer(answer) => {
+                    self.set(Phase::Done);
+                    return Poll::Ready(answer);
+                }
+            }
+        }
+    }
 }
 
 impl<S, ReqBody, ResBody, F, E> Future for Work<S, ReqBody, ResBody, F, E>
@@ -253,61 +296,9 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         *this.polling = true;
-        let polled = advance(this.phase.as_mut(), cx);
+        let polled = this.phase.as_mut().advance(cx);
         *this.polling = false;
         polled
-    }
-}
-
-/// Polls a keyed request through as many phases as are ready.
-fn advance<S, ReqBody, ResBody, F, E>(
-    mut phase: Pin<&mut Phase<S, ReqBody, ResBody, F, E>>,
-    cx: &mut Context<'_>,
-) -> Poll<Answer<ResBody, E>>
-where
-    S: Inner<ReqBody, ResBody, Future = F, Error = E>,
-    ReqBody: Body<Data = Bytes> + Send + 'static,
-    ReqBody::Error: Into<BoxError>,
-    ResBody: SendBody,
-    F: Future<Output = Result<Response<ResBody>, E>>,
-{
-    loop {
-        let next = match phase.as_mut().project() {
-            PhaseProj::Read { body, start } => {
-                let buffered = ready!(body.poll(cx));
-                Phase::after(start.take().expect("read once").read(buffered))
-            }
-            PhaseProj::Wait { future } => Phase::after(ready!(future.as_mut().poll(cx))),
-            PhaseProj::Call {
-                call,
-                claim,
-                renewal,
-            } => match call.poll(cx) {
-                Poll::Ready(answered) => {
-                    Phase::respond(claim.take().expect("called once").answered(answered))
-                }
-                Poll::Pending => {
-                    if let Some(claim) = claim {
-                        claim.keep_alive(renewal, cx);
-                    }
-                    return Poll::Pending;
-                }
-            },
-            PhaseProj::Keep { body, parts, claim } => {
-                let buffered = ready!(body.poll(cx));
-                let claim = claim.take().expect("kept once");
-                Phase::respond(claim.keep(parts.take().expect("kept once"), buffered))
-            }
-            PhaseProj::Finish { future } => Next::Answer(ready!(future.as_mut().poll(cx))),
-            PhaseProj::Done => panic!("ResponseFuture polled after completion"),
-        };
-        match next {
-            Next::Phase(next) => phase.set(next),
-            Next::Answer(answer) => {
-                phase.set(Phase::Done);
-                return Poll::Ready(answer);
-            }
-        }
     }
 }
 

@@ -870,3 +870,72 @@ async fn a_body_that_runs_past_its_length_reaches_its_caller_whole_and_is_not_st
     assert_eq!(again.status(), StatusCode::CONFLICT);
     assert_eq!(calls.runs(), 1);
 }
+
+/// A response body that says it has 10 bytes, sends 5 and then fails.
+struct FailsPartWay {
+    sent: bool,
+}
+
+impl http_body::Body for FailsPartWay {
+    type Data = Bytes;
+    type Error = &'static str;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, &'static str>>> {
+        let first = !std::mem::replace(&mut self.sent, true);
+        std::task::Poll::Ready(Some(if first {
+            Ok(http_body::Frame::data(Bytes::from("01234")))
+        } else {
+            Err("upstream reset")
+        }))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(10)
+    }
+}
+
+#[tokio::test]
+async fn a_response_body_that_fails_reaches_its_caller_and_a_retry_runs_again() {
+    let calls = Counter::default();
+    let counted = calls.clone();
+    let svc = IdempotencyService::new(
+        service_fn(move |_req: Request<_>| {
+            let n = counted.count();
+            async move {
+                let body = if n == 1 {
+                    http_body_util::Either::Left(FailsPartWay { sent: false })
+                } else {
+                    http_body_util::Either::Right(
+                        Full::new(Bytes::from("created")).map_err(|never| match never {}),
+                    )
+                };
+                Ok::<_, Infallible>(Response::new(body))
+            }
+        }),
+        MemoryStore::new(),
+    );
+    let req = || {
+        Request::post("/orders")
+            .header("idempotency-key", "k")
+            .body(Full::new(Bytes::from("tea")))
+            .unwrap()
+    };
+    let first = svc.clone().oneshot(req()).await.unwrap();
+    assert_eq!(
+        first.into_body().collect().await.unwrap_err().to_string(),
+        "upstream reset",
+        "the caller sees the body fail, after its first part"
+    );
+    let retry = svc.clone().oneshot(req()).await.unwrap();
+    assert!(!retry.headers().contains_key("idempotent-replayed"));
+    assert_eq!(
+        retry.into_body().collect().await.unwrap().to_bytes(),
+        "created"
+    );
+    let replay = svc.clone().oneshot(req()).await.unwrap();
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(calls.runs(), 2, "the failed run, then the retry");
+}

@@ -688,12 +688,6 @@ async fn a_panicking_handler_releases_its_claim_so_a_retry_runs() {
 
 #[tokio::test]
 async fn a_run_whose_caller_left_finishes_on_its_own_and_a_panic_there_frees_the_key() {
-    let req = || {
-        Request::post("/orders")
-            .header("idempotency-key", "k")
-            .body(Full::new(Bytes::from("tea")))
-            .unwrap()
-    };
     for panics in [false, true] {
         let calls = Counter::default();
         let counted = calls.clone();
@@ -714,10 +708,10 @@ async fn a_run_whose_caller_left_finishes_on_its_own_and_a_panic_there_frees_the
             MemoryStore::new(),
         );
         // The caller gives up while the handler waits; then the handler goes on.
-        let first = tokio::time::timeout(Duration::from_millis(50), svc.clone().oneshot(req()));
+        let first = tokio::time::timeout(Duration::from_millis(50), svc.clone().oneshot(order()));
         assert!(first.await.is_err(), "the first call was still running");
         gate.notify_one();
-        let retry = svc.clone().oneshot(req()).await.unwrap();
+        let retry = svc.clone().oneshot(order()).await.unwrap();
         assert_eq!(retry.status(), StatusCode::OK);
         let replayed = retry.headers().contains_key("idempotent-replayed");
         let body = retry.into_body().collect().await.unwrap().to_bytes();
@@ -750,22 +744,16 @@ async fn an_inner_service_error_releases_the_claim_so_a_retry_runs() {
         }),
         MemoryStore::new(),
     );
-    let req = || {
-        Request::post("/orders")
-            .header("idempotency-key", "k")
-            .body(Full::new(Bytes::from("tea")))
-            .unwrap()
-    };
     assert_eq!(
-        svc.clone().oneshot(req()).await.unwrap_err(),
+        svc.clone().oneshot(order()).await.unwrap_err(),
         "backend unreachable"
     );
-    let retry = svc.clone().oneshot(req()).await.unwrap();
+    let retry = svc.clone().oneshot(order()).await.unwrap();
     assert_eq!(
         retry.into_body().collect().await.unwrap().to_bytes(),
         "created"
     );
-    let replay = svc.clone().oneshot(req()).await.unwrap();
+    let replay = svc.clone().oneshot(order()).await.unwrap();
     assert_eq!(replay.headers()["idempotent-replayed"], "true");
     assert_eq!(calls.runs(), 2);
 }
@@ -854,19 +842,13 @@ async fn a_body_that_runs_past_its_length_reaches_its_caller_whole_and_is_not_st
                 Ok::<_, Infallible>(Response::new(body))
             }
         }));
-    let req = || {
-        Request::post("/orders")
-            .header("idempotency-key", "k")
-            .body(Full::new(Bytes::from("tea")))
-            .unwrap()
-    };
-    let first = svc.clone().oneshot(req()).await.unwrap();
+    let first = svc.clone().oneshot(order()).await.unwrap();
     assert_eq!(first.status(), StatusCode::OK);
     assert_eq!(
         first.into_body().collect().await.unwrap().to_bytes(),
         "0123456789abcdefghij"
     );
-    let again = svc.clone().oneshot(req()).await.unwrap();
+    let again = svc.clone().oneshot(order()).await.unwrap();
     assert_eq!(again.status(), StatusCode::CONFLICT);
     assert_eq!(calls.runs(), 1);
 }
@@ -917,25 +899,27 @@ async fn a_response_body_that_fails_reaches_its_caller_and_a_retry_runs_again() 
         }),
         MemoryStore::new(),
     );
-    let req = || {
-        Request::post("/orders")
-            .header("idempotency-key", "k")
-            .body(Full::new(Bytes::from("tea")))
-            .unwrap()
-    };
-    let first = svc.clone().oneshot(req()).await.unwrap();
+    let first = svc.clone().oneshot(order()).await.unwrap();
     assert_eq!(
         first.into_body().collect().await.unwrap_err().to_string(),
         "upstream reset",
         "the caller sees the body fail, after its first part"
     );
-    let retry = svc.clone().oneshot(req()).await.unwrap();
+    let retry = svc.clone().oneshot(order()).await.unwrap();
     assert!(!retry.headers().contains_key("idempotent-replayed"));
     assert_eq!(
         retry.into_body().collect().await.unwrap().to_bytes(),
         "created"
     );
-    let replay = svc.clone().oneshot(req()).await.unwrap();
+    let replay = svc.clone().oneshot(order()).await.unwrap();
     assert_eq!(replay.headers()["idempotent-replayed"], "true");
     assert_eq!(calls.runs(), 2, "the failed run, then the retry");
+}
+
+/// `POST /orders` with the key `k` and the body `tea`, for the services called in process.
+fn order() -> Request<Full<Bytes>> {
+    Request::post("/orders")
+        .header("idempotency-key", "k")
+        .body(Full::new(Bytes::from("tea")))
+        .unwrap()
 }

@@ -625,18 +625,7 @@ impl ClaimGuard {
                 if data.len() <= shared.config.max_stored_response =>
             {
                 let (record, excluded) = self.record(&mut parts, data, trailers);
-                let stored = self.token.take().map(|token| {
-                    let retention = shared.config.retention;
-                    (
-                        token,
-                        local.complete_now(&self.keyed.store_key, token, &record, retention),
-                    )
-                });
-                if let Some((token, err)) = self.completed(stored, &record) {
-                    self.log_unstored(&err);
-                    self.token = Some(token);
-                    self.release_now(local);
-                }
+                self.complete_now(local, &record);
                 Respond::Now(Ok(respond(parts, record, excluded)))
             }
             // Rarer: a body that failed, or ran past the length it gave.
@@ -742,35 +731,44 @@ impl ClaimGuard {
 
     /// Stores the record, if the claim still holds, and hands it to the followers.
     async fn complete(&mut self, record: &Record) {
-        let config = self.keyed.config();
+        let shared = self.keyed.shared.clone();
+        let config = &shared.config;
+        if let Some(local) = &config.local {
+            return self.complete_now(local, record);
+        }
         let stored = match self.token.take() {
             None => None,
             Some(token) => {
                 let key = &self.keyed.store_key;
-                let stored = match &config.local {
-                    Some(local) => local.complete_now(key, token, record, config.retention),
-                    None => {
-                        let complete = config.store.complete(key, token, record, config.retention);
-                        store_call(config, complete).await
-                    }
-                };
-                Some((token, stored))
+                let complete = config.store.complete(key, token, record, config.retention);
+                Some((token, store_call(config, complete).await))
             }
         };
-        if let Some((token, err)) = self.completed(stored, record) {
-            self.log_unstored(&err);
-            self.token = Some(token);
+        if self.completed(stored, record) {
             self.release().await;
         }
     }
 
-    /// Tells the followers how the completion went (`None` when there was no claim to
-    /// complete, failing open), or gives back the claim and the error when the store failed.
+    /// [`complete`](Self::complete) in a store in this process.
+    fn complete_now(&mut self, local: &MemoryStore, record: &Record) {
+        let retention = self.keyed.config().retention;
+        let stored = self.token.take().map(|token| {
+            let stored = local.complete_now(&self.keyed.store_key, token, record, retention);
+            (token, stored)
+        });
+        if self.completed(stored, record) {
+            self.release_now(local);
+        }
+    }
+
+    /// Tells the followers how the completion went (`None`: there was no claim to complete,
+    /// failing open). When the store failed, it takes the claim back and answers `true`: the
+    /// claim is to be released.
     fn completed(
         &mut self,
         stored: Option<(FencingToken, Result<Completion, StoreError>)>,
         record: &Record,
-    ) -> Option<(FencingToken, StoreError)> {
+    ) -> bool {
         match stored {
             // Failing open: nothing was stored, but this process's duplicates get the answer.
             None | Some((_, Ok(Completion::Stored))) => {
@@ -783,13 +781,13 @@ impl ClaimGuard {
                 );
                 self.finish_with(|| Outcome::Released);
             }
-            Some((token, Err(err))) => return Some((token, err)),
+            Some((token, Err(err))) => {
+                tracing::error!(key = %self.keyed.key, error = %err, "idempotency: could not store the response");
+                self.token = Some(token);
+                return true;
+            }
         }
-        None
-    }
-
-    fn log_unstored(&self, err: &StoreError) {
-        tracing::error!(key = %self.keyed.key, error = %err, "idempotency: could not store the response");
+        false
     }
 
     fn finish_with(&mut self, outcome: impl FnOnce() -> Outcome) {

@@ -419,12 +419,14 @@ impl KeyStore for HungStore {
 }
 
 /// A store that hands every step to a memory store and counts the claims and completions it
-/// saw, as a user's instrumented store would.
+/// saw, as a user's instrumented store would. Its answer to a claim comes `claim_reply` after
+/// the claim was made, as a remote store's reply does.
 #[derive(Debug, Default)]
 struct CountingStore {
     inner: MemoryStore,
     claims: AtomicUsize,
     completions: AtomicUsize,
+    claim_reply: Duration,
 }
 
 #[async_trait]
@@ -436,7 +438,9 @@ impl KeyStore for CountingStore {
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         self.claims.fetch_add(1, Ordering::SeqCst);
-        self.inner.claim(key, fingerprint, lease).await
+        let claimed = self.inner.claim(key, fingerprint, lease).await;
+        tokio::time::sleep(self.claim_reply).await;
+        claimed
     }
     async fn complete(
         &self,
@@ -922,4 +926,39 @@ fn order() -> Request<Full<Bytes>> {
         .header("idempotency-key", "k")
         .body(Full::new(Bytes::from("tea")))
         .unwrap()
+}
+
+#[tokio::test]
+async fn a_caller_gone_before_its_claim_was_answered_does_not_leave_the_key_claimed() {
+    let store = Arc::new(CountingStore {
+        claim_reply: Duration::from_millis(200),
+        ..CountingStore::default()
+    });
+    let calls = Counter::default();
+    let counted = calls.clone();
+    // A claim left behind would hold the key for its 60 s lease: the retry would wait its 1 s
+    // and be answered 409.
+    let svc =
+        IdempotencyServiceLayer::with_shared_store(store.clone())
+            .wait_timeout(Duration::from_secs(1))
+            .layer(service_fn(move |_req: Request<_>| {
+                let n = counted.count();
+                async move {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("run={n}")))))
+                }
+            }));
+    let first = tokio::time::timeout(Duration::from_millis(50), svc.clone().oneshot(order()));
+    assert!(
+        first.await.is_err(),
+        "the caller left while the claim was on its way back"
+    );
+    let retry = svc.clone().oneshot(order()).await.unwrap();
+    assert_eq!(retry.status(), StatusCode::OK);
+    assert!(!retry.headers().contains_key("idempotent-replayed"));
+    assert_eq!(
+        retry.into_body().collect().await.unwrap().to_bytes(),
+        "run=1"
+    );
+    assert_eq!(calls.runs(), 1, "only the retry ran");
+    assert!(store.claims.load(Ordering::SeqCst) >= 2);
 }

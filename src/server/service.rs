@@ -435,13 +435,7 @@ impl Keyed {
         if let Some(local) = &config.local {
             return local.claim_now(&self.store_key, &self.fingerprint, config.lease);
         }
-        store_call(
-            config,
-            config
-                .store
-                .claim(&self.store_key, &self.fingerprint, config.lease),
-        )
-        .await
+        RemoteClaim::send(self.shared.clone(), self.store_key, self.fingerprint).await
     }
 
     /// Acts on a claim that did not simply succeed: replays what the store holds, fails open
@@ -524,6 +518,67 @@ impl Keyed {
             inner,
             request,
         })
+    }
+}
+
+/// A claim sent to a store in another process. The store may grant it even if its caller goes
+/// away before the answer comes, and then nobody would run the request or give the claim back:
+/// the key would stay claimed until the lease lapsed, and retries would wait for it. So a claim
+/// dropped before its answer is finished in a task of its own, and given back if granted.
+struct RemoteClaim {
+    call: Option<BoxFuture<Result<Claim, StoreError>>>,
+    shared: Arc<Shared>,
+    key: StoreKey,
+}
+
+impl RemoteClaim {
+    fn send(shared: Arc<Shared>, key: StoreKey, fingerprint: Fingerprint) -> Self {
+        let sender = shared.clone();
+        let call = Box::pin(async move {
+            let config = &sender.config;
+            store_call(config, config.store.claim(&key, &fingerprint, config.lease)).await
+        });
+        Self {
+            call: Some(call),
+            shared,
+            key,
+        }
+    }
+}
+
+impl Future for RemoteClaim {
+    type Output = Result<Claim, StoreError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let call = self
+            .call
+            .as_mut()
+            .expect("RemoteClaim polled after completion");
+        let claimed = std::task::ready!(call.as_mut().poll(cx));
+        self.call = None;
+        Poll::Ready(claimed)
+    }
+}
+
+impl Drop for RemoteClaim {
+    fn drop(&mut self) {
+        // A call that panicked cannot be polled again.
+        let Some(call) = self.call.take().filter(|_| !std::thread::panicking()) else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (shared, key) = (self.shared.clone(), self.key);
+        tracing::debug!(
+            "idempotency: the caller went away during a claim; giving it back if granted"
+        );
+        runtime.spawn(async move {
+            if let Ok(Claim::Claimed(token)) = call.await {
+                let config = &shared.config;
+                let _ = store_call(config, config.store.release(&key, token)).await;
+            }
+        });
     }
 }
 

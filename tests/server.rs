@@ -419,13 +419,14 @@ impl KeyStore for HungStore {
 }
 
 /// A store that hands every step to a memory store and counts the claims and completions it
-/// saw, as a user's instrumented store would. Its answer to a claim comes `claim_reply` after
-/// the claim was made, as a remote store's reply does.
+/// saw, as a user's instrumented store would. Its first `slow_claims` claims are answered
+/// `claim_reply` after they were made, as a remote store's reply can be.
 #[derive(Debug, Default)]
 struct CountingStore {
     inner: MemoryStore,
     claims: AtomicUsize,
     completions: AtomicUsize,
+    slow_claims: usize,
     claim_reply: Duration,
 }
 
@@ -437,9 +438,11 @@ impl KeyStore for CountingStore {
         fingerprint: &Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        self.claims.fetch_add(1, Ordering::SeqCst);
+        let seen = self.claims.fetch_add(1, Ordering::SeqCst);
         let claimed = self.inner.claim(key, fingerprint, lease).await;
-        tokio::time::sleep(self.claim_reply).await;
+        if seen < self.slow_claims {
+            tokio::time::sleep(self.claim_reply).await;
+        }
         claimed
     }
     async fn complete(
@@ -931,6 +934,7 @@ fn order() -> Request<Full<Bytes>> {
 #[tokio::test]
 async fn a_caller_gone_before_its_claim_was_answered_does_not_leave_the_key_claimed() {
     let store = Arc::new(CountingStore {
+        slow_claims: 1,
         claim_reply: Duration::from_millis(200),
         ..CountingStore::default()
     });
@@ -961,4 +965,40 @@ async fn a_caller_gone_before_its_claim_was_answered_does_not_leave_the_key_clai
     );
     assert_eq!(calls.runs(), 1, "only the retry ran");
     assert!(store.claims.load(Ordering::SeqCst) >= 2);
+}
+
+#[tokio::test]
+async fn a_claim_answered_after_the_store_timeout_is_given_back() {
+    let store = Arc::new(CountingStore {
+        slow_claims: 1,
+        claim_reply: Duration::from_millis(300),
+        ..CountingStore::default()
+    });
+    let calls = Counter::default();
+    let counted = calls.clone();
+    let svc =
+        IdempotencyServiceLayer::with_shared_store(store.clone())
+            .store_timeout(Duration::from_millis(100))
+            .wait_timeout(Duration::from_secs(1))
+            .layer(service_fn(move |_req: Request<_>| {
+                let n = counted.count();
+                async move {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("run={n}")))))
+                }
+            }));
+    let first = svc.clone().oneshot(order()).await.unwrap();
+    assert_eq!(
+        first.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the claim timed out"
+    );
+    // The store granted that claim after the timeout; once its answer is in, it is given back.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let retry = svc.clone().oneshot(order()).await.unwrap();
+    assert_eq!(retry.status(), StatusCode::OK);
+    assert_eq!(
+        retry.into_body().collect().await.unwrap().to_bytes(),
+        "run=1"
+    );
+    assert_eq!(calls.runs(), 1, "only the retry ran");
 }

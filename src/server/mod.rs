@@ -84,7 +84,9 @@
 //! - A claim carries a lease, renewed while the handler runs. If the process dies, the key is
 //!   free again once the lease lapses; a run whose lease lapsed cannot store its response.
 //! - When the store fails, the service answers 503 without running the request
-//!   ([`OnStoreError::FailOpen`] runs it instead).
+//!   ([`OnStoreError::FailOpen`] runs it instead). A claim that the store grants after the
+//!   service stopped waiting for it (the store timeout passed, or the caller went away) is
+//!   given back at once, so a retry does not wait for its lease.
 
 mod body;
 mod config;

@@ -521,12 +521,14 @@ impl Keyed {
     }
 }
 
-/// A claim sent to a store in another process. The store may grant it even if its caller goes
-/// away before the answer comes, and then nobody would run the request or give the claim back:
-/// the key would stay claimed until the lease lapsed, and retries would wait for it. So a claim
-/// dropped before its answer is finished in a task of its own, and given back if granted.
+/// A claim sent to a store in another process, bounded by the store timeout. The store may
+/// grant it after its caller stopped waiting (the caller went away, or the timeout passed), and
+/// then nobody would run the request or give the claim back: the key would stay claimed until
+/// the lease lapsed, and retries would wait for it. So a claim dropped before its answer is
+/// finished in a task of its own (for at most a lease), and given back if granted.
 struct RemoteClaim {
     call: Option<BoxFuture<Result<Claim, StoreError>>>,
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     shared: Arc<Shared>,
     key: StoreKey,
 }
@@ -536,10 +538,11 @@ impl RemoteClaim {
         let sender = shared.clone();
         let call = Box::pin(async move {
             let config = &sender.config;
-            store_call(config, config.store.claim(&key, &fingerprint, config.lease)).await
+            config.store.claim(&key, &fingerprint, config.lease).await
         });
         Self {
             call: Some(call),
+            timer: None,
             shared,
             key,
         }
@@ -550,13 +553,23 @@ impl Future for RemoteClaim {
     type Output = Result<Claim, StoreError>;
 
     fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let call = self
+        let this = &mut *self;
+        let call = this
             .call
             .as_mut()
             .expect("RemoteClaim polled after completion");
-        let claimed = std::task::ready!(call.as_mut().poll(cx));
-        self.call = None;
-        Poll::Ready(claimed)
+        if let Poll::Ready(claimed) = call.as_mut().poll(cx) {
+            this.call = None;
+            return Poll::Ready(claimed);
+        }
+        // A store that answers at once needs no timer.
+        let timeout = this.shared.config.store_timeout;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        std::task::ready!(timer.as_mut().poll(cx));
+        // The call stays: dropping this hands it to a task.
+        Poll::Ready(Err(StoreError::Timeout(timeout)))
     }
 }
 
@@ -570,12 +583,10 @@ impl Drop for RemoteClaim {
             return;
         };
         let (shared, key) = (self.shared.clone(), self.key);
-        tracing::debug!(
-            "idempotency: the caller went away during a claim; giving it back if granted"
-        );
+        tracing::debug!("idempotency: a claim was left unanswered; giving it back if granted");
         runtime.spawn(async move {
-            if let Ok(Claim::Claimed(token)) = call.await {
-                let config = &shared.config;
+            let config = &shared.config;
+            if let Ok(Ok(Claim::Claimed(token))) = tokio::time::timeout(config.lease, call).await {
                 let _ = store_call(config, config.store.release(&key, token)).await;
             }
         });

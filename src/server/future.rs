@@ -23,7 +23,8 @@ pin_project! {
     ///
     /// A request the service does not handle (another method, or no key) is the inner
     /// service's future, unboxed; a request it answers at once is ready; a keyed request is
-    /// boxed.
+    /// boxed. Dropped while its handler runs, a keyed request hands the rest of the run to a
+    /// task of its own (unless [`detach`](super::IdempotencyServiceLayer::detach) is off).
     pub struct ResponseFuture<F, B: Body, E> {
         #[pin]
         kind: Kind<F, B, E>,

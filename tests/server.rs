@@ -971,7 +971,7 @@ async fn a_caller_gone_before_its_claim_was_answered_does_not_leave_the_key_clai
 async fn a_claim_answered_after_the_store_timeout_is_given_back() {
     let store = Arc::new(CountingStore {
         slow_claims: 1,
-        claim_reply: Duration::from_millis(300),
+        claim_reply: Duration::from_millis(150),
         ..CountingStore::default()
     });
     let calls = Counter::default();
@@ -993,7 +993,7 @@ async fn a_claim_answered_after_the_store_timeout_is_given_back() {
         "the claim timed out"
     );
     // The store granted that claim after the timeout; once its answer is in, it is given back.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let retry = svc.clone().oneshot(order()).await.unwrap();
     assert_eq!(retry.status(), StatusCode::OK);
     assert_eq!(

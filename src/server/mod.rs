@@ -86,7 +86,8 @@
 //! - When the store fails, the service answers 503 without running the request
 //!   ([`OnStoreError::FailOpen`] runs it instead). A claim that the store grants after the
 //!   service stopped waiting for it (the store timeout passed, or the caller went away) is
-//!   given back at once, so a retry does not wait for its lease.
+//!   given back as soon as the answer comes, within another store timeout, so a retry does not
+//!   wait for its lease.
 
 mod body;
 mod config;

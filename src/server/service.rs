@@ -525,7 +525,9 @@ impl Keyed {
 /// grant it after its caller stopped waiting (the caller went away, or the timeout passed), and
 /// then nobody would run the request or give the claim back: the key would stay claimed until
 /// the lease lapsed, and retries would wait for it. So a claim dropped before its answer is
-/// finished in a task of its own (for at most a lease), and given back if granted.
+/// finished in a task of its own, and given back if granted. That task waits at most another
+/// store timeout, so a store that hangs cannot pile them up for longer: a claim granted later
+/// still than that lapses with its lease.
 struct RemoteClaim {
     call: Option<BoxFuture<Result<Claim, StoreError>>>,
     timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
@@ -586,7 +588,8 @@ impl Drop for RemoteClaim {
         tracing::debug!("idempotency: a claim was left unanswered; giving it back if granted");
         runtime.spawn(async move {
             let config = &shared.config;
-            if let Ok(Ok(Claim::Claimed(token))) = tokio::time::timeout(config.lease, call).await {
+            let answered = tokio::time::timeout(config.store_timeout, call).await;
+            if let Ok(Ok(Claim::Claimed(token))) = answered {
                 let _ = store_call(config, config.store.release(&key, token)).await;
             }
         });

@@ -22,10 +22,10 @@ use axum::{
 use http_body_util::{BodyExt, Full};
 use support::app::{Counter, assert_one_answer, many_keys, server, storm, two_servers};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tower::{Layer, ServiceExt, service_fn};
+use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_idempotency::{
     IdempotencyService, IdempotencyServiceLayer,
-    server::{OnConflict, OnStoreError},
+    server::{OnConflict, OnStoreError, RequestBody},
     store::{
         Claim, Completion, FencingToken, Fingerprint, Holder, KeyStore, MemoryStore, Record,
         StoreError, StoreKey,
@@ -428,6 +428,17 @@ struct CountingStore {
     completions: AtomicUsize,
     slow_claims: usize,
     claim_reply: Duration,
+}
+
+impl CountingStore {
+    /// A shared store whose first claim is answered `reply` after it was made.
+    fn first_claim_answered_after(reply: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            slow_claims: 1,
+            claim_reply: reply,
+            ..Self::default()
+        })
+    }
 }
 
 #[async_trait]
@@ -931,26 +942,34 @@ fn order() -> Request<Full<Bytes>> {
         .unwrap()
 }
 
+/// A handler for the services called in process: it counts each run in `calls` and answers
+/// `run=N` for the Nth.
+fn counted_orders(
+    calls: &Counter,
+) -> impl Service<
+    Request<RequestBody<Full<Bytes>>>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future: Send + 'static,
+> + Clone
++ Send
++ 'static {
+    let counted = calls.clone();
+    service_fn(move |_req: Request<RequestBody<Full<Bytes>>>| {
+        let n = counted.count();
+        async move { Ok(Response::new(Full::new(Bytes::from(format!("run={n}"))))) }
+    })
+}
+
 #[tokio::test]
 async fn a_caller_gone_before_its_claim_was_answered_does_not_leave_the_key_claimed() {
-    let store = Arc::new(CountingStore {
-        slow_claims: 1,
-        claim_reply: Duration::from_millis(200),
-        ..CountingStore::default()
-    });
+    let store = CountingStore::first_claim_answered_after(Duration::from_millis(200));
     let calls = Counter::default();
-    let counted = calls.clone();
     // A claim left behind would hold the key for its 60 s lease: the retry would wait its 1 s
     // and be answered 409.
-    let svc =
-        IdempotencyServiceLayer::with_shared_store(store.clone())
-            .wait_timeout(Duration::from_secs(1))
-            .layer(service_fn(move |_req: Request<_>| {
-                let n = counted.count();
-                async move {
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("run={n}")))))
-                }
-            }));
+    let svc = IdempotencyServiceLayer::with_shared_store(store.clone())
+        .wait_timeout(Duration::from_secs(1))
+        .layer(counted_orders(&calls));
     let first = tokio::time::timeout(Duration::from_millis(50), svc.clone().oneshot(order()));
     assert!(
         first.await.is_err(),
@@ -969,23 +988,12 @@ async fn a_caller_gone_before_its_claim_was_answered_does_not_leave_the_key_clai
 
 #[tokio::test]
 async fn a_claim_answered_after_the_store_timeout_is_given_back() {
-    let store = Arc::new(CountingStore {
-        slow_claims: 1,
-        claim_reply: Duration::from_millis(150),
-        ..CountingStore::default()
-    });
+    let store = CountingStore::first_claim_answered_after(Duration::from_millis(150));
     let calls = Counter::default();
-    let counted = calls.clone();
-    let svc =
-        IdempotencyServiceLayer::with_shared_store(store.clone())
-            .store_timeout(Duration::from_millis(100))
-            .wait_timeout(Duration::from_secs(1))
-            .layer(service_fn(move |_req: Request<_>| {
-                let n = counted.count();
-                async move {
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("run={n}")))))
-                }
-            }));
+    let svc = IdempotencyServiceLayer::with_shared_store(store.clone())
+        .store_timeout(Duration::from_millis(100))
+        .wait_timeout(Duration::from_secs(1))
+        .layer(counted_orders(&calls));
     let first = svc.clone().oneshot(order()).await.unwrap();
     assert_eq!(
         first.status(),

@@ -1,4 +1,6 @@
-//! In-process coalescing: one request per key leads, duplicates in this process follow it.
+//! In-process coalescing for a store in another process: one request per key leads, and
+//! duplicates in this process follow it rather than each asking the store. A store in this
+//! process needs none of it: its own claim is what duplicates wait on, at no extra cost.
 
 use std::{
     collections::hash_map::Entry,
@@ -45,7 +47,7 @@ pub(crate) enum Join {
 /// followers the flight was released.
 #[derive(Debug)]
 pub(crate) struct Lead {
-    flights: Arc<Flights>,
+    flights: Option<Arc<Flights>>,
     key: StoreKey,
     done: bool,
 }
@@ -79,7 +81,7 @@ impl Flights {
             Entry::Vacant(e) => {
                 e.insert((fingerprint, None));
                 Join::Lead(Lead {
-                    flights: self.clone(),
+                    flights: Some(self.clone()),
                     key,
                     done: false,
                 })
@@ -95,6 +97,16 @@ impl Flights {
 }
 
 impl Lead {
+    /// A lead outside any flight, for a store in this process: the store's own claim is
+    /// what duplicates wait on.
+    pub(crate) fn alone(key: StoreKey) -> Self {
+        Self {
+            flights: None,
+            key,
+            done: false,
+        }
+    }
+
     /// Ends the flight and tells every follower how.
     pub(crate) fn finish(self, outcome: Outcome) {
         self.finish_with(|| outcome);
@@ -109,7 +121,8 @@ impl Lead {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
-        let removed = self.flights.shard(&self.key).remove(&self.key);
+        let Some(flights) = &self.flights else { return };
+        let removed = flights.shard(&self.key).remove(&self.key);
         if let Some((_, Some(sender))) = removed {
             sender.send_replace(Some(outcome()));
         }

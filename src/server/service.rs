@@ -340,8 +340,9 @@ impl Keyed {
         }
     }
 
-    /// Leads the request or follows the same request in this process. When the store is in
-    /// this process and the key is free or done, at once; otherwise after a wait.
+    /// Leads the request, or waits for the same request. A store in this process is asked at
+    /// once (its claim is what duplicates wait on); with another store, duplicates in this
+    /// process follow one flight rather than each asking the store.
     fn begin<S, ReqBody, ResBody>(
         self,
         inner: S,
@@ -352,14 +353,17 @@ impl Keyed {
         ReqBody: Body<Data = Bytes> + Send + 'static,
         ResBody: SendBody,
     {
-        let joined = self.shared.flights.join(self.store_key, self.fingerprint);
-        match (joined, &self.config().local) {
-            (Join::Lead(lead), Some(local)) => {
-                let config = self.config();
+        let config = self.config();
+        match &config.local {
+            Some(local) => {
                 let claimed = local.claim_now(&self.store_key, &self.fingerprint, config.lease);
+                let lead = Lead::alone(self.store_key);
                 self.claimed(lead, claimed, inner, request)
             }
-            (joined, _) => Step::Wait(Box::pin(self.proceed(joined, inner, request))),
+            None => {
+                let joined = self.shared.flights.join(self.store_key, self.fingerprint);
+                Step::Wait(Box::pin(self.proceed(joined, inner, request)))
+            }
         }
     }
 

@@ -70,7 +70,11 @@ impl IdempotencyKey {
 
     /// Parses one header value, in the bare form or as a structured-field string.
     pub fn from_header_value(value: &HeaderValue) -> Result<Self, InvalidKey> {
-        parse(value).map(|key| Self(Arc::from(&*key)))
+        parse(value).map(|key| {
+            Self(Arc::from(
+                std::str::from_utf8(&key).expect("parse admits only ASCII"),
+            ))
+        })
     }
 
     /// Reads the key from `headers[name]`: `Ok(None)` when the header is absent, an error when it
@@ -119,8 +123,9 @@ pub(crate) fn single_value<'h>(
 }
 
 /// The key a header value holds, in the bare form or as a structured-field string; borrowed
-/// from the value unless it had escapes to undo.
-pub(crate) fn parse(value: &HeaderValue) -> Result<Cow<'_, str>, InvalidKey> {
+/// from the value unless it had escapes to undo. Its bytes are checked to be visible ASCII (and
+/// spaces, when quoted), so they are UTF-8 too; the service hashes them as they are.
+pub(crate) fn parse(value: &HeaderValue) -> Result<Cow<'_, [u8]>, InvalidKey> {
     let raw = trim_ows(value.as_bytes());
     let key = match raw {
         [b'"', inner @ ..] => {
@@ -129,11 +134,11 @@ pub(crate) fn parse(value: &HeaderValue) -> Result<Cow<'_, str>, InvalidKey> {
             };
             let unescaped = unescape(inner)?;
             validate(&unescaped, true)?;
-            Cow::Owned(String::from_utf8(unescaped).expect("validate admits only ASCII"))
+            Cow::Owned(unescaped)
         }
         _ => {
             validate(raw, false)?;
-            Cow::Borrowed(std::str::from_utf8(raw).expect("validate admits only ASCII"))
+            Cow::Borrowed(raw)
         }
     };
     Ok(key)

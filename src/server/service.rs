@@ -194,7 +194,7 @@ struct Keyed {
 
 /// What can be checked of a keyed request before its body is read: its scope and declared
 /// length. Gives the key's name in the store.
-fn admit(config: &Config, parts: &request::Parts, key: &str) -> Result<StoreKey, Problem> {
+fn admit(config: &Config, parts: &request::Parts, key: &[u8]) -> Result<StoreKey, Problem> {
     let scope = match &config.scope {
         None => String::new(),
         Some(scope) => scope(parts).ok_or(Problem::MissingScope)?,

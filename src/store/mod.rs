@@ -93,16 +93,16 @@ impl std::hash::Hash for StoreKey {
 impl StoreKey {
     /// The store key of `key` in `scope`.
     pub fn new(scope: &[u8], key: &IdempotencyKey) -> Self {
-        Self::of(scope, key.as_str())
+        Self::of(scope, key.as_str().as_bytes())
     }
 
-    pub(crate) fn of(scope: &[u8], key: &str) -> Self {
+    pub(crate) fn of(scope: &[u8], key: &[u8]) -> Self {
         static KEY: LazyLock<[u8; 32]> =
             LazyLock::new(|| digest::purpose_key("tower-idempotency 2026 store key"));
         Self(digest::keyed_digest(&KEY, |field| {
             field(&(scope.len() as u64).to_le_bytes());
             field(scope);
-            field(key.as_bytes());
+            field(key);
         }))
     }
 

@@ -33,14 +33,15 @@ use std::{
 };
 
 use axum::{
-    Json, Router,
-    body::Bytes,
-    extract::{Path, Query, State},
+    Json, Router, ServiceExt,
+    body::{Body, Bytes},
+    extract::{Path, Query, Request, State},
     http::{HeaderName, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, patch, post},
 };
 use serde_json::{Value, json};
+use tower::ServiceBuilder;
 use tower_idempotency::{
     IdempotencyServiceLayer,
     server::OnConflict,
@@ -273,11 +274,7 @@ async fn main() -> ExitCode {
     if let Some(name) = opts.scope_header {
         layer = layer.scope_by_header(name);
     }
-    let app = if opts.bare {
-        app(AppState::default())
-    } else {
-        app(AppState::default()).layer(layer)
-    };
+    let app = app(AppState::default());
 
     let listener = match tokio::net::TcpListener::bind(&opts.addr).await {
         Ok(listener) => listener,
@@ -298,7 +295,19 @@ async fn main() -> ExitCode {
             ""
         }
     );
-    if let Err(err) = axum::serve(listener, app).await {
+    let served = if opts.bare {
+        axum::serve(listener, app).await
+    } else {
+        // The layer wraps the whole router rather than each route (`Router::layer`): a replay
+        // is answered before routing, and no request pays for a clone and a box of the layer
+        // per route. axum serves its own response type, so the body is mapped back to it.
+        let service = ServiceBuilder::new()
+            .map_response(|response: Response<_>| response.map(Body::new))
+            .layer(layer)
+            .service(app);
+        axum::serve(listener, ServiceExt::<Request>::into_make_service(service)).await
+    };
+    if let Err(err) = served {
         eprintln!("error: {err}");
         return ExitCode::FAILURE;
     }

@@ -60,6 +60,47 @@
 //! # }
 //! ```
 //!
+//! # With axum: per route, or around the router
+//!
+//! `Router::layer` runs the service after routing, for the routes that matched. Wrapping the
+//! whole router runs it first: a replay is answered without routing, and no request pays for
+//! a clone and a box of the layer on each route (in the example server that is about 9% less
+//! CPU per replay, and 1–2% per other request). axum serves its own body type, so the wrapped
+//! router maps the response body back to it. A key sent to a path no route matches is then
+//! answered like any other request: its 404 is stored and replayed.
+//!
+//! ```
+//! use axum::{Router, body::Body, extract::Request, http::{Response, StatusCode}, routing::post};
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_idempotency::{IdempotencyServiceLayer, store::MemoryStore};
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let router = Router::new().route("/orders", post(|| async { (StatusCode::CREATED, "created") }));
+//!
+//! // Per route, after routing:
+//! let per_route: Router = router.clone().layer(IdempotencyServiceLayer::new(MemoryStore::new()));
+//!
+//! // Around the router, before routing:
+//! let around = ServiceBuilder::new()
+//!     .map_response(|response: Response<_>| response.map(Body::new))
+//!     .layer(IdempotencyServiceLayer::new(MemoryStore::new()))
+//!     .service(router);
+//!
+//! let order = || Request::post("/orders").header("idempotency-key", "order-7").body(Body::empty());
+//! assert_eq!(per_route.oneshot(order()?).await?.status(), StatusCode::CREATED);
+//! assert_eq!(around.clone().oneshot(order()?).await?.status(), StatusCode::CREATED);
+//! let replay = around.clone().oneshot(order()?).await?;
+//! assert_eq!(replay.headers()["idempotent-replayed"], "true");
+//!
+//! // Either one is served the same way:
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let server = axum::serve(listener, axum::ServiceExt::<Request>::into_make_service(around));
+//! # drop(server);
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # Scope keys in a server with many clients
 //!
 //! By default every caller shares one key space. **A multi-tenant server must set a
@@ -69,9 +110,11 @@
 //! # Duplicates wait for the first request
 //!
 //! A duplicate that arrives while the first request runs waits for it and gets the same
-//! answer. In one process this costs nothing: one request per key leads, the rest wait on it
-//! without touching the store. Across processes sharing a store, the store tells waiters when
-//! the key completes. [`OnConflict::Reject`] answers 409 at once instead.
+//! answer. With a [`MemoryStore`](crate::store::MemoryStore), duplicates wait on the key's
+//! claim and are woken the moment it completes. With a store in another process, one request
+//! per key leads in each process and the others there wait on it without asking the store,
+//! and the store tells the leaders of other processes when the key completes.
+//! [`OnConflict::Reject`] answers 409 at once instead.
 //!
 //! # Failures
 //!

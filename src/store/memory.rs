@@ -490,15 +490,7 @@ impl KeyStore for MemoryStore {
     }
 
     async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<Option<Holder>, StoreError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let (notified, wake_at) = match self.watch(key, deadline) {
-                Watch::Settled(seen) => return seen.into_holder(),
-                Watch::InFlight { notified, wake_at } => (notified, wake_at),
-            };
-            // Woken by a completion or release, or at the lease's end or the deadline: look again.
-            let _ = tokio::time::timeout_at(wake_at, notified).await;
-        }
+        self.wait_now(key, timeout).await
     }
 }
 
@@ -511,6 +503,24 @@ enum Watch {
 }
 
 impl MemoryStore {
+    /// [`KeyStore::wait`], without the box the trait's future takes: the service calls it
+    /// directly when its store is a `MemoryStore`.
+    pub(crate) async fn wait_now(
+        &self,
+        key: &StoreKey,
+        timeout: Duration,
+    ) -> Result<Option<Holder>, StoreError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (notified, wake_at) = match self.watch(key, deadline) {
+                Watch::Settled(seen) => return seen.into_holder(),
+                Watch::InFlight { notified, wake_at } => (notified, wake_at),
+            };
+            // Woken by a completion or release, or at the lease's end or the deadline: look again.
+            let _ = tokio::time::timeout_at(wake_at, notified).await;
+        }
+    }
+
     /// Looks at `key` for a waiter: what settled it, or a wake-up registered while the shard is
     /// locked, so that a completion cannot slip in unnoticed.
     fn watch(&self, key: &StoreKey, deadline: Instant) -> Watch {

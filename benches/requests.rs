@@ -7,8 +7,8 @@
 //! cargo bench --bench requests -- MODE N [PREFILL] [--small-store]
 //! ```
 //!
-//! MODE is `bare` (the handler alone, with a key), `nokey`, `fresh` (a new key each time) or
-//! `replay`. PREFILL fresh keys are sent first, untimed, to fill the store; `--small-store`
+//! MODE is `bare` (the handler alone, with a key), `nokey`, `fresh` (a new key each time),
+//! `replay`, or `coalesced` (100 duplicates of a key at once, N in all). PREFILL fresh keys are sent first, untimed, to fill the store; `--small-store`
 //! keeps it to 1,000 records, so that it evicts from the start and stays in cache.
 //! Instructions per request: run the executable (`cargo bench --bench requests --no-run` names
 //! it) under `valgrind --tool=callgrind` with N and with 2N, and divide the difference by N.
@@ -21,7 +21,16 @@ use common::{handler, request, runtime, send};
 use tower::{Layer, service_fn};
 use tower_idempotency::{IdempotencyServiceLayer, store::MemoryStore};
 
-const USAGE: &str = "usage: requests bare|nokey|fresh|replay N [PREFILL] [--small-store]";
+const USAGE: &str = "usage: requests bare|nokey|fresh|replay|coalesced N [PREFILL] [--small-store]";
+
+/// The trivial handler, after yielding twice to the runtime.
+async fn yielding<B>(
+    req: http::Request<B>,
+) -> Result<http::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible> {
+    tokio::task::yield_now().await;
+    tokio::task::yield_now().await;
+    handler(req).await
+}
 
 fn main() {
     // `cargo bench` adds `--bench`.
@@ -42,7 +51,7 @@ fn main() {
     } else {
         MemoryStore::new()
     };
-    let idempotent = IdempotencyServiceLayer::new(store).layer(service_fn(handler));
+    let idempotent = IdempotencyServiceLayer::new(store.clone()).layer(service_fn(handler));
     let bare = service_fn(handler);
     runtime().block_on(async {
         for i in 0..prefill {
@@ -73,6 +82,23 @@ fn main() {
             "replay" => {
                 for _ in 0..n {
                     send(&idempotent, request(Some("replayed"))).await;
+                }
+            }
+            "coalesced" => {
+                // 100 duplicates of one key at a time: one runs the handler, which yields
+                // twice, and the other 99 arrive while it runs and wait for its answer.
+                let slow = IdempotencyServiceLayer::new(store.clone()).layer(service_fn(yielding));
+                for batch in 0..n.div_ceil(100) {
+                    let key = format!("coalesced-{batch}");
+                    let tasks: Vec<_> = (0..100)
+                        .map(|_| {
+                            let (slow, key) = (slow.clone(), key.clone());
+                            tokio::spawn(async move { send(&slow, request(Some(&key))).await })
+                        })
+                        .collect();
+                    for task in tasks {
+                        task.await.expect("no panic");
+                    }
                 }
             }
             _ => {

@@ -1,6 +1,8 @@
 //! In-process coalescing for a store in another process: one request per key leads, and
 //! duplicates in this process follow it rather than each asking the store. A store in this
-//! process needs none of it: its own claim is what duplicates wait on, at no extra cost.
+//! process does without it, so that a key with no duplicates (nearly every key) skips the
+//! map: duplicates wait on the store's own claim, and each decodes the stored record rather
+//! than being handed the leader's copy.
 
 use std::{
     collections::hash_map::Entry,

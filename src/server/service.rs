@@ -483,16 +483,21 @@ impl Keyed {
             if remaining.is_zero() {
                 return Step::Answered(Ok(self.give_up(lead, Problem::WaitTimedOut)));
             }
-            tracing::debug!(key = %self.key, "idempotency: waiting for the same request in another process");
             let waited = match &config.local {
                 // Answers by the deadline, without a timer of its own.
-                Some(local) => local.wait_now(&self.store_key, remaining).await,
-                None => tokio::time::timeout(
-                    remaining + config.store_timeout,
-                    config.store.wait(&self.store_key, remaining),
-                )
-                .await
-                .unwrap_or(Err(StoreError::Timeout(remaining + config.store_timeout))),
+                Some(local) => {
+                    tracing::debug!(key = %self.key, "idempotency: waiting for the same request");
+                    local.wait_now(&self.store_key, remaining).await
+                }
+                None => {
+                    tracing::debug!(key = %self.key, "idempotency: waiting for the same request in another process");
+                    tokio::time::timeout(
+                        remaining + config.store_timeout,
+                        config.store.wait(&self.store_key, remaining),
+                    )
+                    .await
+                    .unwrap_or(Err(StoreError::Timeout(remaining + config.store_timeout)))
+                }
             };
             claimed = match waited {
                 // Freed: claim it again.

@@ -45,14 +45,11 @@ pub(crate) enum Join {
     Mismatch,
 }
 
-/// What the leading request holds. Dropping it without [`finish`](Lead::finish) tells the
-/// followers the flight was released.
+/// What the leading request holds: its flight, until the flight ends (none at all for a lead
+/// outside the map). Dropping it without [`finish`](Lead::finish) tells the followers the
+/// flight was released.
 #[derive(Debug)]
-pub(crate) struct Lead {
-    flights: Option<Arc<Flights>>,
-    key: StoreKey,
-    done: bool,
-}
+pub(crate) struct Lead(Option<(Arc<Flights>, StoreKey)>);
 
 impl Flights {
     pub(crate) fn new() -> Self {
@@ -82,11 +79,7 @@ impl Flights {
             ),
             Entry::Vacant(e) => {
                 e.insert((fingerprint, None));
-                Join::Lead(Lead {
-                    flights: Some(self.clone()),
-                    key,
-                    done: false,
-                })
+                Join::Lead(Lead(Some((self.clone(), key))))
             }
         }
     }
@@ -101,12 +94,8 @@ impl Flights {
 impl Lead {
     /// A lead outside any flight, for a store in this process: the store's own claim is
     /// what duplicates wait on.
-    pub(crate) fn alone(key: StoreKey) -> Self {
-        Self {
-            flights: None,
-            key,
-            done: false,
-        }
+    pub(crate) fn alone() -> Self {
+        Self(None)
     }
 
     /// Ends the flight and tells every follower how.
@@ -120,11 +109,10 @@ impl Lead {
     }
 
     fn end(&mut self, outcome: impl FnOnce() -> Outcome) {
-        if std::mem::replace(&mut self.done, true) {
+        let Some((flights, key)) = self.0.take() else {
             return;
-        }
-        let Some(flights) = &self.flights else { return };
-        let removed = flights.shard(&self.key).remove(&self.key);
+        };
+        let removed = flights.shard(&key).remove(&key);
         if let Some((_, Some(sender))) = removed {
             sender.send_replace(Some(outcome()));
         }

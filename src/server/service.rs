@@ -357,8 +357,7 @@ impl Keyed {
         match &config.local {
             Some(local) => {
                 let claimed = local.claim_now(&self.store_key, &self.fingerprint, config.lease);
-                let lead = Lead::alone(self.store_key);
-                self.claimed(lead, claimed, inner, request)
+                self.claimed(Lead::alone(), claimed, inner, request)
             }
             None => {
                 let joined = self.shared.flights.join(self.store_key, self.fingerprint);

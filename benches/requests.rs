@@ -17,20 +17,11 @@ mod common;
 
 use std::time::Instant;
 
-use common::{handler, request, runtime, send};
+use common::{handler, request, runtime, send, yielding};
 use tower::{Layer, service_fn};
 use tower_idempotency::{IdempotencyServiceLayer, store::MemoryStore};
 
 const USAGE: &str = "usage: requests bare|nokey|fresh|replay|coalesced N [PREFILL] [--small-store]";
-
-/// The trivial handler, after yielding twice to the runtime.
-async fn yielding<B>(
-    req: http::Request<B>,
-) -> Result<http::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible> {
-    tokio::task::yield_now().await;
-    tokio::task::yield_now().await;
-    handler(req).await
-}
 
 fn main() {
     // `cargo bench` adds `--bench`.

@@ -22,7 +22,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::{ANSWER, handler, request, runtime, send};
+use common::{handler, request, runtime, send, yielding};
 use criterion::{
     BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main, measurement::WallTime,
 };
@@ -84,14 +84,15 @@ type SlowAnswer =
 
 /// A handler that yields twice before answering, so that every duplicate spawned with the first
 /// request has joined it before it finishes; it counts its runs.
-fn slow_handler<B>(runs: Arc<AtomicU64>) -> impl Fn(Request<B>) -> SlowAnswer + Clone {
-    move |_req| {
+fn slow_handler<B: Send + 'static>(
+    runs: Arc<AtomicU64>,
+) -> impl Fn(Request<B>) -> SlowAnswer + Clone {
+    move |req| {
         let runs = runs.clone();
         Box::pin(async move {
-            tokio::task::yield_now().await;
-            tokio::task::yield_now().await;
+            let answer = yielding(req).await;
             runs.fetch_add(1, Ordering::Relaxed);
-            Ok(Response::new(Full::new(Bytes::from_static(ANSWER))))
+            answer
         })
     }
 }

@@ -42,6 +42,14 @@ pub(crate) fn handler<B>(
     std::future::ready(Ok(Response::new(Full::new(Bytes::from_static(ANSWER)))))
 }
 
+/// The trivial handler, after yielding twice to the runtime: duplicates spawned with the first
+/// request all reach the service before it answers.
+pub(crate) async fn yielding<B>(req: Request<B>) -> Result<Response<Full<Bytes>>, Infallible> {
+    tokio::task::yield_now().await;
+    tokio::task::yield_now().await;
+    handler(req).await
+}
+
 /// Sends `req` through `svc` and reads the whole response body, as a server would.
 pub(crate) async fn send<S, B, RB>(svc: &S, req: Request<B>)
 where

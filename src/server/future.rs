@@ -129,7 +129,7 @@ pub(super) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 pub(super) enum Step<A, O> {
     /// With an answer: the handler does not run.
     Answered(O),
-    /// Leading: run the handler with `A`.
+    /// Leading: the handler was called, and `A` is its run.
     Run(A),
     /// After a wait (for the store, or for the same request), with another step.
     Wait(BoxFuture<Step<A, O>>),
@@ -170,7 +170,7 @@ pin_project! {
         // Reading the request's body.
         Read { #[pin] body: Collect<ReqBody>, start: Option<Start<S>> },
         // Waiting for the store or for the same request.
-        Wait { future: BoxFuture<Step<Run<S, ReqBody>, Answer<ResBody, E>>> },
+        Wait { future: BoxFuture<Step<Run<F>, Answer<ResBody, E>>> },
         // The handler runs; the claim's lease is renewed once it has waited.
         Call { #[pin] call: F, claim: Option<ClaimGuard>, renewal: Option<BoxFuture<()>> },
         // Reading the response's body to store it.
@@ -215,18 +215,15 @@ where
     ResBody: SendBody,
     F: Future<Output = Result<Response<ResBody>, E>>,
 {
-    fn after(step: Step<Run<S, ReqBody>, Answer<ResBody, E>>) -> Next<Self, Answer<ResBody, E>> {
+    fn after(step: Step<Run<F>, Answer<ResBody, E>>) -> Next<Self, Answer<ResBody, E>> {
         match step {
             Step::Answered(answer) => Next::Answer(answer),
             Step::Wait(future) => Next::Phase(Phase::Wait { future }),
-            Step::Run(run) => {
-                let (call, claim) = run.call();
-                Next::Phase(Phase::Call {
-                    call,
-                    claim: Some(claim),
-                    renewal: None,
-                })
-            }
+            Step::Run(Run { call, claim }) => Next::Phase(Phase::Call {
+                call,
+                claim: Some(claim),
+                renewal: None,
+            }),
         }
     }
 

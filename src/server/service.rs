@@ -236,7 +236,7 @@ impl<S> Start<S> {
     pub(super) fn read<ReqBody, ResBody>(
         self,
         buffered: Buffered<ReqBody::Error>,
-    ) -> Step<Run<S, ReqBody>, Answer<ResBody, S::Error>>
+    ) -> Step<Run<S::Future>, Answer<ResBody, S::Error>>
     where
         S: Inner<ReqBody, ResBody>,
         ReqBody: Body<Data = Bytes> + Send + 'static,
@@ -347,7 +347,7 @@ impl Keyed {
         self,
         inner: S,
         request: Request<RequestBody<ReqBody>>,
-    ) -> Step<Run<S, ReqBody>, Answer<ResBody, S::Error>>
+    ) -> Step<Run<S::Future>, Answer<ResBody, S::Error>>
     where
         S: Inner<ReqBody, ResBody>,
         ReqBody: Body<Data = Bytes> + Send + 'static,
@@ -373,7 +373,7 @@ impl Keyed {
         claimed: Result<Claim, StoreError>,
         inner: S,
         request: Request<RequestBody<ReqBody>>,
-    ) -> Step<Run<S, ReqBody>, Answer<ResBody, S::Error>>
+    ) -> Step<Run<S::Future>, Answer<ResBody, S::Error>>
     where
         S: Inner<ReqBody, ResBody>,
         ReqBody: Body<Data = Bytes> + Send + 'static,
@@ -395,7 +395,7 @@ impl Keyed {
         mut joined: Join,
         inner: S,
         request: Request<RequestBody<ReqBody>>,
-    ) -> Step<Run<S, ReqBody>, Answer<ResBody, S::Error>>
+    ) -> Step<Run<S::Future>, Answer<ResBody, S::Error>>
     where
         S: Inner<ReqBody, ResBody>,
         ReqBody: Body<Data = Bytes> + Send + 'static,
@@ -449,7 +449,7 @@ impl Keyed {
         mut claimed: Result<Claim, StoreError>,
         inner: S,
         request: Request<RequestBody<ReqBody>>,
-    ) -> Step<Run<S, ReqBody>, Answer<ResBody, S::Error>>
+    ) -> Step<Run<S::Future>, Answer<ResBody, S::Error>>
     where
         S: Inner<ReqBody, ResBody>,
         ReqBody: Body<Data = Bytes> + Send + 'static,
@@ -512,23 +512,28 @@ impl Keyed {
         }
     }
 
-    /// Leads: the handler is to run under a claim (`token`), or without one when the store
-    /// failed open.
+    /// Leads: runs the handler under a claim (`token`), or without one when the store failed
+    /// open. The future returned is the call's alone: the service is dropped.
     fn run<S, ReqBody, O>(
         self,
         lead: Lead,
         token: Option<FencingToken>,
-        inner: S,
+        mut inner: S,
         request: Request<RequestBody<ReqBody>>,
-    ) -> Step<Run<S, ReqBody>, O> {
+    ) -> Step<Run<S::Future>, O>
+    where
+        S: Service<Request<RequestBody<ReqBody>>>,
+    {
+        tracing::debug!(key = %self.key, "idempotency: running the first request");
+        // Made first, so that a handler that panics in `call` gives the claim back.
+        let claim = ClaimGuard {
+            keyed: self,
+            token,
+            lead: Some(lead),
+        };
         Step::Run(Run {
-            claim: ClaimGuard {
-                keyed: self,
-                token,
-                lead: Some(lead),
-            },
-            inner,
-            request,
+            call: inner.call(request),
+            claim,
         })
     }
 }
@@ -608,22 +613,10 @@ impl Drop for RemoteClaim {
     }
 }
 
-/// What the handler's run needs: the claim it runs under, the service and the request.
-pub(super) struct Run<S, ReqBody> {
-    claim: ClaimGuard,
-    inner: S,
-    request: Request<RequestBody<ReqBody>>,
-}
-
-impl<S, ReqBody> Run<S, ReqBody> {
-    /// Calls the handler. The future returned is the call's alone: the service is dropped.
-    pub(super) fn call<ResBody>(mut self) -> (S::Future, ClaimGuard)
-    where
-        S: Inner<ReqBody, ResBody>,
-    {
-        tracing::debug!(key = %self.claim.keyed.key, "idempotency: running the first request");
-        (self.inner.call(self.request), self.claim)
-    }
+/// The handler's run: its future, and the claim it runs under.
+pub(super) struct Run<F> {
+    pub(super) call: F,
+    pub(super) claim: ClaimGuard,
 }
 
 /// A claim being run. Dropped before it is completed or released (the handler panicked, or the

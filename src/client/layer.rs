@@ -94,16 +94,19 @@ impl<M> IdempotencyLayer<M> {
         }
     }
 
-    /// Sends the key under `name` in place of `Idempotency-Key`.
+    /// Sends the key under `name` in place of `Idempotency-Key`. A
+    /// [`RetryPolicy`](super::RetryPolicy) inside this layer looks for the key under the same
+    /// name, without being told.
     pub fn header_name(mut self, name: HeaderName) -> Self {
         self.header = name;
         self
     }
-
-    pub(crate) fn header(&self) -> &HeaderName {
-        &self.header
-    }
 }
+
+/// The header a request's key went out under, left in the request's extensions by
+/// [`Idempotency`] so that a retry policy inside it looks for the key where it is.
+#[derive(Clone, Debug)]
+pub(crate) struct KeyHeader(pub(crate) HeaderName);
 
 impl<S, M: Clone> Layer<S> for IdempotencyLayer<M> {
     type Service = Idempotency<S, M>;
@@ -184,6 +187,9 @@ where
             }
             key
         };
+        if req.headers().contains_key(header) {
+            req.extensions_mut().insert(KeyHeader(header.clone()));
+        }
         ResponseFuture {
             inner: self.inner.call(req),
             key,

@@ -89,8 +89,9 @@
 //! `Idempotency<Retry<RetryPolicy, Timeout<S>>>`.
 //!
 //! Should you compose the layers by hand, list them in this order:
-//! `ServiceBuilder::new().layer(IdempotencyLayer::new()).retry(RetryPolicy::new()).timeout(d)`,
-//! and give both the same `header_name` if you change it.
+//! `ServiceBuilder::new().layer(IdempotencyLayer::new()).retry(RetryPolicy::new()).timeout(d)`.
+//! The policy looks for each request's key under the header the key layer wrote it to, so a
+//! `header_name` set on the layer needs no repeating.
 //! Put the key layer inside the retry by mistake and POSTs are simply not retried: the policy
 //! sees no key on its copy of the request and refuses.
 //!

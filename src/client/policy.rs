@@ -17,7 +17,10 @@ use tower::{
     util::rng::Rng,
 };
 
-use super::body::{ReplayBody, replay_request};
+use super::{
+    body::{ReplayBody, replay_request},
+    layer::KeyHeader,
+};
 use crate::key::IDEMPOTENCY_KEY;
 
 /// The `tracing` target of the client's events.
@@ -184,10 +187,9 @@ impl<C> RetryPolicy<C> {
         self
     }
 
-    /// The header that holds the idempotency key (default `Idempotency-Key`).
-    ///
-    /// [`IdempotentClientLayer`](super::IdempotentClientLayer) sets it to its key layer's
-    /// header.
+    /// The header that holds the idempotency key (default `Idempotency-Key`), for requests
+    /// that did not come through an [`IdempotencyLayer`](super::IdempotencyLayer): behind one,
+    /// the policy looks under the header the layer wrote the key to, whatever its name.
     pub fn header_name(mut self, name: HeaderName) -> Self {
         self.header = name;
         self
@@ -240,6 +242,18 @@ impl<C> RetryPolicy<C> {
             .expect("the backoff was just made")
             .next_backoff()
     }
+
+    /// Where `req`'s key is: under the header the key layer wrote it to, or else under
+    /// [`header_name`](Self::header_name).
+    fn key_header<'a, B>(&'a self, req: &'a Request<B>) -> &'a HeaderName {
+        req.extensions()
+            .get::<KeyHeader>()
+            .map_or(&self.header, |written| &written.0)
+    }
+
+    fn has_key<B>(&self, req: &Request<B>) -> bool {
+        req.headers().contains_key(self.key_header(req))
+    }
 }
 
 impl<C> fmt::Debug for RetryPolicy<C> {
@@ -289,7 +303,7 @@ where
                 }
                 // An idempotency server's "a request with this key is still running": come back
                 // after `Retry-After` for its result.
-                StatusCode::CONFLICT if req.headers().contains_key(&self.header) => {
+                StatusCode::CONFLICT if self.has_key(req) => {
                     match retry_after(res.headers(), SystemTime::now()) {
                         Some(after) => (Wait::For(after), Some(res.status())),
                         None => return None,
@@ -310,10 +324,7 @@ where
             give_up("no attempts left");
             return None;
         }
-        if !self.retry_unkeyed
-            && !req.method().is_idempotent()
-            && !req.headers().contains_key(&self.header)
-        {
+        if !self.retry_unkeyed && !req.method().is_idempotent() && !self.has_key(req) {
             give_up("the request has no idempotency key, and could run twice");
             return None;
         }
@@ -344,7 +355,7 @@ where
                 budget.deposit();
             }
         }
-        log_attempt(req, &self.header, self.retries + 1);
+        log_attempt(req, self.key_header(req), self.retries + 1);
         replay_request(req)
     }
 }

@@ -15,7 +15,7 @@ use super::{IdempotencyLayer, MakeUuidKey, RetryAnyError, RetryPolicy};
 ///       your client
 /// ```
 ///
-/// The key layer's header name is also the one the retry policy looks for.
+/// The retry policy looks for each request's key under the header the key layer wrote it to.
 ///
 /// The service's error is a [`BoxError`](tower::BoxError): the inner client's last error, or a
 /// [`tower::timeout::error::Elapsed`] when the last attempt timed out.
@@ -79,9 +79,8 @@ impl<S, M: Clone, C: Clone> Layer<S> for IdempotentClientLayer<M, C> {
     type Service = IdempotentClient<S, M, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        let policy = self.policy.clone().header_name(self.keys.header().clone());
         self.keys.layer(Retry::new(
-            policy,
+            self.policy.clone(),
             Timeout::new(inner, self.attempt_timeout),
         ))
     }

@@ -428,3 +428,30 @@ async fn custom_header_name_reaches_the_policy() {
     assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::CREATED);
     assert_eq!(keys, ["deploy-v1", "deploy-v1"]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn hand_composed_policy_finds_the_key_under_the_layers_header() {
+    // The layers composed by hand, the header renamed on the key layer only: the policy still
+    // sees the key, retries, and every attempt carries the same one.
+    let name = http::HeaderName::from_static("x-request-key");
+    let (mock, mut handle) = mock::pair::<Request<Body>, Res>();
+    let client = ServiceBuilder::new()
+        .layer(
+            IdempotencyLayer::new()
+                .generate_keys()
+                .header_name(name.clone()),
+        )
+        .retry(policy())
+        .service(mock);
+    let call = tokio::spawn(client.oneshot(post(None)));
+    let mut keys = Vec::new();
+    for res in [status(503), status_retry_after(409, "1"), status(201)] {
+        let (req, send) = handle.next_request().await.unwrap();
+        keys.push(req.headers()[&name].to_str().unwrap().to_owned());
+        send.send_response(res);
+    }
+    assert_no_more_attempts(handle).await;
+    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::CREATED);
+    assert_eq!(keys.len(), 3);
+    assert!(keys.iter().all(|k| *k == keys[0]), "{keys:?}");
+}

@@ -106,7 +106,9 @@ impl StoreKey {
         }))
     }
 
-    /// Wraps a digest computed elsewhere.
+    /// Wraps a digest computed elsewhere, such as one a store read back. Its bytes must be as
+    /// evenly spread as a digest's: stores take parts of them as they are, to hash, to pick a
+    /// shard, and (the memory store) to tell keys apart by a 128-bit fold.
     pub const fn from_bytes(bytes: [u8; 32]) -> Self {
         Self(bytes)
     }

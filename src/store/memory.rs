@@ -1,7 +1,10 @@
 //! The in-process store.
 
 use std::{
-    collections::{HashMap, VecDeque, hash_map::Entry},
+    collections::{
+        HashMap, VecDeque,
+        hash_map::{Entry, OccupiedEntry},
+    },
     pin::Pin,
     sync::{
         Arc, Mutex, MutexGuard,
@@ -264,13 +267,22 @@ impl Seen {
 impl Shard {
     /// The live claim on `key`, dropping it first (and waking its waiters) if its lease ran out.
     fn claim_of(&mut self, key: &StoreKey, now: Instant) -> Option<&mut InFlight> {
+        self.live_claim(key, now).map(OccupiedEntry::into_mut)
+    }
+
+    /// [`claim_of`](Self::claim_of), as the map's entry.
+    fn live_claim(
+        &mut self,
+        key: &StoreKey,
+        now: Instant,
+    ) -> Option<OccupiedEntry<'_, StoreKey, InFlight>> {
         match self.in_flight.entry(*key) {
             Entry::Vacant(_) => None,
             Entry::Occupied(entry) if entry.get().lease_until <= now => {
                 entry.remove().end();
                 None
             }
-            Entry::Occupied(entry) => Some(entry.into_mut()),
+            Entry::Occupied(entry) => Some(entry),
         }
     }
 
@@ -307,8 +319,8 @@ impl Shard {
         token: FencingToken,
         now: Instant,
     ) -> Option<InFlight> {
-        match self.claim_of(key, now) {
-            Some(claim) if claim.token == token => self.in_flight.remove(key),
+        match self.live_claim(key, now) {
+            Some(claim) if claim.get().token == token => Some(claim.remove()),
             _ => None,
         }
     }
@@ -386,21 +398,34 @@ impl MemoryStore {
         let now = Instant::now();
         let seen = {
             let mut shard = self.shard(key);
-            match shard.seen(key, now) {
-                Seen::Nothing => {
-                    let token = FencingToken::random();
-                    shard.in_flight.insert(
-                        *key,
-                        InFlight {
+            // A key has a live record or a live claim, never both (a claim is granted only
+            // where no record lives, and ends as the record is stored), so the record is looked
+            // for first: the claim is then one lookup in the claims, whether it finds one or
+            // makes one.
+            match shard.record_of(key, now) {
+                Some(stored) => Seen::Completed(stored.encoded.clone().expect("a live record")),
+                None => match shard.in_flight.entry(*key) {
+                    Entry::Occupied(claim) if claim.get().lease_until > now => {
+                        Seen::InFlight(claim.get().fingerprint)
+                    }
+                    entry => {
+                        let token = FencingToken::random();
+                        let claim = InFlight {
                             token,
                             fingerprint: *fingerprint,
                             lease_until: now + lease,
                             waiters: None,
-                        },
-                    );
-                    return Ok(Claim::Claimed(token));
-                }
-                seen => seen,
+                        };
+                        match entry {
+                            // Its lease ran out: its waiters wake to find this claim.
+                            Entry::Occupied(mut lapsed) => lapsed.insert(claim).end(),
+                            Entry::Vacant(slot) => {
+                                slot.insert(claim);
+                            }
+                        }
+                        return Ok(Claim::Claimed(token));
+                    }
+                },
             }
         };
         Ok(Claim::Held(seen.into_holder()?.expect("seen something")))

@@ -24,7 +24,7 @@ use crate::{
     IDEMPOTENT_REPLAYED, key,
     store::{
         BoxError, Claim, Completion, FencingToken, Fingerprint, Holder, KeyStore, MemoryStore,
-        Record, StoreError, StoreKey,
+        Record, RecordView, StoreError, StoreKey,
     },
 };
 
@@ -683,7 +683,7 @@ impl ClaimGuard {
     /// Stores a response whose body was read whole: at once in a store in this process.
     pub(super) fn keep<ResBody, E>(
         mut self,
-        mut parts: response::Parts,
+        parts: response::Parts,
         buffered: Buffered<ResBody::Error>,
     ) -> Respond<ResBody, E>
     where
@@ -698,9 +698,22 @@ impl ClaimGuard {
             Buffered::Whole { data, trailers }
                 if data.len() <= shared.config.max_stored_response =>
             {
-                let (record, excluded) = self.record(&mut parts, data, trailers);
-                self.complete_now(local, &record);
-                Respond::Now(Ok(respond(parts, record, excluded)))
+                // Stored from where the response lies; the response goes on as it is.
+                let filtered = self.replayed_headers(&parts.headers);
+                let fingerprint = self.keyed.fingerprint;
+                let record = RecordView {
+                    fingerprint: &fingerprint,
+                    status: parts.status,
+                    headers: filtered.as_ref().unwrap_or(&parts.headers),
+                    body: &data,
+                    trailers: trailers.as_ref(),
+                    replayable: true,
+                };
+                self.complete_now(local, record);
+                Respond::Now(Ok(Response::from_parts(
+                    parts,
+                    ResponseBody::full(data, trailers),
+                )))
             }
             // Rarer: a body that failed, or ran past the length it gave.
             buffered => Respond::Later(Box::pin(self.store(parts, buffered, None))),
@@ -726,6 +739,22 @@ impl ClaimGuard {
         }
     }
 
+    /// A copy of `headers` without those that are never replayed, if it has any; `None` when
+    /// all of them are replayed as they are.
+    fn replayed_headers(&self, headers: &HeaderMap) -> Option<HeaderMap> {
+        let excluded = &self.keyed.config().replay_excluded;
+        if !headers.keys().any(|name| excluded.contains(name)) {
+            return None;
+        }
+        let mut kept = HeaderMap::with_capacity(headers.len());
+        for (name, value) in headers {
+            if !excluded.contains(name) {
+                kept.append(name.clone(), value.clone());
+            }
+        }
+        Some(kept)
+    }
+
     /// The record of a response, which takes the response's headers; and whether any of them
     /// are never replayed (then the record has a filtered copy, and the response keeps them).
     fn record(
@@ -734,24 +763,11 @@ impl ClaimGuard {
         data: Bytes,
         trailers: Option<HeaderMap>,
     ) -> (Record, bool) {
-        let config = self.keyed.config();
         // The record takes the response's headers, and gives them back once stored; only a
         // response with headers that are never replayed needs a filtered copy.
-        let excluded = parts
-            .headers
-            .keys()
-            .any(|name| config.replay_excluded.contains(name));
-        let headers = if excluded {
-            let mut kept = HeaderMap::with_capacity(parts.headers.len());
-            for (name, value) in &parts.headers {
-                if !config.replay_excluded.contains(name) {
-                    kept.append(name.clone(), value.clone());
-                }
-            }
-            kept
-        } else {
-            std::mem::take(&mut parts.headers)
-        };
+        let filtered = self.replayed_headers(&parts.headers);
+        let excluded = filtered.is_some();
+        let headers = filtered.unwrap_or_else(|| std::mem::take(&mut parts.headers));
         let record = Record::response(
             self.keyed.fingerprint,
             parts.status,
@@ -808,7 +824,7 @@ impl ClaimGuard {
         let shared = self.keyed.shared.clone();
         let config = &shared.config;
         if let Some(local) = &config.local {
-            return self.complete_now(local, record);
+            return self.complete_now(local, record.view());
         }
         let stored = match self.token.take() {
             None => None,
@@ -818,13 +834,13 @@ impl ClaimGuard {
                 Some((token, store_call(config, complete).await))
             }
         };
-        if self.completed(stored, record) {
+        if self.completed(stored, record.view()) {
             self.release().await;
         }
     }
 
     /// [`complete`](Self::complete) in a store in this process.
-    fn complete_now(&mut self, local: &MemoryStore, record: &Record) {
+    fn complete_now(&mut self, local: &MemoryStore, record: RecordView<'_>) {
         let retention = self.keyed.config().retention;
         let stored = self.token.take().map(|token| {
             let stored = local.complete_now(&self.keyed.store_key, token, record, retention);
@@ -841,12 +857,12 @@ impl ClaimGuard {
     fn completed(
         &mut self,
         stored: Option<(FencingToken, Result<Completion, StoreError>)>,
-        record: &Record,
+        record: RecordView<'_>,
     ) -> bool {
         match stored {
             // Failing open: nothing was stored, but this process's duplicates get the answer.
             None | Some((_, Ok(Completion::Stored))) => {
-                self.finish_with(|| Outcome::Completed(Arc::new(record.clone())));
+                self.finish_with(|| Outcome::Completed(Arc::new(record.to_record())));
             }
             Some((_, Ok(Completion::Fenced))) => {
                 tracing::warn!(

@@ -21,8 +21,8 @@ use tokio::{
 };
 
 use super::{
-    Claim, Completion, FencingToken, Fingerprint, Holder, KeyMap, KeyStore, Record, StoreError,
-    StoreKey,
+    Claim, Completion, FencingToken, Fingerprint, Holder, KeyMap, KeyStore, Record, RecordView,
+    StoreError, StoreKey,
 };
 
 /// Records are written one after another into buffers of this size (a record over a quarter
@@ -200,7 +200,7 @@ impl MemoryStore {
 
 impl Inner {
     /// Writes `record` (`len` bytes encoded) into this thread's segment.
-    fn encode(&self, record: &Record, len: usize) -> Bytes {
+    fn encode(&self, record: RecordView<'_>, len: usize) -> Bytes {
         if len > SEGMENT / 4 {
             let mut own = BytesMut::with_capacity(len);
             record.put(&mut own);
@@ -435,7 +435,7 @@ impl MemoryStore {
         &self,
         key: &StoreKey,
         token: FencingToken,
-        record: &Record,
+        record: RecordView<'_>,
         retention: Duration,
     ) -> Result<Completion, StoreError> {
         let len = record.encoded_len();
@@ -505,7 +505,7 @@ impl KeyStore for MemoryStore {
         record: &Record,
         retention: Duration,
     ) -> Result<Completion, StoreError> {
-        self.complete_now(key, token, record, retention)
+        self.complete_now(key, token, record.view(), retention)
     }
 
     async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<bool, StoreError> {

@@ -69,6 +69,7 @@ pub mod conformance;
 
 pub use memory::MemoryStore;
 pub use record::Record;
+pub(crate) use record::RecordView;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis::{RedisStore, RedisStoreBuilder};

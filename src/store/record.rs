@@ -79,33 +79,24 @@ impl Record {
 
     /// Appends the binary form to `buf`, which grows as it must.
     pub(crate) fn put(&self, buf: &mut BytesMut) {
-        let mut flags = 0;
-        if self.replayable {
-            flags |= FLAG_REPLAYABLE;
-        }
-        if self.trailers.is_some() {
-            flags |= FLAG_TRAILERS;
-        }
-        buf.put_u8(VERSION);
-        buf.put_u8(flags);
-        buf.put_slice(self.fingerprint.as_bytes());
-        buf.put_u16(self.status.as_u16());
-        put_headers(buf, &self.headers);
-        put_varint(buf, self.body.len() as u64);
-        buf.put_slice(&self.body);
-        if let Some(trailers) = &self.trailers {
-            put_headers(buf, trailers);
-        }
+        self.view().put(buf);
     }
 
     /// The exact length of [`encode`](Self::encode)'s output.
     pub fn encoded_len(&self) -> usize {
-        2 + 32
-            + 2
-            + headers_len(&self.headers)
-            + varint_len(self.body.len() as u64)
-            + self.body.len()
-            + self.trailers.as_ref().map_or(0, headers_len)
+        self.view().encoded_len()
+    }
+
+    /// The record's parts, borrowed.
+    pub(crate) fn view(&self) -> RecordView<'_> {
+        RecordView {
+            fingerprint: &self.fingerprint,
+            status: self.status,
+            headers: &self.headers,
+            body: &self.body,
+            trailers: self.trailers.as_ref(),
+            replayable: self.replayable,
+        }
     }
 
     /// Reads a record back. The body and header values share `bytes`' memory; nothing is copied
@@ -156,6 +147,63 @@ impl Record {
 
 fn corrupt(why: String) -> StoreError {
     StoreError::Corrupt(why)
+}
+
+/// A record's parts, borrowed from wherever they are (a response on its way out, say): what
+/// encoding a record takes, without moving a response's headers and body into one.
+#[derive(Clone, Copy)]
+pub(crate) struct RecordView<'a> {
+    pub(crate) fingerprint: &'a Fingerprint,
+    pub(crate) status: StatusCode,
+    pub(crate) headers: &'a HeaderMap,
+    pub(crate) body: &'a Bytes,
+    pub(crate) trailers: Option<&'a HeaderMap>,
+    pub(crate) replayable: bool,
+}
+
+impl RecordView<'_> {
+    /// Appends the binary form to `buf`, which grows as it must.
+    pub(crate) fn put(&self, buf: &mut BytesMut) {
+        let mut flags = 0;
+        if self.replayable {
+            flags |= FLAG_REPLAYABLE;
+        }
+        if self.trailers.is_some() {
+            flags |= FLAG_TRAILERS;
+        }
+        buf.put_u8(VERSION);
+        buf.put_u8(flags);
+        buf.put_slice(self.fingerprint.as_bytes());
+        buf.put_u16(self.status.as_u16());
+        put_headers(buf, self.headers);
+        put_varint(buf, self.body.len() as u64);
+        buf.put_slice(self.body);
+        if let Some(trailers) = self.trailers {
+            put_headers(buf, trailers);
+        }
+    }
+
+    /// The exact length of [`put`](Self::put)'s output.
+    pub(crate) fn encoded_len(&self) -> usize {
+        2 + 32
+            + 2
+            + headers_len(self.headers)
+            + varint_len(self.body.len() as u64)
+            + self.body.len()
+            + self.trailers.map_or(0, headers_len)
+    }
+
+    /// An owned copy (its header values and body share their bytes).
+    pub(crate) fn to_record(self) -> Record {
+        Record {
+            fingerprint: *self.fingerprint,
+            status: self.status,
+            headers: self.headers.clone(),
+            body: self.body.clone(),
+            trailers: self.trailers.cloned(),
+            replayable: self.replayable,
+        }
+    }
 }
 
 fn headers_len(headers: &HeaderMap) -> usize {

@@ -225,11 +225,12 @@ impl Inner {
 }
 
 /// What the index knows a key by: its digest's two halves folded into one, the second turned
-/// first so that a digest padded with zeros on either side keeps its value. Two keys in a shard share it only by a 128-bit coincidence
-/// of a keyed BLAKE3 digest: about once in 10^27 for a million keys, and out of reach of anyone
-/// choosing keys on purpose (some 2^64 digests to find one pair, and then only among their own
-/// keys). Half the digest makes an index entry 24 bytes instead of 40, so a million-record
-/// index is that much smaller and a probe that much likelier to find its line in cache.
+/// first so that a digest padded with zeros on either side keeps its value. Two keys in a shard
+/// share it only by a 128-bit coincidence of a keyed BLAKE3 digest: about once in 10^27 for a
+/// million keys, and out of reach of anyone choosing keys on purpose (some 2^64 digests to find
+/// one pair, and then only among their own keys). A 128-bit key makes an index entry 24 bytes
+/// instead of 40, so a million-record index is that much smaller and a probe that much likelier
+/// to find its line in cache.
 type IndexKey = u128;
 
 fn index_key(key: &StoreKey) -> IndexKey {

@@ -101,6 +101,11 @@ struct InFlight {
 }
 
 impl InFlight {
+    /// Whether its lease still holds at `now`.
+    fn holds(&self, now: Instant) -> bool {
+        self.lease_until > now
+    }
+
     /// Wakes the waiters of a claim that ended.
     fn end(self) {
         if let Some(waiters) = self.waiters {
@@ -115,6 +120,13 @@ struct Stored {
     encoded: Option<Bytes>,
     token: FencingToken,
     expires: Instant,
+}
+
+impl Stored {
+    /// What a reader sees of a live record.
+    fn seen(&self) -> Seen {
+        Seen::Completed(self.encoded.clone().expect("a live record"))
+    }
 }
 
 impl Default for MemoryStore {
@@ -279,7 +291,7 @@ impl Shard {
     ) -> Option<OccupiedEntry<'_, StoreKey, InFlight>> {
         match self.in_flight.entry(*key) {
             Entry::Vacant(_) => None,
-            Entry::Occupied(entry) if entry.get().lease_until <= now => {
+            Entry::Occupied(entry) if !entry.get().holds(now) => {
                 entry.remove().end();
                 None
             }
@@ -308,7 +320,7 @@ impl Shard {
             return Seen::InFlight(claim.fingerprint);
         }
         match self.record_of(key, now) {
-            Some(stored) => Seen::Completed(stored.encoded.clone().expect("a live record")),
+            Some(stored) => stored.seen(),
             None => Seen::Nothing,
         }
     }
@@ -404,9 +416,9 @@ impl MemoryStore {
             // for first: the claim is then one lookup in the claims, whether it finds one or
             // makes one.
             match shard.record_of(key, now) {
-                Some(stored) => Seen::Completed(stored.encoded.clone().expect("a live record")),
+                Some(stored) => stored.seen(),
                 None => match shard.in_flight.entry(*key) {
-                    Entry::Occupied(claim) if claim.get().lease_until > now => {
+                    Entry::Occupied(claim) if claim.get().holds(now) => {
                         Seen::InFlight(claim.get().fingerprint)
                     }
                     entry => {

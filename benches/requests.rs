@@ -4,12 +4,14 @@
 //! to time fresh keys into a store that is already full.
 //!
 //! ```text
-//! cargo bench --bench requests -- MODE N [PREFILL] [--small-store]
+//! cargo bench --bench requests -- MODE N [PREFILL] [--small-store | --max-entries=M]
 //! ```
 //!
 //! MODE is `bare` (the handler alone, with a key), `nokey`, `fresh` (a new key each time),
-//! `replay`, or `coalesced` (100 duplicates of a key at once, N in all). PREFILL fresh keys are sent first, untimed, to fill the store; `--small-store`
-//! keeps it to 1,000 records, so that it evicts from the start and stays in cache.
+//! `replay`, or `coalesced` (100 duplicates of a key at once, N in all). PREFILL fresh keys are
+//! sent first, untimed, to fill the store. `--small-store` keeps it to 1,000 records, so that it
+//! evicts from the start and stays in cache; `--max-entries=M` keeps it to M (under cachegrind,
+//! a store larger than the simulated cache then fills in less time than a million records take).
 //! Instructions per request: run the executable (`cargo bench --bench requests --no-run` names
 //! it) under `valgrind --tool=callgrind` with N and with 2N, and divide the difference by N.
 
@@ -21,7 +23,7 @@ use common::{handler, request, runtime, send, yielding};
 use tower::{Layer, service_fn};
 use tower_idempotency::{IdempotencyServiceLayer, store::MemoryStore};
 
-const USAGE: &str = "usage: requests bare|nokey|fresh|replay|coalesced N [PREFILL] [--small-store]";
+const USAGE: &str = "usage: requests bare|nokey|fresh|replay|coalesced N [PREFILL] [--small-store | --max-entries=M]";
 
 fn main() {
     // `cargo bench` adds `--bench`.
@@ -37,10 +39,14 @@ fn main() {
     };
     let n: u64 = n;
     let prefill: u64 = words.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-    let store = if small {
-        MemoryStore::with_limits(1_000, usize::MAX)
-    } else {
-        MemoryStore::new()
+    let max_entries = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--max-entries="))
+        .map(|n| n.parse().expect("--max-entries=N takes a whole number"));
+    let store = match (small, max_entries) {
+        (true, _) => MemoryStore::with_limits(1_000, usize::MAX),
+        (false, Some(max_entries)) => MemoryStore::with_limits(max_entries, usize::MAX),
+        (false, None) => MemoryStore::new(),
     };
     let idempotent = IdempotencyServiceLayer::new(store.clone()).layer(service_fn(handler));
     let bare = service_fn(handler);

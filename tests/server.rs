@@ -934,6 +934,106 @@ async fn a_response_body_that_fails_reaches_its_caller_and_a_retry_runs_again() 
     assert_eq!(calls.runs(), 2, "the failed run, then the retry");
 }
 
+/// A response body that comes `delay` after the handler answered: `created`, with its length
+/// given or not.
+struct LateBody {
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    sent: bool,
+    exact: bool,
+}
+
+impl LateBody {
+    fn new(delay: Duration, exact: bool) -> Self {
+        Self {
+            sleep: Box::pin(tokio::time::sleep(delay)),
+            sent: false,
+            exact,
+        }
+    }
+}
+
+impl http_body::Body for LateBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        if self.sent {
+            return std::task::Poll::Ready(None);
+        }
+        std::task::ready!(self.sleep.as_mut().poll(cx));
+        self.sent = true;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from("created")))))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match (self.exact, self.sent) {
+            (true, false) => http_body::SizeHint::with_exact(7),
+            (true, true) => http_body::SizeHint::with_exact(0),
+            (false, _) => http_body::SizeHint::default(),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_response_body_slower_than_the_lease_keeps_the_claim_and_runs_once() {
+    // The handler answers its head at once; its body comes 10 s later, past three 3 s leases.
+    // A duplicate from another service on the same store, 5 s in, would find a lapsed claim
+    // and run again unless the lease is renewed while the body is read.
+    for (exact, wrapped) in [(true, false), (false, false), (true, true), (false, true)] {
+        let case = format!("length given: {exact}, store wrapped: {wrapped}");
+        let calls = Counter::default();
+        let memory = MemoryStore::new();
+        let counting = Arc::new(CountingStore {
+            inner: memory.clone(),
+            ..CountingStore::default()
+        });
+        let layer = || {
+            let layer = if wrapped {
+                IdempotencyServiceLayer::with_shared_store(counting.clone())
+            } else {
+                IdempotencyServiceLayer::new(memory.clone())
+            };
+            let counted = calls.clone();
+            layer
+                .lease(Duration::from_secs(3))
+                .layer(service_fn(move |_req: Request<_>| {
+                    counted.count();
+                    async move {
+                        let body = LateBody::new(Duration::from_secs(10), exact);
+                        Ok::<_, Infallible>(Response::new(body))
+                    }
+                }))
+        };
+        let (a, b) = (layer(), layer());
+        let first = tokio::spawn(a.clone().oneshot(order()));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let duplicate = b.clone().oneshot(order()).await.unwrap();
+        assert_eq!(
+            duplicate
+                .headers()
+                .get("idempotent-replayed")
+                .map(|v| v.as_bytes()),
+            Some(&b"true"[..]),
+            "{case}: the duplicate waited for the first run"
+        );
+        assert_eq!(
+            duplicate.into_body().collect().await.unwrap().to_bytes(),
+            "created"
+        );
+        let first = first.await.unwrap().unwrap();
+        assert_eq!(
+            first.into_body().collect().await.unwrap().to_bytes(),
+            "created"
+        );
+        let retry = b.oneshot(order()).await.unwrap();
+        assert_eq!(retry.headers()["idempotent-replayed"], "true", "{case}");
+        assert_eq!(calls.runs(), 1, "{case}");
+    }
+}
+
 /// `POST /orders` with the key `k` and the body `tea`, for the services called in process.
 fn order() -> Request<Full<Bytes>> {
     Request::post("/orders")

@@ -172,8 +172,8 @@ pin_project! {
         // Waiting for the store or for the same request.
         Wait { future: BoxFuture<Step<Run<F>, Answer<ResBody, E>>> },
         // The handler runs; the claim's lease is renewed once it has waited.
-        Call { #[pin] call: F, claim: Option<ClaimGuard>, renewal: Option<BoxFuture<()>> },
-        // Reading the response's body to store it.
+        Call { #[pin] call: F, claim: Option<ClaimGuard> },
+        // Reading the response's body to store it; the lease is still renewed while it waits.
         Keep {
             #[pin] body: Collect<ResBody>,
             parts: Option<response::Parts>,
@@ -222,7 +222,6 @@ where
             Step::Run(Run { call, claim }) => Next::Phase(Phase::Call {
                 call,
                 claim: Some(claim),
-                renewal: None,
             }),
         }
     }
@@ -247,26 +246,20 @@ where
                     Phase::after(start.take().expect("read once").read(buffered))
                 }
                 PhaseProj::Wait { future } => Phase::after(ready!(future.as_mut().poll(cx))),
-                PhaseProj::Call {
-                    call,
-                    claim,
-                    renewal,
-                } => match call.poll(cx) {
+                PhaseProj::Call { call, claim } => match call.poll(cx) {
                     Poll::Ready(answered) => {
                         Phase::respond(claim.take().expect("called once").answered(answered))
                     }
-                    Poll::Pending => {
-                        if let Some(claim) = claim {
-                            claim.keep_alive(renewal, cx);
-                        }
-                        return Poll::Pending;
-                    }
+                    Poll::Pending => return waiting(claim, cx),
                 },
-                PhaseProj::Keep { body, parts, claim } => {
-                    let buffered = ready!(body.poll(cx));
-                    let claim = claim.take().expect("kept once");
-                    Phase::respond(claim.keep(parts.take().expect("kept once"), buffered))
-                }
+                PhaseProj::Keep { body, parts, claim } => match body.poll(cx) {
+                    Poll::Ready(buffered) => {
+                        let claim = claim.take().expect("kept once");
+                        Phase::respond(claim.keep(parts.take().expect("kept once"), buffered))
+                    }
+                    // The body can take as long as the handler did.
+                    Poll::Pending => return waiting(claim, cx),
+                },
                 PhaseProj::Finish { future } => Next::Answer(ready!(future.as_mut().poll(cx))),
                 PhaseProj::Done => panic!("ResponseFuture polled after completion"),
             };
@@ -279,6 +272,14 @@ where
             }
         }
     }
+}
+
+/// A run that waits, on its handler or on its response's body: its claim's lease is renewed.
+fn waiting<T>(claim: &mut Option<ClaimGuard>, cx: &mut Context<'_>) -> Poll<T> {
+    if let Some(claim) = claim {
+        claim.keep_alive(cx);
+    }
+    Poll::Pending
 }
 
 impl<S, ReqBody, ResBody, F, E> Future for Work<S, ReqBody, ResBody, F, E>

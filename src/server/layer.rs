@@ -151,9 +151,9 @@ impl IdempotencyServiceLayer {
         self
     }
 
-    /// Whether the lease is renewed while the handler runs (on by default). Without renewal, a
-    /// handler slower than the lease loses its claim: a duplicate may run, and the slow run's
-    /// response is not stored (it is fenced).
+    /// Whether the lease is renewed while the handler runs and while its response body is read
+    /// to be stored (on by default). Without renewal, a run slower than the lease loses its
+    /// claim: a duplicate may run, and the slow run's response is not stored (it is fenced).
     pub fn keep_lease_alive(mut self, keep_alive: bool) -> Self {
         self.config().keep_lease_alive = keep_alive;
         self

@@ -530,6 +530,7 @@ impl Keyed {
             keyed: self,
             token,
             lead: Some(lead),
+            renewal: None,
         };
         Step::Run(Run {
             call: inner.call(request),
@@ -626,17 +627,20 @@ pub(super) struct ClaimGuard {
     keyed: Keyed,
     token: Option<FencingToken>,
     lead: Option<Lead>,
+    /// Renews the lease: made the first time the run waits.
+    renewal: Option<BoxFuture<()>>,
 }
 
 impl ClaimGuard {
-    /// Renews the claim's lease every third of it while the handler runs. Started the first
-    /// time the handler waits: a handler that answers at once needs no timer.
-    pub(super) fn keep_alive(&self, renewal: &mut Option<BoxFuture<()>>, cx: &mut Context<'_>) {
+    /// Renews the claim's lease every third of it, for as long as the run is polled while it
+    /// waits: on the handler, and then on the response's body, which can take as long to come.
+    /// Started the first time the run waits: one that answers at once needs no timer.
+    pub(super) fn keep_alive(&mut self, cx: &mut Context<'_>) {
         let keyed = &self.keyed;
         let Some(token) = self.token.filter(|_| keyed.config().keep_lease_alive) else {
             return;
         };
-        let renewal = renewal.get_or_insert_with(|| {
+        let renewal = self.renewal.get_or_insert_with(|| {
             Box::pin(renew(
                 keyed.shared.clone(),
                 keyed.key.clone(),
@@ -648,9 +652,22 @@ impl ClaimGuard {
         let _ = renewal.as_mut().poll(cx);
     }
 
+    /// `work`, with the lease renewed while it waits.
+    async fn keeping_alive<T>(&mut self, work: impl Future<Output = T>) -> T {
+        let mut work = std::pin::pin!(work);
+        std::future::poll_fn(|cx| {
+            let done = work.as_mut().poll(cx);
+            if done.is_pending() {
+                self.keep_alive(cx);
+            }
+            done
+        })
+        .await
+    }
+
     /// Acts on what the handler answered: releases the claim, or stores the response.
     pub(super) fn answered<ResBody, E>(
-        self,
+        mut self,
         answered: Result<Response<ResBody>, E>,
     ) -> Respond<ResBody, E>
     where
@@ -675,7 +692,7 @@ impl ClaimGuard {
         }
         Respond::Later(Box::pin(async move {
             let mut body = Box::pin(body);
-            let buffered = Collect::new(body.as_mut(), limit).await;
+            let buffered = self.keeping_alive(Collect::new(body.as_mut(), limit)).await;
             self.store(parts, buffered, Some(body)).await
         }))
     }

@@ -420,7 +420,8 @@ impl KeyStore for HungStore {
 
 /// A store that hands every step to a memory store and counts the claims and completions it
 /// saw, as a user's instrumented store would. Its first `slow_claims` claims are answered
-/// `claim_reply` after they were made, as a remote store's reply can be.
+/// `claim_reply` after they were made, as a remote store's reply can be, and every completion
+/// takes `complete_delay`.
 #[derive(Debug, Default)]
 struct CountingStore {
     inner: MemoryStore,
@@ -428,6 +429,8 @@ struct CountingStore {
     completions: AtomicUsize,
     slow_claims: usize,
     claim_reply: Duration,
+    /// How long each completion waits before it reaches the memory store.
+    complete_delay: Duration,
 }
 
 impl CountingStore {
@@ -464,6 +467,7 @@ impl KeyStore for CountingStore {
         retention: Duration,
     ) -> Result<Completion, StoreError> {
         self.completions.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.complete_delay).await;
         self.inner.complete(key, token, record, retention).await
     }
     async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<bool, StoreError> {
@@ -1032,6 +1036,35 @@ async fn a_response_body_slower_than_the_lease_keeps_the_claim_and_runs_once() {
         assert_eq!(retry.headers()["idempotent-replayed"], "true", "{case}");
         assert_eq!(calls.runs(), 1, "{case}");
     }
+}
+
+#[tokio::test]
+async fn without_detach_a_caller_gone_while_its_response_is_stored_frees_the_key_at_once() {
+    // The store takes 500 ms to complete; the caller leaves 100 ms in. The claim is given
+    // back, so the retry runs rather than waiting out its 2 s and being answered 409.
+    let store = Arc::new(CountingStore {
+        complete_delay: Duration::from_millis(500),
+        ..CountingStore::default()
+    });
+    let calls = Counter::default();
+    let svc = IdempotencyServiceLayer::with_shared_store(store.clone())
+        .detach(false)
+        .wait_timeout(Duration::from_secs(2))
+        .layer(counted_orders(&calls));
+    let first = tokio::time::timeout(Duration::from_millis(100), svc.clone().oneshot(order()));
+    assert!(
+        first.await.is_err(),
+        "the caller left while the response was being stored"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let retry = svc.oneshot(order()).await.unwrap();
+    assert_eq!(retry.status(), StatusCode::OK);
+    assert!(!retry.headers().contains_key("idempotent-replayed"));
+    assert_eq!(
+        retry.into_body().collect().await.unwrap().to_bytes(),
+        "run=2"
+    );
+    assert_eq!(calls.runs(), 2);
 }
 
 /// `POST /orders` with the key `k` and the body `tea`, for the services called in process.

@@ -843,7 +843,10 @@ impl ClaimGuard {
         if let Some(local) = &config.local {
             return self.complete_now(local, record.view());
         }
-        let stored = match self.token.take() {
+        // The token stays with the guard until the store answers: a caller that leaves in
+        // between (without `detach`) drops the guard, which gives the claim back. Given back
+        // after the record landed, it is gone already, and nothing changes.
+        let stored = match self.token {
             None => None,
             Some(token) => {
                 let key = &self.keyed.store_key;
@@ -919,7 +922,8 @@ impl ClaimGuard {
         if let Some(local) = &config.local {
             return self.release_now(local);
         }
-        if let Some(token) = self.token.take() {
+        // As in `complete`, the token stays with the guard until the store answers.
+        if let Some(token) = self.token {
             let released = config.store.release(&self.keyed.store_key, token);
             if let Err(err) = store_call(config, released).await {
                 tracing::warn!(key = %self.keyed.key, error = %err, "idempotency: could not release the claim; it frees itself when its lease lapses");

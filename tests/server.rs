@@ -1039,6 +1039,29 @@ async fn a_response_body_slower_than_the_lease_keeps_the_claim_and_runs_once() {
 }
 
 #[tokio::test]
+async fn headers_named_in_connection_are_not_replayed() {
+    let svc = IdempotencyService::new(
+        service_fn(|_req: Request<_>| async {
+            let response = Response::builder()
+                .header(header::CONNECTION, "X-Hop, close")
+                .header("x-hop", "this connection only")
+                .header("x-order", "42")
+                .body(Full::new(Bytes::from("created")))
+                .unwrap();
+            Ok::<_, Infallible>(response)
+        }),
+        MemoryStore::new(),
+    );
+    let first = svc.clone().oneshot(order()).await.unwrap();
+    assert_eq!(first.headers()["x-hop"], "this connection only");
+    let replay = svc.oneshot(order()).await.unwrap();
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(replay.headers()["x-order"], "42");
+    assert!(!replay.headers().contains_key("x-hop"));
+    assert!(!replay.headers().contains_key(header::CONNECTION));
+}
+
+#[tokio::test]
 async fn without_detach_a_caller_gone_while_its_response_is_stored_frees_the_key_at_once() {
     // The store takes 500 ms to complete; the caller leaves 100 ms in. The claim is given
     // back, so the retry runs rather than waiting out its 2 s and being answered 409.

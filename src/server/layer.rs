@@ -201,7 +201,8 @@ impl IdempotencyServiceLayer {
 
     /// The response headers left out of a stored response, and so out of every replay. The
     /// first caller still gets them. The default is the hop-by-hop headers, `Date` and
-    /// `Set-Cookie`.
+    /// `Set-Cookie`. While `Connection` is among them, so are the headers a response names in
+    /// it, which were for that connection only.
     pub fn replay_excluded_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
         self.config().replay_excluded = names.into_iter().collect();
         self

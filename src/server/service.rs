@@ -5,7 +5,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, header, request, response};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, header, request, response};
 use http_body::Body;
 use tokio::time::Instant;
 use tower_layer::Layer;
@@ -757,15 +757,27 @@ impl ClaimGuard {
     }
 
     /// A copy of `headers` without those that are never replayed, if it has any; `None` when
-    /// all of them are replayed as they are.
+    /// all of them are replayed as they are. When `Connection` is never replayed, neither are
+    /// the headers it names: they were for that connection only (RFC 9110, section 7.6.1).
     fn replayed_headers(&self, headers: &HeaderMap) -> Option<HeaderMap> {
         let excluded = &self.keyed.config().replay_excluded;
         if !headers.keys().any(|name| excluded.contains(name)) {
             return None;
         }
+        let named: Vec<HeaderName> = if excluded.contains(&header::CONNECTION) {
+            headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|value| value.to_str().ok())
+                .flat_map(|value| value.split(','))
+                .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+                .collect()
+        } else {
+            Vec::new()
+        };
         let mut kept = HeaderMap::with_capacity(headers.len());
         for (name, value) in headers {
-            if !excluded.contains(name) {
+            if !excluded.contains(name) && !named.contains(name) {
                 kept.append(name.clone(), value.clone());
             }
         }

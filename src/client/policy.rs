@@ -8,14 +8,7 @@ use std::{
 
 use http::{HeaderMap, HeaderName, Request, Response, StatusCode, header::RETRY_AFTER};
 use tokio::time::Sleep;
-use tower::{
-    retry::{
-        Policy,
-        backoff::{Backoff, ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff},
-        budget::Budget,
-    },
-    util::rng::Rng,
-};
+use tower::retry::{Policy, budget::Budget};
 
 use super::{
     body::{ReplayBody, replay_request},
@@ -108,10 +101,9 @@ pub struct RetryPolicy<C = RetryAnyError> {
     header: HeaderName,
     budget: Option<Arc<dyn Budget + Send + Sync>>,
     classify: C,
-    // Per request: the retries made so far and the backoff in progress. Tower's `Retry` clones
-    // the policy for each request, and only the clones reach `retry`.
+    // Per request: the retries made so far. Tower's `Retry` clones the policy for each
+    // request, and only the clones reach `retry`.
     retries: u32,
-    backoff: Option<ExponentialBackoff<JitterRng>>,
 }
 
 impl RetryPolicy {
@@ -130,7 +122,6 @@ impl RetryPolicy {
             budget: None,
             classify: RetryAnyError,
             retries: 0,
-            backoff: None,
         }
     }
 }
@@ -163,7 +154,9 @@ impl<C> RetryPolicy<C> {
 
     /// Adds up to `ratio` times the wait at random to each backoff (1.0, the default, waits
     /// between one and two times the base), so clients that failed together do not retry
-    /// together. The sum never exceeds the backoff's maximum.
+    /// together. A wait never exceeds the backoff's maximum: once the base is close to it, the
+    /// wait is drawn from the same spread below the maximum (between half of it and all of it,
+    /// for 1.0), so clients stay apart there too.
     ///
     /// # Panics
     ///
@@ -220,27 +213,41 @@ impl<C> RetryPolicy<C> {
             budget: self.budget,
             classify,
             retries: self.retries,
-            backoff: self.backoff,
         }
-    }
-
-    fn backoff_maker(&self) -> ExponentialBackoffMaker<JitterRng> {
-        ExponentialBackoffMaker::new(self.min_backoff, self.max_backoff, self.jitter, JitterRng)
-            .unwrap_or_else(|e| panic!("RetryPolicy: {e}"))
     }
 
     fn check_backoff(&self) {
-        self.backoff_maker();
+        assert!(
+            self.min_backoff <= self.max_backoff,
+            "RetryPolicy: the backoff's minimum {:?} is greater than its maximum {:?}",
+            self.min_backoff,
+            self.max_backoff
+        );
+        assert!(
+            !self.max_backoff.is_zero(),
+            "RetryPolicy: the backoff's maximum must be greater than zero"
+        );
+        assert!(
+            (0.0..=100.0).contains(&self.jitter),
+            "RetryPolicy: jitter must be between 0 and 100, not {}",
+            self.jitter
+        );
     }
 
-    fn next_backoff(&mut self) -> Sleep {
-        if self.backoff.is_none() {
-            self.backoff = Some(self.backoff_maker().make_backoff());
-        }
-        self.backoff
-            .as_mut()
-            .expect("the backoff was just made")
-            .next_backoff()
+    /// The wait before retry number `retry` (1 for the first): a base of `min_backoff` doubled
+    /// on each retry up to `max_backoff`, spread by up to `jitter` times itself, and kept below
+    /// `max_backoff` by lowering the spread's floor rather than cutting it off at the top.
+    pub(super) fn backoff_wait(&self, retry: u32, unit: f64) -> Duration {
+        let doubled = self
+            .min_backoff
+            .saturating_mul(2u32.saturating_pow(retry.saturating_sub(1)));
+        let spread = 1.0 + self.jitter;
+        let floor = doubled
+            .min(self.max_backoff)
+            .min(self.max_backoff.div_f64(spread));
+        floor
+            .mul_f64(1.0 + self.jitter * unit)
+            .min(self.max_backoff)
     }
 
     /// Where `req`'s key is: under the header the key layer wrote it to, or else under
@@ -344,7 +351,7 @@ where
         self.retries += 1;
         Some(match wait {
             Wait::For(after) => tokio::time::sleep(after),
-            Wait::Backoff => self.next_backoff(),
+            Wait::Backoff => tokio::time::sleep(self.backoff_wait(self.retries, random_unit())),
         })
     }
 
@@ -391,14 +398,10 @@ pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Durati
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// Jitter that differs per request: tower's `HasherRng` would repeat the same sequence in every
-/// clone of the policy.
-#[derive(Clone, Copy, Debug)]
-struct JitterRng;
-
-impl Rng for JitterRng {
-    fn next_u64(&mut self) -> u64 {
-        // Each `RandomState` has fresh keys, so hashing a constant gives a new value each time.
-        RandomState::new().hash_one(0u8)
-    }
+/// A random number in [0, 1) for the jitter, different for each call in every clone of the
+/// policy (tower's `HasherRng` would repeat one sequence in each clone).
+fn random_unit() -> f64 {
+    // Each `RandomState` has fresh keys, so hashing a constant gives a new value each time.
+    let bits = RandomState::new().hash_one(0u8) >> 11;
+    bits as f64 / (1u64 << 53) as f64
 }

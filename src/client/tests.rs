@@ -278,6 +278,54 @@ async fn backoff_grows_between_attempts() {
     assert!(gaps[2] >= Duration::from_secs(4), "{gaps:?}");
 }
 
+#[test]
+fn jitter_spreads_the_waits_below_the_maximum_too() {
+    let ms = Duration::from_millis;
+    // Jitter 1.0 (the default): between one and two times the base.
+    let policy = RetryPolicy::new().backoff(ms(100), ms(400));
+    assert_eq!(policy.backoff_wait(1, 0.0), ms(100));
+    assert_eq!(policy.backoff_wait(1, 0.5), ms(150));
+    assert_eq!(policy.backoff_wait(2, 0.0), ms(200));
+    // Once the base reaches the maximum, the waits spread below it, over half of it to all of
+    // it, rather than all landing on it.
+    for retry in 3..64 {
+        assert_eq!(policy.backoff_wait(retry, 0.0), ms(200), "retry {retry}");
+        assert_eq!(policy.backoff_wait(retry, 0.5), ms(300), "retry {retry}");
+        let top = policy.backoff_wait(retry, 0.999_999);
+        assert!(top > ms(399) && top <= ms(400), "retry {retry}: {top:?}");
+    }
+    // No jitter: the base alone, up to the maximum.
+    let steady = RetryPolicy::new().backoff(ms(100), ms(400)).jitter(0.0);
+    assert_eq!(steady.backoff_wait(2, 0.7), ms(200));
+    assert_eq!(steady.backoff_wait(9, 0.7), ms(400));
+}
+
+#[tokio::test(start_paused = true)]
+async fn clients_that_failed_together_stay_apart_at_the_maximum_backoff() {
+    let policy = policy()
+        .max_attempts(6)
+        .backoff(Duration::from_millis(100), Duration::from_millis(400));
+    let (client, mut handle) = stack(IdempotencyLayer::new(), policy);
+    let call = tokio::spawn(client.oneshot(post(Some("deploy-v1"))));
+    let answers = (0..6).map(|_| Some(status(502))).collect();
+    let (seen, _) = serve(&mut handle, answers).await;
+    assert_eq!(
+        call.await.unwrap().unwrap().status(),
+        StatusCode::BAD_GATEWAY
+    );
+    // The third to fifth waits have reached the 400 ms maximum: each is somewhere between 200
+    // and 400 ms, and not all the same.
+    let gaps: Vec<Duration> = seen.windows(2).map(|w| w[1].at - w[0].at).collect();
+    let capped = &gaps[2..];
+    assert!(
+        capped
+            .iter()
+            .all(|gap| (Duration::from_millis(200)..=Duration::from_millis(401)).contains(gap)),
+        "{gaps:?}"
+    );
+    assert!(capped.windows(2).any(|w| w[0] != w[1]), "{gaps:?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn timed_out_attempt_is_retried_with_the_same_key() {
     let (client, mut handle) = stack(IdempotencyLayer::new(), policy());

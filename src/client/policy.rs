@@ -363,7 +363,14 @@ where
             }
         }
         log_attempt(req, self.key_header(req), self.retries + 1);
-        replay_request(req)
+        let copy = replay_request(req);
+        if copy.is_none() {
+            tracing::debug!(
+                target: TARGET,
+                "this request will not be retried: its body cannot be replayed (see ReplayBody)"
+            );
+        }
+        copy
     }
 }
 

@@ -50,11 +50,8 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
             "--url" => url = Some(value()?),
             "--key" => {
                 let value = value()?;
-                key = Some(if value == "auto" {
-                    IdempotencyKey::auto()
-                } else {
-                    IdempotencyKey::new(&value).map_err(|e| e.to_string())?
-                });
+                // `auto` gives a fresh UUID v4.
+                key = Some(IdempotencyKey::new(&value).map_err(|e| e.to_string())?);
             }
             "--data" => data = value()?,
             "--max-attempts" => {

@@ -16,9 +16,12 @@
 //! assert_eq!(bare, quoted);
 //! assert_eq!(quoted.as_str(), "deploy-v1");
 //!
-//! // `auto()` gives a fresh UUID v4.
+//! // `auto()` gives a fresh UUID v4, and so does the special value `"auto"`.
 //! let auto = IdempotencyKey::auto();
 //! assert_eq!(auto.as_str().len(), 36);
+//! let also = IdempotencyKey::new("auto")?;
+//! assert_eq!(also.as_str().len(), 36);
+//! assert_ne!(also, auto);
 //!
 //! // Bad keys say what is wrong with them.
 //! let err = IdempotencyKey::new("").unwrap_err();
@@ -50,8 +53,15 @@ pub struct IdempotencyKey(Arc<str>);
 impl IdempotencyKey {
     /// Checks `key` and wraps it: 1 to 255 characters of visible ASCII or spaces. The value is
     /// taken as it is, not unquoted.
+    ///
+    /// The special value `auto` (in any case) asks for a fresh key, as in the SDKs that
+    /// use it: it gives [`auto()`](Self::auto), a UUID v4. A literal key `auto` would be shared
+    /// by every request that used it, and each would be answered with the first one's response.
     pub fn new(key: impl AsRef<str>) -> Result<Self, InvalidKey> {
         let key = key.as_ref();
+        if is_auto(key.as_bytes()) {
+            return Ok(Self::auto());
+        }
         validate(key.as_bytes(), true)?;
         Ok(Self(Arc::from(key)))
     }
@@ -106,6 +116,11 @@ impl IdempotencyKey {
             HeaderValue::from_str(&self.0).expect("a validated key is a valid header value")
         }
     }
+}
+
+/// Whether a key is the special value `auto`, which asks for a fresh one.
+pub(crate) fn is_auto(key: &[u8]) -> bool {
+    key.eq_ignore_ascii_case(b"auto")
 }
 
 /// The value of `headers[name]`: `None` when the header is absent, an error when it is given

@@ -10,7 +10,7 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::key::{IDEMPOTENCY_KEY, IdempotencyKey};
+use crate::key::{self, IDEMPOTENCY_KEY, IdempotencyKey};
 
 /// Makes the key for a request that has none, on the methods an [`IdempotencyLayer`] was told
 /// to generate keys for.
@@ -33,8 +33,13 @@ impl MakeIdempotencyKey for MakeUuidKey {
 
 /// Puts the idempotency key on requests: the [`Layer`] for [`Idempotency`].
 ///
+/// This is the client half, for the requests a program sends. A server wants
+/// [`IdempotencyServiceLayer`](crate::IdempotencyServiceLayer): on a router, this layer would
+/// only put a key header on the requests it receives, and run every one of them.
+///
 /// A request's key comes from, in this order:
-/// 1. the key header it already carries (it is kept as it is);
+/// 1. the key header it already carries (it is kept as it is, unless it is the special value
+///    `auto`: that is replaced with a fresh UUID v4, as [`IdempotencyKey::new`] does);
 /// 2. an [`IdempotencyKey`] in its extensions;
 /// 3. the key maker, when [key generation](Self::generate_keys) is on for its method.
 ///
@@ -70,9 +75,14 @@ impl Default for IdempotencyLayer {
 }
 
 impl<M> IdempotencyLayer<M> {
-    /// Generates a key for every POST that has none.
+    /// Generates a key for every POST and PATCH that has none.
+    ///
+    /// The generated key protects the retries of this one call, and comes back in the
+    /// response's extensions. A call that fails has no response to carry it: to keep a key
+    /// for retrying later (after a timeout, say, or from another process), make it before the
+    /// call with [`IdempotencyKey::auto`], store it, and put it in the request's extensions.
     pub fn generate_keys(self) -> Self {
-        self.generate_keys_for([Method::POST])
+        self.generate_keys_for([Method::POST, Method::PATCH])
     }
 
     /// Generates a key for requests with one of `methods` that have none, replacing the
@@ -170,7 +180,16 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let header = &self.layer.header;
-        let key = if req.headers().contains_key(header) {
+        let asks_auto = req
+            .headers()
+            .get(header)
+            .is_some_and(|value| key::is_auto(value.as_bytes()));
+        let key = if asks_auto {
+            let key = IdempotencyKey::auto();
+            req.headers_mut()
+                .insert(header.clone(), key.to_header_value());
+            Some(key)
+        } else if req.headers().contains_key(header) {
             // The caller's header stays as it is; report it when it parses.
             IdempotencyKey::from_headers(req.headers(), header)
                 .ok()
@@ -286,6 +305,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_special_value_auto_is_a_fresh_key_each_time() {
+        // As a key in the extensions, and as the header's value: each request gets its own
+        // UUID v4, never the literal `auto`, and the response reports the key that was sent.
+        let mut sent = Vec::new();
+        for in_header in [false, true, false, true] {
+            let mut req = post();
+            if in_header {
+                req.headers_mut()
+                    .insert(IDEMPOTENCY_KEY, HeaderValue::from_static("auto"));
+            } else {
+                req.extensions_mut()
+                    .insert(IdempotencyKey::new("AUTO").unwrap());
+            }
+            let res = send(IdempotencyLayer::new(), req).await;
+            let uuid = uuid::Uuid::parse_str(res.body()).unwrap();
+            assert_eq!(uuid.get_version_num(), 4);
+            let reported = res.extensions().get::<IdempotencyKey>().unwrap();
+            assert_eq!(reported.as_str(), res.body());
+            sent.push(res.into_body());
+        }
+        sent.sort();
+        sent.dedup();
+        assert_eq!(sent.len(), 4, "every request had a key of its own");
+    }
+
+    #[tokio::test]
     async fn nothing_is_generated_unless_asked() {
         let res = send(IdempotencyLayer::new(), post()).await;
         assert_eq!(res.body(), "");
@@ -293,11 +338,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn generated_keys_are_uuid_v4_on_post_only() {
+    async fn generated_keys_are_uuid_v4_on_post_and_patch_only() {
         let layer = IdempotencyLayer::new().generate_keys();
-        let res = send(layer.clone(), post()).await;
-        let uuid = uuid::Uuid::parse_str(res.body()).unwrap();
-        assert_eq!(uuid.get_version_num(), 4);
+        let patch = Request::patch("/api/v1/deployments/1").body(()).unwrap();
+        for req in [post(), patch] {
+            let res = send(layer.clone(), req).await;
+            let uuid = uuid::Uuid::parse_str(res.body()).unwrap();
+            assert_eq!(uuid.get_version_num(), 4);
+        }
 
         let get = Request::get("/api/v1/deployments").body(()).unwrap();
         assert_eq!(send(layer.clone(), get).await.body(), "");

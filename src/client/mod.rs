@@ -2,7 +2,7 @@
 //!
 //! - [`IdempotencyLayer`] puts the key on a request: the one the caller chose (an
 //!   [`IdempotencyKey`](crate::IdempotencyKey) in the request's extensions), or a generated
-//!   UUID v4 for the methods it was told to (POST by default once turned on). A request that
+//!   UUID v4 for the methods it was told to (POST and PATCH once turned on). A request that
 //!   already has the header keeps it; GET and the other safe methods never get a generated key.
 //! - [`RetryPolicy`] is a [`tower::retry::Policy`] for 502, 503, 504, 429 (honouring
 //!   `Retry-After`), the idempotency server's 409 "still running", connection failures and
@@ -76,9 +76,11 @@
 //!
 //! Per request, put a key in the extensions: `IdempotencyKey::new("deploy-v1")?` for a key
 //! tied to the operation, which also protects a retry made later by another process, or
-//! `IdempotencyKey::auto()` for a fresh UUID v4 (what other SDKs call `"auto"`), which protects
-//! the retries of this one call. With `.generate_keys()` every POST that has no key gets an
-//! `auto` one. The key sent is in the response's extensions either way.
+//! `IdempotencyKey::auto()` for a fresh UUID v4 (`IdempotencyKey::new("auto")` is the same, as
+//! the special value `"auto"` is in other SDKs), which protects the retries of this one call.
+//! With `.generate_keys()` every POST and PATCH that has no key gets an `auto` one. The key
+//! sent is in the response's extensions either way; to keep one for retrying after a call
+//! that failed, make it before the call and store it.
 //!
 //! # Why the order matters, and what goes wrong otherwise
 //!

@@ -42,6 +42,13 @@ use tracing::instrument::WithSubscriber;
 #[derive(Clone, Default)]
 struct Ledger(Arc<Mutex<BTreeMap<String, usize>>>);
 
+impl Ledger {
+    /// How many times the handler ran for `key`.
+    fn runs(&self, key: &str) -> usize {
+        self.0.lock().unwrap().get(key).copied().unwrap_or(0)
+    }
+}
+
 async fn create_order(
     State(ledger): State<Ledger>,
     headers: HeaderMap,
@@ -248,7 +255,16 @@ async fn main() {
             ""
         }
     );
-    println!("   The order was created once; the last attempt got the first run's answer.\n");
+    let runs = ledger.runs(key.as_str());
+    println!(
+        "   The handler ran {runs} time{} for this key{}.\n",
+        if runs == 1 { "" } else { "s" },
+        if first.replayed {
+            "; the last attempt got the first run's answer"
+        } else {
+            ""
+        }
+    );
 
     // 2. A storm of concurrent duplicates.
     let storm =
@@ -284,8 +300,14 @@ async fn main() {
         started.elapsed().as_millis()
     );
     println!(
-        "   distinct bodies: {} (every duplicate waited for the first and got its answer)\n",
-        bodies.len()
+        "   distinct bodies: {}, handler runs: {} ({})\n",
+        bodies.len(),
+        ledger.runs(storm.as_str()),
+        if bodies.len() == 1 {
+            "every duplicate waited for the first and got its answer"
+        } else {
+            "the duplicates did not all get one answer"
+        },
     );
 
     // 3. The same key with a different body.

@@ -297,8 +297,12 @@ impl Reader {
 
     fn headers(&mut self) -> Result<HeaderMap, StoreError> {
         let count = self.len()?;
-        // With room for one more: a replay adds `Idempotent-Replayed`.
-        let mut headers = HeaderMap::with_capacity(count.saturating_add(1).min(self.bytes.len()));
+        // With room for one more: a replay adds `Idempotent-Replayed`. A count that a map cannot
+        // hold is an error, never a panic.
+        let too_many = |_| corrupt(format!("{count} headers are more than a response can hold"));
+        let mut headers =
+            HeaderMap::try_with_capacity(count.saturating_add(1).min(self.bytes.len()))
+                .map_err(too_many)?;
         for _ in 0..count {
             let n = self.len()?;
             let name = self.take(n)?;
@@ -307,7 +311,7 @@ impl Reader {
             let n = self.len()?;
             let value = HeaderValue::from_maybe_shared(self.take(n)?)
                 .map_err(|_| corrupt(format!("invalid value for header {name}")))?;
-            headers.append(name, value);
+            headers.try_append(name, value).map_err(too_many)?;
         }
         Ok(headers)
     }
@@ -369,5 +373,22 @@ mod tests {
             let _ = Record::decode(flipped.into());
         }
         assert!(Record::decode(Bytes::from_static(b"not a record at all")).is_err());
+    }
+
+    #[test]
+    fn a_header_count_no_map_can_hold_is_an_error_not_a_panic() {
+        // A valid start, then a count of 40,000 headers and enough bytes for the count to pass
+        // the length check: each empty name fails or the map fills, but nothing panics.
+        let mut encoded = BytesMut::new();
+        encoded.put_u8(VERSION);
+        encoded.put_u8(FLAG_REPLAYABLE);
+        encoded.put_slice(&[0; 32]);
+        encoded.put_u16(200);
+        put_varint(&mut encoded, 40_000);
+        for _ in 0..40_000 {
+            encoded.put_slice(&[1, b'x', 0]);
+        }
+        let err = Record::decode(encoded.freeze()).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
     }
 }

@@ -80,6 +80,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod client;
+mod clock;
 mod digest;
 pub mod key;
 pub mod server;

@@ -8,6 +8,8 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, header, request, response};
 use http_body::Body;
 use tokio::time::Instant;
+
+use crate::clock;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -289,7 +291,9 @@ impl Keyed {
 
     fn deadline(&mut self) -> Instant {
         let wait = self.shared.config.wait_timeout;
-        *self.deadline.get_or_insert_with(|| Instant::now() + wait)
+        *self
+            .deadline
+            .get_or_insert_with(|| clock::after(Instant::now(), wait))
     }
 
     /// The stored response, marked as replayed; or why it cannot be.
@@ -491,11 +495,13 @@ impl Keyed {
                 None => {
                     tracing::debug!(key = %self.key, "idempotency: waiting for the same request in another process");
                     tokio::time::timeout(
-                        remaining + config.store_timeout,
+                        remaining.saturating_add(config.store_timeout),
                         config.store.wait(&self.store_key, remaining),
                     )
                     .await
-                    .unwrap_or(Err(StoreError::Timeout(remaining + config.store_timeout)))
+                    .unwrap_or(Err(StoreError::Timeout(
+                        remaining.saturating_add(config.store_timeout),
+                    )))
                 }
             };
             claimed = match waited {
@@ -963,7 +969,7 @@ fn respond<B: Body>(
 async fn renew(shared: Arc<Shared>, key: LogKey, store_key: StoreKey, token: FencingToken) {
     let config = &shared.config;
     let period = (config.lease / 3).max(std::time::Duration::from_millis(1));
-    let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
+    let mut ticker = tokio::time::interval_at(clock::after(Instant::now(), period), period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;

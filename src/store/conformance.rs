@@ -413,6 +413,26 @@ pub async fn many_keys_stay_independent(store: Arc<dyn KeyStore>) {
     }
 }
 
+/// The longest settings (`Duration::MAX` for a lease, a retention and a wait) are taken as "as
+/// long as can be": no panic, no error.
+pub async fn the_longest_durations_are_accepted(store: Arc<dyn KeyStore>) {
+    let key = fresh_key();
+    let token = claimed(&*store, &key, fingerprint(1), Duration::MAX).await;
+    assert!(store.extend(&key, token, Duration::MAX).await.unwrap());
+    let rec = record(fingerprint(1), "kept");
+    assert_eq!(
+        store
+            .complete(&key, token, &rec, Duration::MAX)
+            .await
+            .unwrap(),
+        Completion::Stored
+    );
+    assert_eq!(
+        store.wait(&key, Duration::MAX).await.unwrap(),
+        Some(Holder::Completed(rec))
+    );
+}
+
 /// Writes one `#[tokio::test]` per conformance check, in a module named `$name`, for the store
 /// that `$make` builds (an expression, evaluated in an `async fn`, so it may `.await`).
 ///
@@ -442,6 +462,7 @@ macro_rules! key_store_conformance {
                 wait_ends_when_the_lease_lapses,
                 wait_on_a_settled_key_returns_at_once,
                 many_keys_stay_independent,
+                the_longest_durations_are_accepted,
             );
         }
     };

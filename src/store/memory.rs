@@ -20,6 +20,8 @@ use tokio::{
     time::Instant,
 };
 
+use crate::clock;
+
 use super::{
     Claim, Completion, FencingToken, Fingerprint, Holder, KeyMap, KeyStore, Record, RecordView,
     StoreError, StoreKey,
@@ -426,7 +428,7 @@ impl MemoryStore {
                         let claim = InFlight {
                             token,
                             fingerprint: *fingerprint,
-                            lease_until: now + lease,
+                            lease_until: clock::after(now, lease),
                             waiters: None,
                         };
                         match entry {
@@ -473,7 +475,7 @@ impl MemoryStore {
             Stored {
                 encoded: Some(encoded),
                 token,
-                expires: now + retention,
+                expires: clock::after(now, retention),
             },
         );
         drop(shard);
@@ -492,7 +494,7 @@ impl MemoryStore {
         let mut shard = self.shard(key);
         match shard.claim_of(key, now) {
             Some(claim) if claim.token == token => {
-                claim.lease_until = now + lease;
+                claim.lease_until = clock::after(now, lease);
                 true
             }
             _ => false,
@@ -560,7 +562,7 @@ impl MemoryStore {
         key: &StoreKey,
         timeout: Duration,
     ) -> Result<Option<Holder>, StoreError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = clock::after(Instant::now(), timeout);
         loop {
             let (notified, wake_at) = match self.watch(key, deadline) {
                 Watch::Settled(seen) => return seen.into_holder(),

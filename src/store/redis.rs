@@ -27,6 +27,8 @@ use tokio::{
     time::Instant,
 };
 
+use crate::clock;
+
 use super::{
     Claim, Completion, FencingToken, Fingerprint, Holder, KeyStore, Record, StoreError, StoreKey,
 };
@@ -579,7 +581,10 @@ fn channel_of(redis_key: &str) -> String {
 }
 
 fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+    // Cut to a century: Redis refuses an expiry past the end of its clock.
+    u64::try_from(d.min(clock::FOREVER).as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 #[async_trait]
@@ -667,12 +672,15 @@ impl KeyStore for RedisStore {
     }
 
     async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<Option<Holder>, StoreError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = clock::after(Instant::now(), timeout);
         // Subscribe first, then read, so that a completion in between is not missed.
         let watch = self
             .inner
             .subscriptions
-            .watch(self.channel(key).into_bytes(), self.inner.call_timeout)
+            .watch(
+                self.channel(key).into_bytes(),
+                self.inner.call_timeout.min(timeout),
+            )
             .await;
         loop {
             let notified = watch.notify.notified();

@@ -419,10 +419,13 @@ impl RedisStore {
     {
         let attempts = async {
             match step(self.inner.conn.clone()).await {
+                // A reply that timed out is not a broken connection: the step may still run,
+                // and sending it again would only double the load on a slow Redis.
                 Err(err)
-                    if err.is_io_error()
-                        || err.is_connection_refusal()
-                        || err.is_connection_dropped() =>
+                    if !err.is_timeout()
+                        && (err.is_io_error()
+                            || err.is_connection_refusal()
+                            || err.is_connection_dropped()) =>
                 {
                     tracing::debug!(error = %err, "idempotency store: {what} met a broken connection; sending it again");
                     step(self.inner.conn.clone()).await

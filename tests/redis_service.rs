@@ -126,6 +126,40 @@ async fn a_waiter_in_another_service_gets_the_answer_as_soon_as_it_is_stored() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_response_refused_for_want_of_memory_is_stored_once_memory_returns() {
+    // Redis at its memory limit refuses the completion's write (but would still allow the
+    // claim's deletion). The first caller gets its answer, the claim is kept, and the record
+    // is stored once memory is back: the retry is a replay, and the handler ran once.
+    let server = RedisServer::start();
+    let [a, b] = two_services(
+        standalone_store(&server.url()).await,
+        standalone_store(&server.url()).await,
+    )
+    .await;
+    let first = tokio::spawn({
+        let a = a.clone();
+        async move { a.post("/orders?delay_ms=300", "k-oom", "tea").await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        command(server.port(), "CONFIG SET maxmemory 1").trim(),
+        "+OK"
+    );
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(first.text(), "run=1 body=tea");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        command(server.port(), "CONFIG SET maxmemory 0").trim(),
+        "+OK"
+    );
+    let retry = b.post("/orders?delay_ms=300", "k-oom", "tea").await;
+    assert!(retry.replayed(), "the retry ran again: {}", retry.text());
+    assert_eq!(retry.text(), "run=1 body=tea");
+    assert_eq!(a.runs.runs(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_first_seen_key_costs_two_commands_and_a_replay_one() {
     let server = RedisServer::start();
     let store = RedisStore::builder()

@@ -420,8 +420,8 @@ impl KeyStore for HungStore {
 
 /// A store that hands every step to a memory store and counts the claims and completions it
 /// saw, as a user's instrumented store would. Its first `slow_claims` claims are answered
-/// `claim_reply` after they were made, as a remote store's reply can be, and every completion
-/// takes `complete_delay`.
+/// `claim_reply` after they were made, as a remote store's reply can be; every completion
+/// takes `complete_delay`, and the first `failing_completions` fail.
 #[derive(Debug, Default)]
 struct CountingStore {
     inner: MemoryStore,
@@ -431,6 +431,8 @@ struct CountingStore {
     claim_reply: Duration,
     /// How long each completion waits before it reaches the memory store.
     complete_delay: Duration,
+    /// How many completions fail first, as a store out of memory refuses writes.
+    failing_completions: usize,
 }
 
 impl CountingStore {
@@ -466,8 +468,13 @@ impl KeyStore for CountingStore {
         record: &Record,
         retention: Duration,
     ) -> Result<Completion, StoreError> {
-        self.completions.fetch_add(1, Ordering::SeqCst);
+        let seen = self.completions.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(self.complete_delay).await;
+        if seen < self.failing_completions {
+            return Err(StoreError::backend(
+                "OOM command not allowed when used memory > 'maxmemory'",
+            ));
+        }
         self.inner.complete(key, token, record, retention).await
     }
     async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<bool, StoreError> {
@@ -1036,6 +1043,39 @@ async fn a_response_body_slower_than_the_lease_keeps_the_claim_and_runs_once() {
         assert_eq!(retry.headers()["idempotent-replayed"], "true", "{case}");
         assert_eq!(calls.runs(), 1, "{case}");
     }
+}
+
+#[tokio::test]
+async fn a_response_the_store_refused_is_stored_later_and_the_key_never_runs_twice() {
+    // The store refuses the first two completions. The caller still gets its answer; the claim
+    // is kept rather than given back, and the record is stored from a task on a later try. A
+    // duplicate from another service on the same store waits for it instead of running.
+    let store = Arc::new(CountingStore {
+        failing_completions: 2,
+        ..CountingStore::default()
+    });
+    let calls = Counter::default();
+    let layer =
+        || IdempotencyServiceLayer::with_shared_store(store.clone()).layer(counted_orders(&calls));
+    let (a, b) = (layer(), layer());
+    let first = a.oneshot(order()).await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    assert_eq!(
+        first.into_body().collect().await.unwrap().to_bytes(),
+        "run=1"
+    );
+    let duplicate = b.oneshot(order()).await.unwrap();
+    assert_eq!(duplicate.headers()["idempotent-replayed"], "true");
+    assert_eq!(
+        duplicate.into_body().collect().await.unwrap().to_bytes(),
+        "run=1"
+    );
+    assert_eq!(calls.runs(), 1);
+    assert_eq!(
+        store.completions.load(Ordering::SeqCst),
+        3,
+        "two refused, then stored"
+    );
 }
 
 #[tokio::test]

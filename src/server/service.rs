@@ -872,9 +872,7 @@ impl ClaimGuard {
                 Some((token, store_call(config, complete).await))
             }
         };
-        if self.completed(stored, record.view()) {
-            self.release().await;
-        }
+        self.completed(stored, record.view());
     }
 
     /// [`complete`](Self::complete) in a store in this process.
@@ -884,19 +882,16 @@ impl ClaimGuard {
             let stored = local.complete_now(&self.keyed.store_key, token, record, retention);
             (token, stored)
         });
-        if self.completed(stored, record) {
-            self.release_now(local);
-        }
+        self.completed(stored, record);
     }
 
     /// Tells the followers how the completion went (`None`: there was no claim to complete,
-    /// failing open). When the store failed, it takes the claim back and answers `true`: the
-    /// claim is to be released.
+    /// failing open). When the store failed, the claim is kept and the record stored later.
     fn completed(
         &mut self,
         stored: Option<(FencingToken, Result<Completion, StoreError>)>,
         record: RecordView<'_>,
-    ) -> bool {
+    ) {
         match stored {
             // Failing open: nothing was stored, but this process's duplicates get the answer.
             None | Some((_, Ok(Completion::Stored))) => {
@@ -910,12 +905,63 @@ impl ClaimGuard {
                 self.finish_with(|| Outcome::Released);
             }
             Some((token, Err(err))) => {
-                tracing::error!(key = %self.keyed.key, error = %err, "idempotency: could not store the response");
-                self.token = Some(token);
-                return true;
+                // The handler ran: giving the claim back would let a retry run it again. The
+                // claim is kept, and the record stored from a task once the store takes it.
+                tracing::error!(key = %self.keyed.key, error = %err, "idempotency: could not store the response; trying again in the background, the key held meanwhile");
+                let record = Arc::new(record.to_record());
+                self.complete_later(token, record.clone());
+                self.finish_with(|| Outcome::Completed(record));
             }
         }
-        false
+    }
+
+    /// Stores `record` from a task once the store takes it: tried again after a pause that
+    /// doubles up to 5 s, the lease renewed before each try, for as long as one lease lasts.
+    /// A claim found lost or fenced ends the tries; after the last, the claim frees itself when
+    /// its lease lapses, and only then may a retry run the handler again.
+    fn complete_later(&self, token: FencingToken, record: Arc<Record>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (shared, store_key, key) = (
+            self.keyed.shared.clone(),
+            self.keyed.store_key,
+            self.keyed.key.clone(),
+        );
+        runtime.spawn(async move {
+            let config = &shared.config;
+            let give_up = clock::after(Instant::now(), config.lease);
+            let mut pause = std::time::Duration::from_millis(100);
+            loop {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(5));
+                if config.keep_lease_alive {
+                    let extend = config.store.extend(&store_key, token, config.lease);
+                    if let Ok(false) = store_call(config, extend).await {
+                        tracing::error!(key = %key, "idempotency: the claim lapsed before the response could be stored");
+                        return;
+                    }
+                }
+                let complete = config
+                    .store
+                    .complete(&store_key, token, &record, config.retention);
+                match store_call(config, complete).await {
+                    Ok(Completion::Stored) => {
+                        tracing::info!(key = %key, "idempotency: the response was stored after all");
+                        return;
+                    }
+                    Ok(Completion::Fenced) => {
+                        tracing::error!(key = %key, "idempotency: the claim lapsed before the response could be stored (fenced)");
+                        return;
+                    }
+                    Err(err) if Instant::now() >= give_up => {
+                        tracing::error!(key = %key, error = %err, "idempotency: gave up storing the response; the key frees itself when its lease lapses");
+                        return;
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
     }
 
     fn finish_with(&mut self, outcome: impl FnOnce() -> Outcome) {

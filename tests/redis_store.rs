@@ -516,3 +516,27 @@ async fn many_waiters_on_one_key_share_one_subscription() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_whose_reply_timed_out_is_not_sent_again() {
+    // Redis stops for a moment: the read's reply times out. The read went out once, and is
+    // not sent a second time on top of a Redis that is already slow.
+    let server = RedisServer::start();
+    let store = RedisStore::builder()
+        .connection_timeout(Duration::from_millis(100))
+        .response_timeout(Duration::from_millis(300))
+        .connect(&server.url())
+        .await
+        .unwrap();
+    let key = fresh_key();
+    assert!(store.read(&key).await.unwrap().is_none());
+    let mut monitor = Monitor::start(server.port());
+    monitor.commands_since_last_call();
+    server.pause();
+    let read = store.read(&key).await;
+    server.resume();
+    assert!(read.is_err(), "the read answered while Redis was stopped");
+    let commands = monitor.commands_since_last_call();
+    let gets = commands.iter().filter(|c| c.contains("\"GET\"")).count();
+    assert_eq!(gets, 1, "{commands:#?}");
+}

@@ -156,7 +156,7 @@ impl<C> RetryPolicy<C> {
     /// between one and two times the base), so clients that failed together do not retry
     /// together. A wait never exceeds the backoff's maximum: once the base is close to it, the
     /// wait is drawn from the same spread below the maximum (between half of it and all of it,
-    /// for 1.0), so clients stay apart there too.
+    /// for 1.0, or from the minimum up when that is higher), so clients stay apart there too.
     ///
     /// # Panics
     ///
@@ -234,17 +234,18 @@ impl<C> RetryPolicy<C> {
         );
     }
 
-    /// The wait before retry number `retry` (1 for the first): a base of `min_backoff` doubled
-    /// on each retry up to `max_backoff`, spread by up to `jitter` times itself, and kept below
-    /// `max_backoff` by lowering the spread's floor rather than cutting it off at the top.
+    /// The wait before retry number `retry` (1 for the first), for `unit` drawn from [0, 1): a
+    /// base of `min_backoff` doubled on each retry, spread by up to `jitter` times itself, and
+    /// kept under `max_backoff` by lowering the spread's floor (never below `min_backoff`)
+    /// rather than cutting every wait off at the maximum.
     pub(super) fn backoff_wait(&self, retry: u32, unit: f64) -> Duration {
         let doubled = self
             .min_backoff
             .saturating_mul(2u32.saturating_pow(retry.saturating_sub(1)));
         let spread = 1.0 + self.jitter;
         let floor = doubled
-            .min(self.max_backoff)
-            .min(self.max_backoff.div_f64(spread));
+            .min(self.max_backoff.div_f64(spread))
+            .max(self.min_backoff);
         floor
             .mul_f64(1.0 + self.jitter * unit)
             .min(self.max_backoff)

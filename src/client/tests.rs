@@ -294,6 +294,11 @@ fn jitter_spreads_the_waits_below_the_maximum_too() {
         let top = policy.backoff_wait(retry, 0.999_999);
         assert!(top > ms(399) && top <= ms(400), "retry {retry}: {top:?}");
     }
+    // A minimum close to the maximum: waits spread from the minimum up, never past the maximum.
+    let narrow = RetryPolicy::new().backoff(ms(300), ms(400));
+    assert_eq!(narrow.backoff_wait(1, 0.0), ms(300));
+    assert_eq!(narrow.backoff_wait(5, 0.2), ms(360));
+    assert_eq!(narrow.backoff_wait(5, 0.9), ms(400));
     // No jitter: the base alone, up to the maximum.
     let steady = RetryPolicy::new().backoff(ms(100), ms(400)).jitter(0.0);
     assert_eq!(steady.backoff_wait(2, 0.7), ms(200));

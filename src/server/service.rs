@@ -8,8 +8,6 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, header, request, response};
 use http_body::Body;
 use tokio::time::Instant;
-
-use crate::clock;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -23,7 +21,7 @@ use super::{
     problem::Problem,
 };
 use crate::{
-    IDEMPOTENT_REPLAYED, key,
+    IDEMPOTENT_REPLAYED, clock, key,
     store::{
         BoxError, Claim, Completion, FencingToken, Fingerprint, Holder, KeyStore, MemoryStore,
         Record, RecordView, StoreError, StoreKey,

@@ -31,6 +31,15 @@ async fn standalone_store(url: &str) -> RedisStore {
         .unwrap()
 }
 
+/// [`two_services`] on two standalone stores connected to `server`.
+async fn two_services_on(server: &RedisServer) -> [Arc<TestServer>; 2] {
+    two_services(
+        standalone_store(&server.url()).await,
+        standalone_store(&server.url()).await,
+    )
+    .await
+}
+
 /// Two services, each on a store of its own (separate connections) to the same Redis, counting
 /// handler runs together.
 async fn two_services(a: RedisStore, b: RedisStore) -> [Arc<TestServer>; 2] {
@@ -72,14 +81,7 @@ async fn storms_run_once(servers: [Arc<TestServer>; 2]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn duplicates_across_two_services_on_one_redis_run_once() {
     let server = RedisServer::start();
-    storms_run_once(
-        two_services(
-            standalone_store(&server.url()).await,
-            standalone_store(&server.url()).await,
-        )
-        .await,
-    )
-    .await;
+    storms_run_once(two_services_on(&server).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -93,11 +95,7 @@ async fn duplicates_across_two_services_on_a_cluster_run_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_waiter_in_another_service_gets_the_answer_as_soon_as_it_is_stored() {
     let server = RedisServer::start();
-    let [a, b] = two_services(
-        standalone_store(&server.url()).await,
-        standalone_store(&server.url()).await,
-    )
-    .await;
+    let [a, b] = two_services_on(&server).await;
     let mut lags = Vec::new();
     for _ in 0..5 {
         let key = IdempotencyKey::auto();
@@ -131,11 +129,7 @@ async fn a_response_refused_for_want_of_memory_is_stored_once_memory_returns() {
     // claim's deletion). The first caller gets its answer, the claim is kept, and the record
     // is stored once memory is back: the retry is a replay, and the handler ran once.
     let server = RedisServer::start();
-    let [a, b] = two_services(
-        standalone_store(&server.url()).await,
-        standalone_store(&server.url()).await,
-    )
-    .await;
+    let [a, b] = two_services_on(&server).await;
     let first = tokio::spawn({
         let a = a.clone();
         async move { a.post("/orders?delay_ms=300", "k-oom", "tea").await }

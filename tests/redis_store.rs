@@ -229,15 +229,20 @@ async fn a_killed_redis_gives_prompt_errors_and_the_store_recovers_after_a_resta
     cross_store_wake_up(store, waiting_store, "after a restart").await;
 }
 
+/// A store on `server` that bounds connecting and each reply by `bound`.
+async fn store_bounded_by(server: &RedisServer, bound: Duration) -> RedisStore {
+    RedisStore::builder()
+        .connection_timeout(bound)
+        .response_timeout(bound)
+        .connect(&server.url())
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_redis_gives_timeouts_and_the_store_carries_on_when_it_answers_again() {
     let server = RedisServer::start();
-    let store = RedisStore::builder()
-        .connection_timeout(Duration::from_millis(300))
-        .response_timeout(Duration::from_millis(300))
-        .connect(&server.url())
-        .await
-        .unwrap();
+    let store = store_bounded_by(&server, Duration::from_millis(300)).await;
     let key = fresh_key();
     server.pause();
     let started = Instant::now();
@@ -522,12 +527,7 @@ async fn a_step_whose_reply_timed_out_is_not_sent_again() {
     // Redis stops for a moment: the read's reply times out. The read went out once, and is
     // not sent a second time on top of a Redis that is already slow.
     let server = RedisServer::start();
-    let store = RedisStore::builder()
-        .connection_timeout(Duration::from_millis(100))
-        .response_timeout(Duration::from_millis(300))
-        .connect(&server.url())
-        .await
-        .unwrap();
+    let store = store_bounded_by(&server, Duration::from_millis(300)).await;
     let key = fresh_key();
     assert!(store.read(&key).await.unwrap().is_none());
     let mut monitor = Monitor::start(server.port());

@@ -726,7 +726,9 @@ struct Channel {
 }
 
 enum Request {
-    Subscribe(Vec<u8>),
+    /// Subscribe to a channel for the waiters of one entry of the map, named by its `notify`:
+    /// the reply marks that entry subscribed, not one made for the channel since.
+    Subscribe(Vec<u8>, Arc<Notify>),
     Unsubscribe(Vec<u8>),
 }
 
@@ -757,10 +759,13 @@ impl Subscriptions {
         let (notify, mut subscribed) = {
             let mut channels = self.lock();
             let entry = channels.entry(channel.clone()).or_insert_with(|| {
-                let _ = self.requests.send(Request::Subscribe(channel.clone()));
+                let notify = Arc::<Notify>::default();
+                let _ = self
+                    .requests
+                    .send(Request::Subscribe(channel.clone(), notify.clone()));
                 Channel {
                     waiters: 0,
-                    notify: Arc::default(),
+                    notify,
                     subscribed: watch::Sender::new(false),
                 }
             });
@@ -788,9 +793,26 @@ impl Subscriptions {
         }
     }
 
-    fn mark_subscribed(&self, channel: &[u8]) {
-        if let Some(entry) = self.lock().get(channel) {
+    /// Marks the entry of `channel` that `for_entry` names subscribed. An entry made for the
+    /// channel after that one left (its subscription is still to come, behind an unsubscribe)
+    /// is left as it is.
+    fn mark_subscribed(&self, channel: &[u8], for_entry: &Arc<Notify>) {
+        if let Some(entry) = self.lock().get(channel)
+            && Arc::ptr_eq(&entry.notify, for_entry)
+        {
             entry.subscribed.send_replace(true);
+        }
+    }
+
+    /// The server dropped its subscription to `channel` by itself (a cluster does when the
+    /// channel's slot moves to another node): if waiters still listen on it, subscribe again,
+    /// and have them look at their keys now, in case a notification was missed meanwhile.
+    fn dropped(&self, channel: &[u8]) {
+        if let Some(entry) = self.lock().get(channel) {
+            let _ = self
+                .requests
+                .send(Request::Subscribe(channel.to_vec(), entry.notify.clone()));
+            entry.notify.notify_waiters();
         }
     }
 }
@@ -833,6 +855,12 @@ fn push_handler(
                     subscriptions.wake(channel);
                 }
             }
+            // Also the echo of the store's own unsubscribe, when the channel has left the map.
+            PushKind::SUnsubscribe | PushKind::Unsubscribe => {
+                if let Some(Value::BulkString(channel)) = push.data.first() {
+                    subscriptions.dropped(channel);
+                }
+            }
             PushKind::Disconnection => {
                 subscriptions.stale.store(true, Ordering::SeqCst);
                 subscriptions.check_now.notify_one();
@@ -857,14 +885,14 @@ async fn run_subscriber(
     loop {
         tokio::select! {
             request = requests.recv() => match request {
-                Some(Request::Subscribe(channel)) => {
+                Some(Request::Subscribe(channel, for_entry)) => {
                     let mut cmd = redis::cmd("SSUBSCRIBE");
                     cmd.arg(&channel[..]);
                     if let Err(err) = bounded(limit, cmd.exec_async(&mut conn)).await {
                         tracing::warn!(error = %err, "idempotency store: subscribing failed; waiters poll until it is renewed");
                         subscriptions.stale.store(true, Ordering::SeqCst);
                     }
-                    subscriptions.mark_subscribed(&channel);
+                    subscriptions.mark_subscribed(&channel, &for_entry);
                 }
                 Some(Request::Unsubscribe(channel)) => {
                     let mut cmd = redis::cmd("SUNSUBSCRIBE");
@@ -950,6 +978,70 @@ mod tests {
     use http::StatusCode;
 
     use super::*;
+
+    #[tokio::test]
+    async fn a_subscription_reply_marks_only_the_entry_it_was_made_for() {
+        let (subscriptions, mut requests) = Subscriptions::new();
+        let channel = b"idem:{ab}:done".to_vec();
+        // A waiter comes and goes before its subscription is made; another comes after.
+        drop(subscriptions.watch(channel.clone(), Duration::ZERO).await);
+        let second = subscriptions.watch(channel.clone(), Duration::ZERO).await;
+        let Some(Request::Subscribe(_, for_first)) = requests.recv().await else {
+            panic!("the first waiter's subscription was not asked for")
+        };
+        assert!(matches!(
+            requests.recv().await,
+            Some(Request::Unsubscribe(_))
+        ));
+        let Some(Request::Subscribe(_, for_second)) = requests.recv().await else {
+            panic!("the second waiter's subscription was not asked for")
+        };
+        let subscribed =
+            |subscriptions: &Subscriptions| *subscriptions.lock()[&channel].subscribed.borrow();
+        // The first subscription's reply (it comes before the unsubscribe's) does not count
+        // for the second waiter, whose own subscription is still to come.
+        subscriptions.mark_subscribed(&channel, &for_first);
+        assert!(!subscribed(&subscriptions));
+        subscriptions.mark_subscribed(&channel, &for_second);
+        assert!(subscribed(&subscriptions));
+        drop(second);
+    }
+
+    #[tokio::test]
+    async fn a_subscription_the_server_dropped_is_made_again_while_waiters_listen() {
+        let (subscriptions, mut requests) = Subscriptions::new();
+        let handler = push_handler(&subscriptions);
+        let channel = b"idem:{cd}:done".to_vec();
+        let dropped = || PushInfo {
+            kind: PushKind::SUnsubscribe,
+            data: vec![Value::BulkString(channel.clone()), Value::Int(0)],
+        };
+        let watch = subscriptions.watch(channel.clone(), Duration::ZERO).await;
+        assert!(matches!(requests.try_recv(), Ok(Request::Subscribe(..))));
+        let notify = watch.notify.clone();
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+
+        // The server drops the subscription (a cluster moved the channel's slot).
+        handler(dropped()).unwrap();
+        assert!(
+            matches!(requests.try_recv(), Ok(Request::Subscribe(again, _)) if again == channel),
+            "the subscription is made again"
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), notified)
+                .await
+                .is_ok(),
+            "the waiters look at their keys again"
+        );
+
+        // Once the last waiter left, the echo of its own unsubscribe subscribes nothing.
+        drop(watch);
+        assert!(matches!(requests.try_recv(), Ok(Request::Unsubscribe(_))));
+        handler(dropped()).unwrap();
+        assert!(requests.try_recv().is_err());
+    }
 
     #[test]
     fn values_round_trip_and_garbage_is_corrupt() {

@@ -1079,6 +1079,37 @@ async fn a_response_the_store_refused_is_stored_later_and_the_key_never_runs_twi
 }
 
 #[tokio::test]
+async fn a_retry_beside_a_request_that_reused_its_key_is_replayed_not_rejected() {
+    // The key is done (body `tea`). A request that reuses it with another body leads the key
+    // in this process, its claim slow to come back from the store; the true retry arrives
+    // meanwhile. The retry is the one the key is for: it is replayed, and only the reuse is 422.
+    let store = Arc::new(CountingStore {
+        slow_claims: 2,
+        claim_reply: Duration::from_millis(200),
+        ..CountingStore::default()
+    });
+    let calls = Counter::default();
+    let svc =
+        IdempotencyServiceLayer::with_shared_store(store.clone()).layer(counted_orders(&calls));
+    let first = svc.clone().oneshot(order()).await.unwrap();
+    assert_eq!(
+        first.into_body().collect().await.unwrap().to_bytes(),
+        "run=1"
+    );
+    let reused = tokio::spawn(svc.clone().oneshot(order_of("coffee")));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let retry = svc.oneshot(order()).await.unwrap();
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(
+        retry.into_body().collect().await.unwrap().to_bytes(),
+        "run=1"
+    );
+    let reused = reused.await.unwrap().unwrap();
+    assert_eq!(reused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(calls.runs(), 1);
+}
+
+#[tokio::test]
 async fn headers_named_in_connection_are_not_replayed() {
     let svc = IdempotencyService::new(
         service_fn(|_req: Request<_>| async {
@@ -1132,9 +1163,14 @@ async fn without_detach_a_caller_gone_while_its_response_is_stored_frees_the_key
 
 /// `POST /orders` with the key `k` and the body `tea`, for the services called in process.
 fn order() -> Request<Full<Bytes>> {
+    order_of("tea")
+}
+
+/// `POST /orders` with the key `k` and `body`.
+fn order_of(body: &'static str) -> Request<Full<Bytes>> {
     Request::post("/orders")
         .header("idempotency-key", "k")
-        .body(Full::new(Bytes::from("tea")))
+        .body(Full::new(Bytes::from(body)))
         .unwrap()
 }
 

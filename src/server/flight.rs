@@ -41,7 +41,8 @@ pub(crate) enum Join {
     Lead(Lead),
     /// One does, with the same fingerprint: wait for its outcome.
     Follow(watch::Receiver<Slot>),
-    /// One does, with another fingerprint.
+    /// One does, with another fingerprint: which of the two reused the key is for the store
+    /// to say.
     Mismatch,
 }
 

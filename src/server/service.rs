@@ -408,7 +408,10 @@ impl Keyed {
         loop {
             let lead = match joined {
                 Join::Lead(lead) => lead,
-                Join::Mismatch => return rejected(Problem::KeyReused),
+                // The request leading here has another fingerprint, but it may be the one that
+                // reused the key: only the store knows which request the key is for. This one
+                // asks it, outside the flight.
+                Join::Mismatch => Lead::alone(),
                 Join::Follow(_) if config.on_conflict == OnConflict::Reject => {
                     return rejected(Problem::InFlight);
                 }

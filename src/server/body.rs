@@ -214,6 +214,13 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
             ResponseKind::Partial { partial } => {
                 let buffered: u64 = partial.data.iter().map(|d| d.len() as u64).sum();
                 match &partial.rest {
+                    // A body that failed has no length to give: given one, a server would send
+                    // what was read as if it were whole, and the error would go unseen.
+                    None if partial.error.is_some() => {
+                        let mut out = SizeHint::new();
+                        out.set_lower(buffered);
+                        out
+                    }
                     None => SizeHint::with_exact(buffered),
                     Some(rest) => {
                         let hint = rest.size_hint();
@@ -329,5 +336,24 @@ impl<B: Body<Data = Bytes>> Future for Collect<B> {
             data,
             trailers: this.trailers.take(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::combinators::BoxBody;
+
+    use super::*;
+
+    type Failing = ResponseBody<BoxBody<Bytes, &'static str>>;
+
+    #[test]
+    fn a_body_cut_short_by_an_error_gives_no_exact_length() {
+        let read = || VecDeque::from([Bytes::from_static(b"run=1;")]);
+        let failed = Failing::partial(read(), None, Some("upstream reset"));
+        assert_eq!(failed.size_hint().exact(), None);
+        assert_eq!(failed.size_hint().lower(), 6);
+        let whole = Failing::partial(read(), None, None);
+        assert_eq!(whole.size_hint().exact(), Some(6));
     }
 }

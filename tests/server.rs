@@ -354,6 +354,37 @@ async fn scopes_keep_callers_apart() {
     assert_eq!(s.runs.runs(), 2);
 }
 
+#[tokio::test]
+async fn a_scope_header_given_twice_empty_or_not_utf8_is_400_never_another_scope() {
+    let calls = Counter::default();
+    let svc = IdempotencyServiceLayer::new(MemoryStore::new())
+        .scope_by_header(header::HeaderName::from_static("x-tenant"))
+        .layer(counted_orders(&calls));
+    let scoped = |values: &[&[u8]]| {
+        let mut req = order();
+        for value in values {
+            req.headers_mut()
+                .append("x-tenant", header::HeaderValue::from_bytes(value).unwrap());
+        }
+        req
+    };
+    // One tenant's key is done; requests whose scope cannot be told for sure never see it.
+    let first = svc.clone().oneshot(scoped(&[b"victim"])).await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    let unclear: [&[&[u8]]; 4] = [
+        &[b"victim", b"attacker"],
+        &[b"attacker", b"victim"],
+        &[b""],
+        &[b"\xffvictim"],
+    ];
+    for values in unclear {
+        let answer = svc.clone().oneshot(scoped(values)).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::BAD_REQUEST, "{values:?}");
+        assert!(!answer.headers().contains_key("idempotent-replayed"));
+    }
+    assert_eq!(calls.runs(), 1);
+}
+
 /// A store whose every call fails, as a store whose backend is down would.
 #[derive(Debug)]
 struct DownStore;

@@ -108,14 +108,20 @@ impl IdempotencyServiceLayer {
     }
 
     /// Scopes keys by the value of the request header `name` (for example an API key or a
-    /// tenant id that an authentication layer has checked). A keyed request without the header
-    /// is answered 400.
+    /// tenant id that an authentication layer has checked). A keyed request is answered 400
+    /// unless it carries the header exactly once, with a value that is not empty and is UTF-8:
+    /// a header given twice (one value a client's, one a proxy's) or a value that would have to
+    /// be altered to be read could otherwise put the request in another caller's scope.
     pub fn scope_by_header(self, name: HeaderName) -> Self {
         self.scope(move |parts| {
-            parts
-                .headers
-                .get(&name)
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            let mut values = parts.headers.get_all(&name).iter();
+            let (Some(value), None) = (values.next(), values.next()) else {
+                return None;
+            };
+            std::str::from_utf8(value.as_bytes())
+                .ok()
+                .filter(|scope| !scope.is_empty())
+                .map(str::to_owned)
         })
     }
 

@@ -302,6 +302,54 @@ async fn the_store_predicate_is_configurable() {
 }
 
 #[tokio::test]
+async fn a_replay_gives_the_stored_body_s_length_and_an_informational_answer_is_not_stored() {
+    // A handler that says 13 bytes and sends 11, then one that answers 103 as if final.
+    let calls = Counter::default();
+    let counted = calls.clone();
+    let svc = IdempotencyService::new(
+        service_fn(move |req: Request<RequestBody<Full<Bytes>>>| {
+            let n = counted.count();
+            let early = req.uri().path() == "/early";
+            async move {
+                let response = if early {
+                    Response::builder().status(StatusCode::EARLY_HINTS)
+                } else {
+                    Response::builder().header(header::CONTENT_LENGTH, "13")
+                };
+                Ok::<_, Infallible>(
+                    response
+                        .body(Full::new(Bytes::from(format!("run={n} body"))))
+                        .unwrap(),
+                )
+            }
+        }),
+        MemoryStore::new(),
+    );
+    svc.clone().oneshot(order()).await.unwrap();
+    let replay = svc.clone().oneshot(order()).await.unwrap();
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(replay.headers()[header::CONTENT_LENGTH], "10");
+    assert_eq!(
+        replay.into_body().collect().await.unwrap().to_bytes(),
+        "run=1 body"
+    );
+
+    let early = || {
+        Request::post("/early")
+            .header("idempotency-key", "e")
+            .body(Full::new(Bytes::from("tea")))
+            .unwrap()
+    };
+    assert_eq!(
+        svc.clone().oneshot(early()).await.unwrap().status(),
+        StatusCode::EARLY_HINTS
+    );
+    let again = svc.oneshot(early()).await.unwrap();
+    assert!(!again.headers().contains_key("idempotent-replayed"));
+    assert_eq!(calls.runs(), 3, "the 103 was not stored, so it ran again");
+}
+
+#[tokio::test]
 async fn a_response_too_large_to_store_reaches_its_caller_and_never_runs_twice() {
     let s = server(IdempotencyServiceLayer::default().max_stored_response(64 * 1024)).await;
     let path = "/orders?size=200000";

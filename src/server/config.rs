@@ -63,10 +63,11 @@ pub(crate) struct Config {
     pub(crate) detach: bool,
 }
 
-/// Every response but 5xx, 408 and 429 is stored.
+/// Every response but 5xx, 408 and 429 is stored (and but 1xx, which is no final answer).
 pub(crate) fn default_store_if(parts: &response::Parts) -> bool {
     let status = parts.status;
     !(status.is_server_error()
+        || status.is_informational()
         || status == StatusCode::REQUEST_TIMEOUT
         || status == StatusCode::TOO_MANY_REQUESTS)
 }

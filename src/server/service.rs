@@ -305,12 +305,20 @@ impl Keyed {
             });
         }
         tracing::debug!(key = %self.key, status = record.status.as_u16(), "idempotency: replaying the stored response");
+        let mut headers = record.headers;
+        // The length is the stored body's, whatever the first response said (a handler that
+        // got it wrong would leave every replay's client waiting for bytes that never come).
+        if headers.contains_key(header::CONTENT_LENGTH) {
+            if record.trailers.is_some() {
+                headers.remove(header::CONTENT_LENGTH);
+            } else {
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(record.body.len()));
+            }
+        }
+        headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
         let mut response = Response::new(ResponseBody::full(record.body, record.trailers));
         *response.status_mut() = record.status;
-        *response.headers_mut() = record.headers;
-        response
-            .headers_mut()
-            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+        *response.headers_mut() = headers;
         response
     }
 
@@ -937,11 +945,10 @@ impl ClaimGuard {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(std::time::Duration::from_secs(5));
                 if config.keep_lease_alive {
+                    // Refused when the claim lapsed, or when an earlier try landed after all
+                    // (its answer lost to a timeout): the completion below tells which.
                     let extend = config.store.extend(&store_key, token, config.lease);
-                    if let Ok(false) = store_call(config, extend).await {
-                        tracing::error!(key = %key, "idempotency: the claim lapsed before the response could be stored");
-                        return;
-                    }
+                    let _ = store_call(config, extend).await;
                 }
                 let complete = config
                     .store

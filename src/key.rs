@@ -202,7 +202,7 @@ pub enum InvalidKey {
         /// Where it is, counted in bytes from the start of the key.
         position: usize,
     },
-    /// A quoted key has no closing quote.
+    /// A quoted key does not end with its closing quote.
     UnterminatedQuote,
     /// A quoted key has a backslash that escapes neither `"` nor `\`.
     InvalidEscape,
@@ -227,7 +227,7 @@ impl fmt::Display for InvalidKey {
             Self::UnterminatedQuote => {
                 write!(
                     f,
-                    "the quoted idempotency key has no closing quote; send \"key\" or key"
+                    "the quoted idempotency key does not end with its closing quote (nothing may follow it); send \"key\" or key"
                 )
             }
             Self::InvalidEscape => write!(

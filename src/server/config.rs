@@ -63,7 +63,7 @@ pub(crate) struct Config {
     pub(crate) detach: bool,
 }
 
-/// Every response but 5xx, 408 and 429 is stored (and but 1xx, which is no final answer).
+/// Every response but 1xx (no final answer), 5xx, 408 and 429 is stored.
 pub(crate) fn default_store_if(parts: &response::Parts) -> bool {
     let status = parts.status;
     !(status.is_server_error()

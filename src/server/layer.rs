@@ -31,7 +31,7 @@ use crate::store::{KeyStore, MemoryStore};
 /// | [`lease`](Self::lease) | 60 s, renewed while the handler runs |
 /// | [`max_request_body`](Self::max_request_body) | 1 MiB (413 above) |
 /// | [`max_stored_response`](Self::max_stored_response) | 1 MiB |
-/// | [`store_if`](Self::store_if) | every status but 5xx, 408 and 429 |
+/// | [`store_if`](Self::store_if) | every status but 1xx, 5xx, 408 and 429 |
 /// | [`replay_excluded_headers`](Self::replay_excluded_headers) | hop-by-hop headers, `Date`, `Set-Cookie` |
 /// | [`on_store_error`](Self::on_store_error) | [`OnStoreError::FailClosed`] (503) |
 /// | [`store_timeout`](Self::store_timeout) | 2 s per store call |
@@ -181,7 +181,7 @@ impl IdempotencyServiceLayer {
     }
 
     /// Which responses are stored and replayed. For the others the claim is released, so a
-    /// retry runs the request again. The default stores every response but 5xx, 408 and 429.
+    /// retry runs the request again. The default stores every response but 1xx, 5xx, 408 and 429.
     ///
     /// A stored response is read whole (up to [`max_stored_response`](Self::max_stored_response))
     /// before its first byte goes out. For a keyed endpoint that streams its answer (server-sent

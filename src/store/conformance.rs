@@ -413,6 +413,24 @@ pub async fn many_keys_stay_independent(store: Arc<dyn KeyStore>) {
     }
 }
 
+/// A completed key is no longer claimed: releasing or extending it with the token that
+/// completed it answers `false`, and the record stays as it is.
+pub async fn a_completed_key_is_neither_released_nor_extended(store: Arc<dyn KeyStore>) {
+    let key = fresh_key();
+    let token = claimed(&*store, &key, fingerprint(1), LEASE).await;
+    let rec = record(fingerprint(1), "done");
+    assert_eq!(
+        store.complete(&key, token, &rec, RETENTION).await.unwrap(),
+        Completion::Stored
+    );
+    assert!(!store.release(&key, token).await.unwrap());
+    assert!(!store.extend(&key, token, LEASE).await.unwrap());
+    assert_eq!(
+        store.read(&key).await.unwrap(),
+        Some(Holder::Completed(rec))
+    );
+}
+
 /// The longest settings (`Duration::MAX` for a lease, a retention and a wait) are taken as "as
 /// long as can be": no panic, no error.
 pub async fn the_longest_durations_are_accepted(store: Arc<dyn KeyStore>) {
@@ -463,6 +481,7 @@ macro_rules! key_store_conformance {
                 wait_on_a_settled_key_returns_at_once,
                 many_keys_stay_independent,
                 the_longest_durations_are_accepted,
+                a_completed_key_is_neither_released_nor_extended,
             );
         }
     };

@@ -298,9 +298,14 @@ pub trait KeyStore: Any + Send + Sync + fmt::Debug {
     ) -> Result<Completion, StoreError>;
 
     /// Gives up the claim so the next request can run; `false` when `token` no longer owns it.
+    ///
+    /// A key that `token` completed is no longer claimed: releasing it must leave its record
+    /// as it is and answer `false`. The service may release with a token whose completion
+    /// landed while its answer was lost (to a timeout, or a caller that went away).
     async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<bool, StoreError>;
 
-    /// Renews the claim's lease to `lease` from now; `false` when `token` no longer owns it.
+    /// Renews the claim's lease to `lease` from now; `false` when `token` no longer owns it
+    /// (a completed key included, whose record it must leave as it is).
     async fn extend(
         &self,
         key: &StoreKey,

@@ -1188,6 +1188,41 @@ async fn a_retry_beside_a_request_that_reused_its_key_is_replayed_not_rejected()
     assert_eq!(calls.runs(), 1);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_response_the_store_never_records_holds_its_key_one_lease_at_most() {
+    // The store refuses every completion. The key stays claimed while the response is tried
+    // again, for one 3 s lease and no longer: then a retry runs the handler again.
+    let store = Arc::new(CountingStore {
+        failing_completions: usize::MAX,
+        ..CountingStore::default()
+    });
+    let calls = Counter::default();
+    let svc = IdempotencyServiceLayer::with_shared_store(store.clone())
+        .lease(Duration::from_secs(3))
+        .wait_timeout(Duration::from_secs(30))
+        .layer(counted_orders(&calls));
+    let started = tokio::time::Instant::now();
+    let first = svc.clone().oneshot(order()).await.unwrap();
+    assert_eq!(
+        first.into_body().collect().await.unwrap().to_bytes(),
+        "run=1"
+    );
+    let retry = svc.oneshot(order()).await.unwrap();
+    assert_eq!(
+        retry.into_body().collect().await.unwrap().to_bytes(),
+        "run=2"
+    );
+    let held = started.elapsed();
+    assert!(
+        (Duration::from_secs(3)..Duration::from_secs(4)).contains(&held),
+        "the key was held {held:?}"
+    );
+    assert!(
+        store.completions.load(Ordering::SeqCst) > 2,
+        "the response was tried again"
+    );
+}
+
 #[tokio::test]
 async fn headers_named_in_connection_are_not_replayed() {
     let svc = IdempotencyService::new(

@@ -28,7 +28,7 @@ use crate::store::{KeyStore, MemoryStore};
 /// | [`on_conflict`](Self::on_conflict) | [`OnConflict::Wait`] |
 /// | [`wait_timeout`](Self::wait_timeout) | 30 s |
 /// | [`retention`](Self::retention) | 24 h |
-/// | [`lease`](Self::lease) | 60 s, renewed while the handler runs |
+/// | [`lease`](Self::lease) | 60 s, renewed until the response is stored |
 /// | [`max_request_body`](Self::max_request_body) | 1 MiB (413 above) |
 /// | [`max_stored_response`](Self::max_stored_response) | 1 MiB |
 /// | [`store_if`](Self::store_if) | every status but 1xx, 5xx, 408 and 429 |
@@ -151,7 +151,8 @@ impl IdempotencyServiceLayer {
     }
 
     /// The lease of a claim: if the process running the request dies, another may run it once
-    /// this long has passed. While the handler runs, the lease is renewed every third of it.
+    /// this long has passed. While the handler runs and its response body is read, the lease is
+    /// renewed every third of it.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.config().lease = lease;
         self

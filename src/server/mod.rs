@@ -122,10 +122,14 @@
 //!   once, so a retry runs. By default a handler whose caller disconnects is not cancelled
 //!   ([`detach`](IdempotencyServiceLayer::detach)): it finishes in a task of its own, and the
 //!   retry gets its stored response.
-//! - Responses with a 5xx, 408 or 429 status are not stored: the claim is released and a retry
-//!   runs again ([`store_if`](IdempotencyServiceLayer::store_if) changes this).
-//! - A claim carries a lease, renewed while the handler runs. If the process dies, the key is
-//!   free again once the lease lapses; a run whose lease lapsed cannot store its response.
+//! - Responses with a 1xx, 5xx, 408 or 429 status are not stored: the claim is released and a
+//!   retry runs again ([`store_if`](IdempotencyServiceLayer::store_if) changes this).
+//! - A claim carries a lease, renewed while the handler runs and while its response body is
+//!   read. If the process dies, the key is free again once the lease lapses; a run whose lease
+//!   lapsed cannot store its response.
+//! - A response the store refuses to record (a Redis out of memory, say) still reaches its
+//!   caller, and its key stays claimed while a task tries again, for up to one lease (five
+//!   minutes at most): a retry meanwhile waits rather than running the handler again.
 //! - When the store fails, the service answers 503 without running the request
 //!   ([`OnStoreError::FailOpen`] runs it instead). A claim that the store grants after the
 //!   service stopped waiting for it (the store timeout passed, or the caller went away) is

@@ -925,11 +925,13 @@ impl ClaimGuard {
     }
 
     /// Stores `record` from a task once the store takes it: tried again after a pause that
-    /// doubles up to 5 s, the lease renewed before each try, for as long as one lease lasts.
-    /// A claim found lost or fenced ends the tries; after the last, the claim frees itself when
-    /// its lease lapses, and only then may a retry run the handler again.
+    /// doubles up to 5 s, for one lease (five minutes at most), the claim renewed before each
+    /// try to last until that window ends and no longer. A claim found fenced, or a record the
+    /// store calls corrupt, ends the tries; after the last, the claim frees itself at the end
+    /// of the window, and only then may a retry run the handler again.
     fn complete_later(&self, token: FencingToken, record: Arc<Record>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(key = %self.keyed.key, "idempotency: no runtime to store the response later; the key frees itself when its lease lapses");
             return;
         };
         let (shared, store_key, key) = (
@@ -939,15 +941,17 @@ impl ClaimGuard {
         );
         runtime.spawn(async move {
             let config = &shared.config;
-            let give_up = clock::after(Instant::now(), config.lease);
+            let window = config.lease.min(std::time::Duration::from_secs(5 * 60));
+            let give_up = clock::after(Instant::now(), window);
             let mut pause = std::time::Duration::from_millis(100);
             loop {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(std::time::Duration::from_secs(5));
-                if config.keep_lease_alive {
+                let left = give_up.saturating_duration_since(Instant::now());
+                if config.keep_lease_alive && !left.is_zero() {
                     // Refused when the claim lapsed, or when an earlier try landed after all
                     // (its answer lost to a timeout): the completion below tells which.
-                    let extend = config.store.extend(&store_key, token, config.lease);
+                    let extend = config.store.extend(&store_key, token, left);
                     let _ = store_call(config, extend).await;
                 }
                 let complete = config
@@ -960,6 +964,10 @@ impl ClaimGuard {
                     }
                     Ok(Completion::Fenced) => {
                         tracing::error!(key = %key, "idempotency: the claim lapsed before the response could be stored (fenced)");
+                        return;
+                    }
+                    Err(err @ StoreError::Corrupt(_)) => {
+                        tracing::error!(key = %key, error = %err, "idempotency: the store refuses the response for good; the key frees itself when its lease lapses");
                         return;
                     }
                     Err(err) if Instant::now() >= give_up => {

@@ -180,10 +180,11 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let header = &self.layer.header;
-        let asks_auto = req
-            .headers()
-            .get(header)
-            .is_some_and(|value| key::is_auto(value.as_bytes()));
+        // Quoted or bare, as the server reads it.
+        let asks_auto = req.headers().get(header).is_some_and(|value| {
+            IdempotencyKey::from_header_value(value)
+                .is_ok_and(|key| key::is_auto(key.as_str().as_bytes()))
+        });
         let key = if asks_auto {
             let key = IdempotencyKey::auto();
             req.headers_mut()
@@ -306,14 +307,14 @@ mod tests {
 
     #[tokio::test]
     async fn the_special_value_auto_is_a_fresh_key_each_time() {
-        // As a key in the extensions, and as the header's value: each request gets its own
-        // UUID v4, never the literal `auto`, and the response reports the key that was sent.
+        // As a key in the extensions, and as the header's value (bare or quoted): each request
+        // gets its own UUID v4, never the literal `auto`, and the response reports the key sent.
         let mut sent = Vec::new();
-        for in_header in [false, true, false, true] {
+        for in_header in [None, Some("auto"), None, Some("\"auto\"")] {
             let mut req = post();
-            if in_header {
+            if let Some(value) = in_header {
                 req.headers_mut()
-                    .insert(IDEMPOTENCY_KEY, HeaderValue::from_static("auto"));
+                    .insert(IDEMPOTENCY_KEY, HeaderValue::from_static(value));
             } else {
                 req.extensions_mut()
                     .insert(IdempotencyKey::new("AUTO").unwrap());

@@ -14,7 +14,7 @@ use super::{
     body::{ReplayBody, replay_request},
     layer::KeyHeader,
 };
-use crate::key::IDEMPOTENCY_KEY;
+use crate::{clock, key::IDEMPOTENCY_KEY};
 
 /// The `tracing` target of the client's events.
 pub(crate) const TARGET: &str = "tower_idempotency::client";
@@ -239,16 +239,13 @@ impl<C> RetryPolicy<C> {
     /// kept under `max_backoff` by lowering the spread's floor (never below `min_backoff`)
     /// rather than cutting every wait off at the maximum.
     pub(super) fn backoff_wait(&self, retry: u32, unit: f64) -> Duration {
-        let doubled = self
-            .min_backoff
-            .saturating_mul(2u32.saturating_pow(retry.saturating_sub(1)));
+        // Cut to a century, so that the float steps below cannot overflow.
+        let max = self.max_backoff.min(clock::FOREVER);
+        let min = self.min_backoff.min(max);
+        let doubled = min.saturating_mul(2u32.saturating_pow(retry.saturating_sub(1)));
         let spread = 1.0 + self.jitter;
-        let floor = doubled
-            .min(self.max_backoff.div_f64(spread))
-            .max(self.min_backoff);
-        floor
-            .mul_f64(1.0 + self.jitter * unit)
-            .min(self.max_backoff)
+        let floor = doubled.min(max.div_f64(spread)).max(min);
+        floor.mul_f64(1.0 + self.jitter * unit).min(max)
     }
 
     /// Where `req`'s key is: under the header the key layer wrote it to, or else under

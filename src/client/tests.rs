@@ -299,6 +299,14 @@ fn jitter_spreads_the_waits_below_the_maximum_too() {
     assert_eq!(narrow.backoff_wait(1, 0.0), ms(300));
     assert_eq!(narrow.backoff_wait(5, 0.2), ms(360));
     assert_eq!(narrow.backoff_wait(5, 0.9), ms(400));
+    // The longest settings give long waits, not a panic.
+    let forever = RetryPolicy::new()
+        .backoff(ms(100), Duration::MAX)
+        .jitter(0.0);
+    assert_eq!(forever.backoff_wait(1, 0.5), ms(100));
+    assert!(forever.backoff_wait(200, 0.5) > Duration::from_secs(365 * 24 * 3600));
+    let longest = RetryPolicy::new().backoff(Duration::MAX, Duration::MAX);
+    assert!(longest.backoff_wait(3, 0.999) > Duration::from_secs(365 * 24 * 3600));
     // No jitter: the base alone, up to the maximum.
     let steady = RetryPolicy::new().backoff(ms(100), ms(400)).jitter(0.0);
     assert_eq!(steady.backoff_wait(2, 0.7), ms(200));

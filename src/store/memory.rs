@@ -162,7 +162,8 @@ impl MemoryStore {
     /// past either, the oldest records are evicted. Each shard keeps its even share of both
     /// limits, so they hold to within the rounding of that share (a record larger than a
     /// shard's share of `max_bytes` is kept alone in its shard); a small store has fewer
-    /// shards, one for every 256 records or 64 KiB at most, so that its bounds hold closely. Records are written side by
+    /// shards, about one for every 256 records or 64 KiB (rounded up to a power of two), so
+    /// that its bounds hold closely. Records are written side by
     /// side into 64 KiB buffers, and a buffer is freed once all of its records are gone, so the
     /// memory held can pass `max_bytes` by the buffers still partly in use (measured: 1.27
     /// bytes of memory per byte of response body, for 100,000 records of 1 KiB).

@@ -303,24 +303,30 @@ async fn the_store_predicate_is_configurable() {
 
 #[tokio::test]
 async fn a_replay_gives_the_stored_body_s_length_and_an_informational_answer_is_not_stored() {
-    // A handler that says 13 bytes and sends 11, then one that answers 103 as if final.
+    // A handler that says 13 bytes and sends 10, then one that answers 103 as if final.
     let calls = Counter::default();
     let counted = calls.clone();
     let svc = IdempotencyService::new(
         service_fn(move |req: Request<RequestBody<Full<Bytes>>>| {
             let n = counted.count();
-            let early = req.uri().path() == "/early";
+            let path = req.uri().path().to_owned();
             async move {
-                let response = if early {
-                    Response::builder().status(StatusCode::EARLY_HINTS)
-                } else {
-                    Response::builder().header(header::CONTENT_LENGTH, "13")
+                let said = format!("run={n} body");
+                let (response, body) = match path.as_str() {
+                    "/early" => (Response::builder().status(StatusCode::EARLY_HINTS), said),
+                    // A 304's length is the one a 200 would have had, not its empty body's.
+                    "/unchanged" => (
+                        Response::builder()
+                            .status(StatusCode::NOT_MODIFIED)
+                            .header(header::CONTENT_LENGTH, "1234"),
+                        String::new(),
+                    ),
+                    _ => (
+                        Response::builder().header(header::CONTENT_LENGTH, "13"),
+                        said,
+                    ),
                 };
-                Ok::<_, Infallible>(
-                    response
-                        .body(Full::new(Bytes::from(format!("run={n} body"))))
-                        .unwrap(),
-                )
+                Ok::<_, Infallible>(response.body(Full::new(Bytes::from(body))).unwrap())
             }
         }),
         MemoryStore::new(),
@@ -334,19 +340,24 @@ async fn a_replay_gives_the_stored_body_s_length_and_an_informational_answer_is_
         "run=1 body"
     );
 
-    let early = || {
-        Request::post("/early")
-            .header("idempotency-key", "e")
+    let keyed = |path: &str, key: &str| {
+        Request::post(path)
+            .header("idempotency-key", key)
             .body(Full::new(Bytes::from("tea")))
             .unwrap()
     };
+    svc.clone().oneshot(keyed("/unchanged", "u")).await.unwrap();
+    let unchanged = svc.clone().oneshot(keyed("/unchanged", "u")).await.unwrap();
+    assert_eq!(unchanged.headers()["idempotent-replayed"], "true");
+    assert_eq!(unchanged.headers()[header::CONTENT_LENGTH], "1234");
+    let early = || keyed("/early", "e");
     assert_eq!(
         svc.clone().oneshot(early()).await.unwrap().status(),
         StatusCode::EARLY_HINTS
     );
     let again = svc.oneshot(early()).await.unwrap();
     assert!(!again.headers().contains_key("idempotent-replayed"));
-    assert_eq!(calls.runs(), 3, "the 103 was not stored, so it ran again");
+    assert_eq!(calls.runs(), 4, "the 103 was not stored, so it ran again");
 }
 
 #[tokio::test]
@@ -512,6 +523,8 @@ struct CountingStore {
     complete_delay: Duration,
     /// How many completions fail first, as a store out of memory refuses writes.
     failing_completions: usize,
+    /// Whether those failures call the record corrupt, as a store that will never take it.
+    refuse_as_corrupt: bool,
 }
 
 impl CountingStore {
@@ -550,9 +563,11 @@ impl KeyStore for CountingStore {
         let seen = self.completions.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(self.complete_delay).await;
         if seen < self.failing_completions {
-            return Err(StoreError::backend(
-                "OOM command not allowed when used memory > 'maxmemory'",
-            ));
+            return Err(if self.refuse_as_corrupt {
+                StoreError::Corrupt("a record this store cannot hold".into())
+            } else {
+                StoreError::backend("OOM command not allowed when used memory > 'maxmemory'")
+            });
         }
         self.inner.complete(key, token, record, retention).await
     }
@@ -1220,6 +1235,49 @@ async fn a_response_the_store_never_records_holds_its_key_one_lease_at_most() {
     assert!(
         store.completions.load(Ordering::SeqCst) > 2,
         "the response was tried again"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_response_is_tried_for_five_minutes_at_most_and_a_corrupt_one_once() {
+    // A 1 h lease: the tries stop after five minutes, and the claim they kept lapses then, so
+    // a retry waiting since the start runs the handler five minutes in, not an hour.
+    let forever = Arc::new(CountingStore {
+        failing_completions: usize::MAX,
+        ..CountingStore::default()
+    });
+    let calls = Counter::default();
+    let svc = IdempotencyServiceLayer::with_shared_store(forever.clone())
+        .lease(Duration::from_secs(3600))
+        .wait_timeout(Duration::from_secs(3600))
+        .layer(counted_orders(&calls));
+    let started = tokio::time::Instant::now();
+    svc.clone().oneshot(order()).await.unwrap();
+    let retry = svc.oneshot(order()).await.unwrap();
+    assert_eq!(
+        retry.into_body().collect().await.unwrap().to_bytes(),
+        "run=2"
+    );
+    let held = started.elapsed();
+    assert!(
+        (Duration::from_secs(300)..Duration::from_secs(310)).contains(&held),
+        "the key was held {held:?}"
+    );
+
+    // A store that calls the record corrupt will never take it: one try, then no more.
+    let corrupt = Arc::new(CountingStore {
+        failing_completions: usize::MAX,
+        refuse_as_corrupt: true,
+        ..CountingStore::default()
+    });
+    let svc = IdempotencyServiceLayer::with_shared_store(corrupt.clone())
+        .layer(counted_orders(&Counter::default()));
+    svc.oneshot(order()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(
+        corrupt.completions.load(Ordering::SeqCst),
+        2,
+        "the first, and one try"
     );
 }
 

@@ -129,7 +129,9 @@
 //!   lapsed cannot store its response.
 //! - A response the store refuses to record (a Redis out of memory, say) still reaches its
 //!   caller, and its key stays claimed while a task tries again, for up to one lease (five
-//!   minutes at most): a retry meanwhile waits rather than running the handler again.
+//!   minutes at most; without [`keep_lease_alive`](IdempotencyServiceLayer::keep_lease_alive)
+//!   the claim lasts its whole lease): a retry meanwhile waits rather than running the handler
+//!   again.
 //! - When the store fails, the service answers 503 without running the request
 //!   ([`OnStoreError::FailOpen`] runs it instead). A claim that the store grants after the
 //!   service stopped waiting for it (the store timeout passed, or the caller went away) is

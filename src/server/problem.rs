@@ -51,7 +51,8 @@ impl Problem {
                 "missing-idempotency-scope",
                 "Request cannot be scoped",
                 "The server scopes idempotency keys per client, but could not tell which client sent \
-                 this request. Send the credentials or tenant header the API requires."
+                 this request. Send the credentials or tenant header the API requires, once, with \
+                 a value."
                     .into(),
             ),
             Self::BodyTooLarge { limit } => (

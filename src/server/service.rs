@@ -5,7 +5,9 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, header, request, response};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header, request, response,
+};
 use http_body::Body;
 use tokio::time::Instant;
 use tower_layer::Layer;
@@ -307,8 +309,13 @@ impl Keyed {
         tracing::debug!(key = %self.key, status = record.status.as_u16(), "idempotency: replaying the stored response");
         let mut headers = record.headers;
         // The length is the stored body's, whatever the first response said (a handler that
-        // got it wrong would leave every replay's client waiting for bytes that never come).
-        if headers.contains_key(header::CONTENT_LENGTH) {
+        // got it wrong would leave every replay's client waiting for bytes that never come);
+        // a 304's or a 204's says something else, and stays as it was.
+        let bodiless = matches!(
+            record.status,
+            StatusCode::NOT_MODIFIED | StatusCode::NO_CONTENT
+        );
+        if !bodiless && headers.contains_key(header::CONTENT_LENGTH) {
             if record.trailers.is_some() {
                 headers.remove(header::CONTENT_LENGTH);
             } else {

@@ -505,7 +505,15 @@ impl MemoryStore {
         let mut shard = self.shard(key);
         match shard.claim_of(key, now) {
             Some(claim) if claim.token == token => {
-                claim.lease_until = clock::after(now, lease);
+                let until = clock::after(now, lease);
+                // Waiters wake at the lease's end as it stood when they began: told of an
+                // earlier one, they look again, rather than sleeping past it.
+                if until < claim.lease_until
+                    && let Some(waiters) = &claim.waiters
+                {
+                    waiters.notify_waiters();
+                }
+                claim.lease_until = until;
                 true
             }
             _ => false,

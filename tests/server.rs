@@ -1203,18 +1203,18 @@ async fn a_retry_beside_a_request_that_reused_its_key_is_replayed_not_rejected()
     assert_eq!(calls.runs(), 1);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_response_the_store_never_records_holds_its_key_one_lease_at_most() {
-    // The store refuses every completion. The key stays claimed while the response is tried
-    // again, for one 3 s lease and no longer: then a retry runs the handler again.
+/// How long a key stays held when the store refuses every completion, under `lease`: the first
+/// request is answered, then a retry waits for the key and runs the handler again. Also how
+/// many completions the store saw.
+async fn held_by_a_refused_response(lease: Duration) -> (Duration, usize) {
     let store = Arc::new(CountingStore {
         failing_completions: usize::MAX,
         ..CountingStore::default()
     });
     let calls = Counter::default();
     let svc = IdempotencyServiceLayer::with_shared_store(store.clone())
-        .lease(Duration::from_secs(3))
-        .wait_timeout(Duration::from_secs(30))
+        .lease(lease)
+        .wait_timeout(Duration::from_secs(3600))
         .layer(counted_orders(&calls));
     let started = tokio::time::Instant::now();
     let first = svc.clone().oneshot(order()).await.unwrap();
@@ -1227,38 +1227,26 @@ async fn a_response_the_store_never_records_holds_its_key_one_lease_at_most() {
         retry.into_body().collect().await.unwrap().to_bytes(),
         "run=2"
     );
-    let held = started.elapsed();
+    (started.elapsed(), store.completions.load(Ordering::SeqCst))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_response_the_store_never_records_holds_its_key_one_lease_at_most() {
+    // The key stays claimed while the response is tried again, for one 3 s lease and no
+    // longer: then a retry runs the handler again.
+    let (held, completions) = held_by_a_refused_response(Duration::from_secs(3)).await;
     assert!(
         (Duration::from_secs(3)..Duration::from_secs(4)).contains(&held),
         "the key was held {held:?}"
     );
-    assert!(
-        store.completions.load(Ordering::SeqCst) > 2,
-        "the response was tried again"
-    );
+    assert!(completions > 2, "the response was tried again");
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_refused_response_is_tried_for_five_minutes_at_most_and_a_corrupt_one_once() {
     // A 1 h lease: the tries stop after five minutes, and the claim they kept lapses then, so
     // a retry waiting since the start runs the handler five minutes in, not an hour.
-    let forever = Arc::new(CountingStore {
-        failing_completions: usize::MAX,
-        ..CountingStore::default()
-    });
-    let calls = Counter::default();
-    let svc = IdempotencyServiceLayer::with_shared_store(forever.clone())
-        .lease(Duration::from_secs(3600))
-        .wait_timeout(Duration::from_secs(3600))
-        .layer(counted_orders(&calls));
-    let started = tokio::time::Instant::now();
-    svc.clone().oneshot(order()).await.unwrap();
-    let retry = svc.oneshot(order()).await.unwrap();
-    assert_eq!(
-        retry.into_body().collect().await.unwrap().to_bytes(),
-        "run=2"
-    );
-    let held = started.elapsed();
+    let (held, _) = held_by_a_refused_response(Duration::from_secs(3600)).await;
     assert!(
         (Duration::from_secs(300)..Duration::from_secs(310)).contains(&held),
         "the key was held {held:?}"

@@ -333,17 +333,17 @@ where
             give_up("the request has no idempotency key, and could run twice");
             return None;
         }
-        if let Wait::For(after) = wait {
-            if after > self.max_retry_after {
-                give_up("Retry-After is longer than the policy waits");
-                return None;
-            }
+        if let Wait::For(after) = wait
+            && after > self.max_retry_after
+        {
+            give_up("Retry-After is longer than the policy waits");
+            return None;
         }
-        if let Some(budget) = &self.budget {
-            if !budget.withdraw() {
-                give_up("the retry budget is spent");
-                return None;
-            }
+        if let Some(budget) = &self.budget
+            && !budget.withdraw()
+        {
+            give_up("the retry budget is spent");
+            return None;
         }
 
         self.retries += 1;
@@ -355,10 +355,10 @@ where
 
     fn clone_request(&mut self, req: &Request<B>) -> Option<Request<B>> {
         // Called just before each attempt goes out: on the first, with no retries made yet.
-        if self.retries == 0 {
-            if let Some(budget) = &self.budget {
-                budget.deposit();
-            }
+        if self.retries == 0
+            && let Some(budget) = &self.budget
+        {
+            budget.deposit();
         }
         log_attempt(req, self.key_header(req), self.retries + 1);
         let copy = replay_request(req);

@@ -68,7 +68,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
                     .map_err(|_| "--timeout-ms takes a whole number of milliseconds".to_owned())?;
                 timeout = Duration::from_millis(ms);
             }
-            "-h" | "--help" => return Err(USAGE.to_owned()),
+            "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -86,8 +86,13 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
 async fn main() -> ExitCode {
     let args = match parse_args(std::env::args().skip(1)) {
         Ok(args) => args,
+        // `--help`: the usage alone, and success.
+        Err(message) if message.is_empty() => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
         Err(message) => {
-            eprintln!("{message}\n{USAGE}");
+            eprintln!("error: {message}\n{USAGE}");
             return ExitCode::from(2);
         }
     };

@@ -243,11 +243,13 @@ async fn main() -> ExitCode {
         .init();
     let opts = match parse_args(std::env::args().skip(1)) {
         Ok(opts) => opts,
+        // `--help`: the usage alone, and success.
+        Err(err) if err.is_empty() => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
         Err(err) => {
-            if !err.is_empty() {
-                eprintln!("error: {err}");
-            }
-            eprintln!("{USAGE}");
+            eprintln!("error: {err}\n{USAGE}");
             return ExitCode::from(2);
         }
     };

@@ -16,7 +16,8 @@
 //! assert_eq!(bare, quoted);
 //! assert_eq!(quoted.as_str(), "deploy-v1");
 //!
-//! // `auto()` gives a fresh UUID v4, and so does the special value `"auto"`.
+//! // `auto()` gives a fresh UUID v4, and so does `new("auto")` (read from a header, on the
+//! // server, `auto` is an ordinary key).
 //! let auto = IdempotencyKey::auto();
 //! assert_eq!(auto.as_str().len(), 36);
 //! let also = IdempotencyKey::new("auto")?;
@@ -197,7 +198,7 @@ pub enum InvalidKey {
         len: usize,
     },
     /// The key holds a byte that is not visible ASCII (a control character, non-ASCII, or a
-    /// space outside a quoted string).
+    /// space outside a quoted string), or an unescaped quote inside a quoted string.
     InvalidCharacter {
         /// Where it is, counted in bytes from the start of the key.
         position: usize,
@@ -221,8 +222,8 @@ impl fmt::Display for InvalidKey {
             ),
             Self::InvalidCharacter { position } => write!(
                 f,
-                "the idempotency key has a control, non-ASCII or space character at position {position}; \
-                 {HINT} (spaces only inside a quoted key)"
+                "the idempotency key has a control, non-ASCII or space character, or an unescaped \
+                 quote, at position {position}; {HINT} (spaces only inside a quoted key)"
             ),
             Self::UnterminatedQuote => {
                 write!(

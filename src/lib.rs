@@ -7,8 +7,8 @@
 //!
 //! - [`IdempotencyLayer`] (the [`client`] half) puts a key on create requests, the caller's own
 //!   or a generated UUID v4, and keeps it on every retry; [`client::IdempotentClientLayer`] adds
-//!   a retry policy for 502, 503, 504, 429 and connection failures that refuses to retry a
-//!   `POST` without a key.
+//!   a retry policy for 502, 503, 504, 429, the server's 409 with `Retry-After`, connection
+//!   failures and timeouts, that refuses to retry a `POST` or `PATCH` without a key.
 //! - [`IdempotencyService`] runs the first request for each key once, stores its response, and
 //!   replays it to later requests with the key (24 h by default). A duplicate that arrives while
 //!   the first runs waits for it and gets the same answer. A key reused with a different request

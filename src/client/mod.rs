@@ -3,7 +3,8 @@
 //! - [`IdempotencyLayer`] puts the key on a request: the one the caller chose (an
 //!   [`IdempotencyKey`](crate::IdempotencyKey) in the request's extensions), or a generated
 //!   UUID v4 for the methods it was told to (POST and PATCH once turned on). A request that
-//!   already has the header keeps it; GET and the other safe methods never get a generated key.
+//!   already has the header keeps it (unless it is `auto`, which asks for a fresh one); GET and
+//!   the other safe methods never get a generated key.
 //! - [`RetryPolicy`] is a [`tower::retry::Policy`] for 502, 503, 504, 429 (honouring
 //!   `Retry-After`), the idempotency server's 409 "still running", connection failures and
 //!   timeouts, with exponential backoff, jitter and a
@@ -48,7 +49,7 @@
 //! let mut client = ServiceBuilder::new()
 //!     .layer(
 //!         IdempotentClientLayer::new()
-//!             // Keys from request extensions, and a UUID v4 for a POST without one.
+//!             // Keys from request extensions, and a UUID v4 for a POST or PATCH without one.
 //!             .keys(IdempotencyLayer::new().generate_keys())
 //!             .retry(
 //!                 RetryPolicy::new()

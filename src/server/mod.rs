@@ -112,16 +112,18 @@
 //! A duplicate that arrives while the first request runs waits for it and gets the same
 //! answer. With a [`MemoryStore`](crate::store::MemoryStore), duplicates wait on the key's
 //! claim and are woken the moment it completes. With a store in another process, one request
-//! per key leads in each process and the others there wait on it without asking the store,
-//! and the store tells the leaders of other processes when the key completes.
+//! per key leads in each process and the others there with the same fingerprint wait on it
+//! without asking the store (one with another fingerprint asks the store, which knows which
+//! request the key is for), and the store tells the leaders of other processes when the key
+//! completes.
 //! [`OnConflict::Reject`] answers 409 at once instead.
 //!
 //! # Failures
 //!
-//! - A handler that returns an error, panics, or whose caller goes away gives up its claim at
-//!   once, so a retry runs. By default a handler whose caller disconnects is not cancelled
-//!   ([`detach`](IdempotencyServiceLayer::detach)): it finishes in a task of its own, and the
-//!   retry gets its stored response.
+//! - A handler that returns an error or panics gives up its claim at once, so a retry runs;
+//!   so does one whose caller goes away, with `detach(false)`. By default a handler whose caller
+//!   disconnects is not cancelled ([`detach`](IdempotencyServiceLayer::detach)): it finishes in
+//!   a task of its own, and the retry gets its stored response.
 //! - Responses with a 1xx, 5xx, 408 or 429 status are not stored: the claim is released and a
 //!   retry runs again ([`store_if`](IdempotencyServiceLayer::store_if) changes this).
 //! - A claim carries a lease, renewed while the handler runs and while its response body is

@@ -68,6 +68,10 @@ impl<E, F: Fn(&E) -> bool> ClassifyError<E> for F {
 /// made, the first included, and an optional [`budget`](Self::budget) bounds the retries of all
 /// requests together.
 ///
+/// A wait that `Retry-After` gives is lengthened by up to the jitter's share of the minimum
+/// backoff (up to 100 ms by default), so that clients told the same wait do not all come back
+/// in the same instant.
+///
 /// # Refuses to retry a request that could run twice
 ///
 /// A request whose method is not idempotent (POST, PATCH, and any method other than GET, HEAD,
@@ -234,6 +238,16 @@ impl<C> RetryPolicy<C> {
         );
     }
 
+    /// The wait for a `Retry-After` of `after`, for `unit` drawn from [0, 1): lengthened by up
+    /// to `jitter` times the minimum backoff.
+    pub(super) fn after_wait(&self, after: Duration, unit: f64) -> Duration {
+        let spread = self
+            .min_backoff
+            .min(clock::FOREVER)
+            .mul_f64(self.jitter * unit);
+        after.saturating_add(spread)
+    }
+
     /// The wait before retry number `retry` (1 for the first), for `unit` drawn from [0, 1): a
     /// base of `min_backoff` doubled on each retry, spread by up to `jitter` times itself, and
     /// kept under `max_backoff` by lowering the spread's floor (never below `min_backoff`)
@@ -348,7 +362,7 @@ where
 
         self.retries += 1;
         Some(match wait {
-            Wait::For(after) => tokio::time::sleep(after),
+            Wait::For(after) => tokio::time::sleep(self.after_wait(after, random_unit())),
             Wait::Backoff => tokio::time::sleep(self.backoff_wait(self.retries, random_unit())),
         })
     }

@@ -307,6 +307,10 @@ fn jitter_spreads_the_waits_below_the_maximum_too() {
     assert!(forever.backoff_wait(200, 0.5) > Duration::from_secs(365 * 24 * 3600));
     let longest = RetryPolicy::new().backoff(Duration::MAX, Duration::MAX);
     assert!(longest.backoff_wait(3, 0.999) > Duration::from_secs(365 * 24 * 3600));
+    // A `Retry-After` of 1 s waits 1 s and up to a minimum backoff more, spread by the jitter.
+    assert_eq!(policy.after_wait(ms(1000), 0.0), ms(1000));
+    assert_eq!(policy.after_wait(ms(1000), 0.5), ms(1050));
+    assert_eq!(policy.jitter(0.0).after_wait(ms(1000), 0.9), ms(1000));
     // No jitter: the base alone, up to the maximum.
     let steady = RetryPolicy::new().backoff(ms(100), ms(400)).jitter(0.0);
     assert_eq!(steady.backoff_wait(2, 0.7), ms(200));

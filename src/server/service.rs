@@ -510,14 +510,10 @@ impl Keyed {
                 }
                 None => {
                     tracing::debug!(key = %self.key, "idempotency: waiting for the same request in another process");
-                    tokio::time::timeout(
-                        remaining.saturating_add(config.store_timeout),
-                        config.store.wait(&self.store_key, remaining),
-                    )
-                    .await
-                    .unwrap_or(Err(StoreError::Timeout(
-                        remaining.saturating_add(config.store_timeout),
-                    )))
+                    let bound = remaining.saturating_add(config.store_timeout);
+                    tokio::time::timeout(bound, config.store.wait(&self.store_key, remaining))
+                        .await
+                        .unwrap_or(Err(StoreError::Timeout(bound)))
                 }
             };
             claimed = match waited {

@@ -213,11 +213,89 @@ fn redis_steps(c: &mut Criterion, rt: &Runtime) {
         None
     });
     match store {
-        Some(store) => store_steps(c, rt, "redis", store),
+        Some(store) => {
+            store_steps(c, rt, "redis", store.clone());
+            redis_waits(c, rt, &url, store);
+        }
         None => println!("store/redis: skipped, redis-server on port {port} did not answer"),
     }
     let _ = server.kill();
     let _ = server.wait();
+}
+
+/// Waiters on many distinct keys at once, each subscribing to its key's channel before it
+/// reads: how long until every one of them has its answer, beside the same number of plain
+/// reads. The keys are completed first, so the difference is the subscriptions.
+#[cfg(feature = "redis")]
+fn redis_waits(
+    c: &mut Criterion,
+    rt: &Runtime,
+    url: &str,
+    store: tower_idempotency::store::RedisStore,
+) {
+    const WAITERS: usize = 1000;
+    let waiting = rt
+        .block_on(tower_idempotency::store::RedisStore::connect(url))
+        .expect("a second store");
+    let record = record();
+    let fingerprint = record.fingerprint;
+    let mut group = c.benchmark_group("store/redis");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(5))
+        .throughput(Throughput::Elements(WAITERS as u64));
+    // The same keys read at once, without waiting: the baseline.
+    for (name, wait) in [
+        ("read_distinct_keys_1000", false),
+        ("wait_distinct_keys_1000", true),
+    ] {
+        group.bench_function(name, |b| {
+            b.to_async(rt).iter_custom(|iters| {
+                let (store, waiting, record) = (store.clone(), waiting.clone(), record.clone());
+                async move {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let keys: Vec<StoreKey> = (0..WAITERS)
+                            .map(|_| key(&uuid::Uuid::new_v4().to_string()))
+                            .collect();
+                        for key in &keys {
+                            let Ok(Claim::Claimed(token)) =
+                                store.claim(key, &fingerprint, LEASE).await
+                            else {
+                                panic!("a fresh key is claimable")
+                            };
+                            store
+                                .complete(key, token, &record, RETENTION)
+                                .await
+                                .expect("stored");
+                        }
+                        let start = Instant::now();
+                        let tasks: Vec<_> = keys
+                            .into_iter()
+                            .map(|key| {
+                                let waiting = waiting.clone();
+                                tokio::spawn(async move {
+                                    let seen = if wait {
+                                        waiting.wait(&key, Duration::from_secs(30)).await
+                                    } else {
+                                        waiting.read(&key).await
+                                    };
+                                    assert!(matches!(seen, Ok(Some(Holder::Completed(_)))));
+                                })
+                            })
+                            .collect();
+                        for task in tasks {
+                            task.await.expect("no panic");
+                        }
+                        total += start.elapsed();
+                    }
+                    total
+                }
+            })
+        });
+    }
+    group.finish();
 }
 
 #[cfg(not(feature = "redis"))]

@@ -540,3 +540,110 @@ async fn a_step_whose_reply_timed_out_is_not_sent_again() {
     let gets = commands.iter().filter(|c| c.contains("\"GET\"")).count();
     assert_eq!(gets, 1, "{commands:#?}");
 }
+
+/// Waiters on B for many keys at once, arriving at random moments, a third of them giving up
+/// early: every one that stays is answered by pub/sub (B polls only every 10 s), and once all
+/// have left, no subscription is left behind on any node.
+async fn many_keys_waited_on_at_once(a: RedisStore, b: RedisStore, nodes: &[String], setup: &str) {
+    use rand::Rng;
+    const KEYS: usize = 300;
+    let keys: Vec<StoreKey> = (0..KEYS).map(|_| fresh_key()).collect();
+    let mut tokens = Vec::new();
+    for key in &keys {
+        tokens.push(claimed(&a, key, LEASE).await);
+    }
+    let started = Instant::now();
+    let mut waiters = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        for n in 0..3 {
+            let (b, key) = (b.clone(), *key);
+            let delay = Duration::from_millis(rand::rng().random_range(0..50));
+            let gives_up = n == 0 && i % 2 == 0;
+            waiters.push(tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let timeout = if gives_up {
+                    delay
+                } else {
+                    Duration::from_secs(30)
+                };
+                (gives_up, b.wait(&key, timeout).await.unwrap())
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (key, token) in keys.iter().zip(tokens) {
+        assert_eq!(
+            a.complete(key, token, &record("many"), RETENTION)
+                .await
+                .unwrap(),
+            Completion::Stored
+        );
+    }
+    for waiter in waiters {
+        let (gave_up, seen) = waiter.await.unwrap();
+        if !gave_up {
+            assert_eq!(seen, Some(Holder::Completed(record("many"))), "{setup}");
+        }
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "{setup}: {} waiters on {KEYS} keys answered after {elapsed:?}",
+        KEYS * 3
+    );
+    assert!(
+        elapsed < Duration::from_secs(8),
+        "{setup}: the waiters were answered by polling, not by notifications ({elapsed:?})"
+    );
+    let channels: Vec<String> = keys.iter().map(|key| b.channel(key)).collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut left = 0;
+        for node in nodes {
+            let mut raw = raw_connection(node).await;
+            let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
+                .arg("SHARDNUMSUB")
+                .arg(&channels)
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+            left += counts.iter().map(|(_, n)| n).sum::<i64>();
+        }
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{setup}: {left} subscriptions outlived their waiters"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn slow_poller() -> tower_idempotency::store::RedisStoreBuilder {
+    RedisStore::builder().poll_interval(Duration::from_secs(10))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_keys_waited_on_at_once_are_all_woken_and_unsubscribed() {
+    let server = RedisServer::start();
+    let url = server.url();
+    many_keys_waited_on_at_once(
+        RedisStore::connect(&url).await.unwrap(),
+        slow_poller().connect(&url).await.unwrap(),
+        &[url],
+        "standalone",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_keys_waited_on_at_once_on_a_cluster_are_all_woken_and_unsubscribed() {
+    let urls = support::cluster().urls();
+    many_keys_waited_on_at_once(
+        RedisStore::connect_cluster(&urls).await.unwrap(),
+        slow_poller().connect_cluster(&urls).await.unwrap(),
+        &urls,
+        "cluster",
+    )
+    .await;
+}

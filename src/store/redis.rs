@@ -103,10 +103,12 @@ const EXTEND_SCRIPT: &str = script!(
 ///   checks the fencing token and, for the first two, publishes on the key's channel. Each step
 ///   is safe to send twice.
 /// - **Waiting across processes**: sharded pub/sub (`SSUBSCRIBE`, Redis 7 or later, or Valkey)
-///   on one subscriber connection per store, shared by every local waiter of a key. A waiter
-///   subscribes first, then reads the key, and also polls every 250 ms (with jitter) and at the
-///   lease's end, so a lost message only delays it. A watchdog pings the subscriber connection
-///   every second, so that a restarted Redis is noticed and the subscriptions are renewed.
+///   on one subscriber connection per store, shared by every local waiter of a key. The
+///   subscriptions asked for meanwhile go out together, so many keys waited on at once cost a
+///   few round trips, not one each. A waiter subscribes first, then reads the key, and also
+///   polls every 250 ms (with jitter) and at the lease's end, so a lost message only delays it.
+///   A watchdog pings the subscriber connection every second, so that a restarted Redis is
+///   noticed and the subscriptions are renewed.
 /// - **Failures**: every call fails within the connection timeout plus the response timeout,
 ///   with [`StoreError::Timeout`] or [`StoreError::Backend`]; the connections reconnect by
 ///   themselves once Redis is back. A value that does not decode is [`StoreError::Corrupt`].
@@ -871,8 +873,15 @@ fn push_handler(
     }
 }
 
+/// Requests taken from the queue at once, sent as one batch.
+const BATCH: usize = 512;
+
 /// Owns the subscriber connection: subscribes and unsubscribes in order, pings it as a
 /// watchdog, and renews every subscription after it reconnected.
+///
+/// Requests waiting in the queue go out together: each channel's last request is the one that
+/// counts, and the commands for distinct channels are sent at once on the multiplexed
+/// connection, so a thousand new waiters cost a few round trips rather than a thousand.
 async fn run_subscriber(
     mut conn: Conn,
     subscriptions: Arc<Subscriptions>,
@@ -882,30 +891,96 @@ async fn run_subscriber(
 ) {
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch = Vec::with_capacity(BATCH);
     loop {
         tokio::select! {
-            request = requests.recv() => match request {
-                Some(Request::Subscribe(channel, for_entry)) => {
-                    let mut cmd = redis::cmd("SSUBSCRIBE");
-                    cmd.arg(&channel[..]);
-                    if let Err(err) = bounded(limit, cmd.exec_async(&mut conn)).await {
-                        tracing::warn!(error = %err, "idempotency store: subscribing failed; waiters poll until it is renewed");
-                        subscriptions.stale.store(true, Ordering::SeqCst);
-                    }
-                    subscriptions.mark_subscribed(&channel, &for_entry);
+            taken = requests.recv_many(&mut batch, BATCH) => {
+                if taken == 0 {
+                    return;
                 }
-                Some(Request::Unsubscribe(channel)) => {
-                    let mut cmd = redis::cmd("SUNSUBSCRIBE");
-                    cmd.arg(&channel[..]);
-                    // A failure leaves a subscription nobody listens to; it dies with the connection.
-                    let _ = bounded(limit, cmd.exec_async(&mut conn)).await;
-                }
-                None => return,
-            },
+                carry_out(&conn, &subscriptions, batch.drain(..), limit).await;
+            }
             _ = ticker.tick() => check_subscriber(&mut conn, &subscriptions, limit).await,
             () = subscriptions.check_now.notified() => check_subscriber(&mut conn, &subscriptions, limit).await,
         }
     }
+}
+
+/// What a batch of requests comes to, channel by channel in the order first asked for: its
+/// last request, a subscription (for the map entries named since its last unsubscribe, which
+/// the reply marks subscribed) or an unsubscription (`None`).
+type Batch = Vec<(Vec<u8>, Option<Vec<Arc<Notify>>>)>;
+
+fn last_per_channel(requests: impl Iterator<Item = Request>) -> Batch {
+    let mut last: Batch = Vec::new();
+    let mut position: HashMap<Vec<u8>, usize> = HashMap::new();
+    for request in requests {
+        let (channel, entry) = match request {
+            Request::Subscribe(channel, entry) => (channel, Some(entry)),
+            Request::Unsubscribe(channel) => (channel, None),
+        };
+        let at = *position.entry(channel.clone()).or_insert_with(|| {
+            last.push((channel, None));
+            last.len() - 1
+        });
+        let wanted = &mut last[at].1;
+        match entry {
+            Some(entry) => wanted.get_or_insert_with(Vec::new).push(entry),
+            None => *wanted = None,
+        }
+    }
+    last
+}
+
+/// Carries out a batch of requests: for each channel, the last of its requests, all channels
+/// at once.
+async fn carry_out(
+    conn: &Conn,
+    subscriptions: &Subscriptions,
+    batch: impl Iterator<Item = Request>,
+    limit: Duration,
+) {
+    let last = last_per_channel(batch);
+    let sent = send_all(
+        conn,
+        last.iter().map(|(channel, entries)| {
+            let mut cmd = redis::cmd(if entries.is_some() {
+                "SSUBSCRIBE"
+            } else {
+                "SUNSUBSCRIBE"
+            });
+            cmd.arg(&channel[..]);
+            cmd
+        }),
+        limit,
+    )
+    .await;
+    for ((channel, entries), result) in last.iter().zip(sent) {
+        // A failed unsubscribe leaves a subscription nobody listens to; it dies with the
+        // connection.
+        let Some(entries) = entries else { continue };
+        if let Err(err) = result {
+            tracing::warn!(error = %err, "idempotency store: subscribing failed; waiters poll until it is renewed");
+            subscriptions.stale.store(true, Ordering::SeqCst);
+        }
+        for entry in entries {
+            subscriptions.mark_subscribed(channel, entry);
+        }
+    }
+}
+
+/// Sends `commands` at once on the multiplexed connection, each bounded by `limit`, and gives
+/// their results in the same order.
+async fn send_all(
+    conn: &Conn,
+    commands: impl Iterator<Item = Cmd>,
+    limit: Duration,
+) -> Vec<Result<(), StoreError>> {
+    futures_util::future::join_all(commands.map(|cmd| {
+        let mut conn = conn.clone();
+        async move { bounded(limit, cmd.exec_async(&mut conn)).await }
+    }))
+    .await
 }
 
 async fn check_subscriber(conn: &mut Conn, subscriptions: &Subscriptions, limit: Duration) {
@@ -919,10 +994,18 @@ async fn check_subscriber(conn: &mut Conn, subscriptions: &Subscriptions, limit:
         return;
     }
     let channels: Vec<Vec<u8>> = subscriptions.lock().keys().cloned().collect();
-    for channel in &channels {
-        let mut cmd = redis::cmd("SSUBSCRIBE");
-        cmd.arg(&channel[..]);
-        if let Err(err) = bounded(limit, cmd.exec_async(conn)).await {
+    for chunk in channels.chunks(BATCH) {
+        let renewed = send_all(
+            conn,
+            chunk.iter().map(|channel| {
+                let mut cmd = redis::cmd("SSUBSCRIBE");
+                cmd.arg(&channel[..]);
+                cmd
+            }),
+            limit,
+        )
+        .await;
+        if let Some(Err(err)) = renewed.into_iter().find(Result::is_err) {
             tracing::debug!(error = %err, "idempotency store: renewing a subscription failed");
             subscriptions.stale.store(true, Ordering::SeqCst);
             return;
@@ -1005,6 +1088,40 @@ mod tests {
         subscriptions.mark_subscribed(&channel, &for_second);
         assert!(subscribed(&subscriptions));
         drop(second);
+    }
+
+    #[test]
+    fn a_batch_comes_to_the_last_request_of_each_channel() {
+        let (a, b, c) = (b"a".to_vec(), b"b".to_vec(), b"c".to_vec());
+        let entries: Vec<Arc<Notify>> = (0..4).map(|_| Arc::default()).collect();
+        let batch = last_per_channel(
+            [
+                Request::Subscribe(a.clone(), entries[0].clone()),
+                Request::Subscribe(b.clone(), entries[1].clone()),
+                Request::Unsubscribe(a.clone()),
+                Request::Unsubscribe(c.clone()),
+                Request::Subscribe(a.clone(), entries[2].clone()),
+                Request::Unsubscribe(b.clone()),
+                Request::Subscribe(a.clone(), entries[3].clone()),
+            ]
+            .into_iter(),
+        );
+        let named = |wanted: &Option<Vec<Arc<Notify>>>| {
+            wanted.as_ref().map(|list| {
+                list.iter()
+                    .map(|entry| entries.iter().position(|e| Arc::ptr_eq(e, entry)).unwrap())
+                    .collect::<Vec<_>>()
+            })
+        };
+        let seen: Vec<_> = batch
+            .iter()
+            .map(|(ch, wanted)| (ch.clone(), named(wanted)))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![(a, Some(vec![2, 3])), (b, None), (c, None)],
+            "a: subscribed for the entries made after its unsubscribe; b and c: unsubscribed"
+        );
     }
 
     #[tokio::test]

@@ -225,6 +225,81 @@ pub async fn lapsed_lease_is_taken_over_and_fenced(store: Arc<dyn KeyStore>) {
     );
 }
 
+/// A lease that lapsed with no one taking over is the same as no claim: the key reads as
+/// free, and the lapsed token completes, extends and releases nothing.
+pub async fn a_lapsed_claim_is_no_claim(store: Arc<dyn KeyStore>) {
+    let key = fresh_key();
+    let token = claimed(&*store, &key, fingerprint(1), Duration::from_millis(150)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        store.read(&key).await.unwrap(),
+        None,
+        "a lapsed claim still reads as in flight"
+    );
+    assert_eq!(
+        store
+            .complete(&key, token, &record(fingerprint(1), "late"), RETENTION)
+            .await
+            .unwrap(),
+        Completion::Fenced,
+        "a lapsed token completed the key"
+    );
+    assert!(
+        !store.extend(&key, token, LEASE).await.unwrap(),
+        "a lapsed token revived its claim"
+    );
+    assert!(
+        !store.release(&key, token).await.unwrap(),
+        "a lapsed token released something"
+    );
+    assert_eq!(store.read(&key).await.unwrap(), None);
+    claimed(&*store, &key, fingerprint(2), LEASE).await;
+}
+
+/// A record is kept for its retention, however short the lease of the claim it completed.
+pub async fn a_record_outlives_the_lease_of_its_claim(store: Arc<dyn KeyStore>) {
+    let key = fresh_key();
+    let token = claimed(&*store, &key, fingerprint(1), Duration::from_millis(150)).await;
+    let rec = record(fingerprint(1), "kept");
+    assert_eq!(
+        store.complete(&key, token, &rec, RETENTION).await.unwrap(),
+        Completion::Stored
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        store.claim(&key, &fingerprint(1), LEASE).await.unwrap(),
+        Claim::Held(Holder::Completed(rec)),
+        "the record went with the claim's lease, not its retention"
+    );
+}
+
+/// Bodies of any bytes and sizes come back as they went in: empty, not UTF-8, and 1 MiB.
+pub async fn bodies_of_any_bytes_round_trip(store: Arc<dyn KeyStore>) {
+    let binary: Vec<u8> = (0..=255u8).cycle().take(1 << 20).collect();
+    for body in [
+        Bytes::new(),
+        Bytes::from_static(b"\xff\xfe\0 not utf-8 \xc3"),
+        binary.into(),
+    ] {
+        let key = fresh_key();
+        let token = claimed(&*store, &key, fingerprint(1), LEASE).await;
+        let mut rec = record(fingerprint(1), "");
+        rec.body = body.clone();
+        assert_eq!(
+            store.complete(&key, token, &rec, RETENTION).await.unwrap(),
+            Completion::Stored
+        );
+        let Some(Holder::Completed(read)) = store.read(&key).await.unwrap() else {
+            panic!("a body of {} bytes was not stored", body.len())
+        };
+        assert!(
+            read == rec,
+            "a body of {} bytes changed on its way",
+            body.len()
+        );
+    }
+}
+
 /// Extending a lease keeps the claim past its first lease; only the owner can extend.
 pub async fn extend_keeps_the_claim(store: Arc<dyn KeyStore>) {
     let key = fresh_key();
@@ -482,6 +557,9 @@ macro_rules! key_store_conformance {
                 many_keys_stay_independent,
                 the_longest_durations_are_accepted,
                 a_completed_key_is_neither_released_nor_extended,
+                a_lapsed_claim_is_no_claim,
+                a_record_outlives_the_lease_of_its_claim,
+                bodies_of_any_bytes_round_trip,
             );
         }
     };

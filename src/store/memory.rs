@@ -38,9 +38,11 @@ const SEGMENT: usize = 64 * 1024;
 ///   different keys rarely wait on one another and no lock is held across an `await`.
 /// - Leases and records expire on their own; expired entries are dropped as they are met, and
 ///   the oldest records are swept out as new ones come in.
-/// - Bounded: once the stored records reach `max_entries` or `max_bytes`, the oldest are evicted,
-///   so a flood of unique keys cannot exhaust memory. Claims in flight are never evicted (their
-///   number is bounded by the requests being served).
+/// - Bounded: once the stored records reach `max_entries` or `max_bytes`, those that would
+///   expire first are evicted (the oldest, where all are kept for the same time), so a flood of
+///   unique keys cannot exhaust memory. Claims in flight are never evicted (their number is
+///   bounded by the requests being served). One store may serve services that keep records for
+///   different times: each record expires in its own time.
 /// - Waiters on a key in flight are woken the moment it completes or is released.
 ///
 /// Cloning is cheap and gives another handle to the same entries. A `MemoryStore` serves one
@@ -72,19 +74,68 @@ struct Inner {
 
 /// One shard. Claims in flight and completed records are kept apart, so that the work on a
 /// fresh key touches as little cold memory as it can: the claim lives in `in_flight`, a small
-/// map that stays in cache; the record is appended to `records`, a queue in the order records
-/// were stored; and `index` maps a key to its record's position in the queue. Evicting the
-/// oldest record pops the queue's front and leaves its index entry behind, stale (its position
-/// is below the queue's first): a lookup treats it as absent, and once stale entries outnumber
-/// the queue's they are swept out in one pass over the index, so an eviction costs no lookup.
+/// map that stays in cache; the record is appended to a queue in the order records were stored;
+/// and `index` maps a key to its record's place in the queues. Evicting the oldest record pops
+/// a queue's front and leaves its index entry behind, stale (its position is below the queue's
+/// first): a lookup treats it as absent, and once stale entries outnumber the queued records
+/// they are swept out in one pass over the index, so an eviction costs no lookup.
+///
+/// Records are queued by retention, one queue for each (a store shared by services that keep
+/// records for different times has a few), so that in each queue records expire front first:
+/// an expired record is never stuck behind one that lives on, and what is evicted for room is
+/// the record that would have expired first.
 #[derive(Default)]
 struct Shard {
     in_flight: KeyMap<InFlight>,
+    /// A key's place: its queue in the low [`QUEUE_BITS`], its position in that queue above.
     index: HashMap<IndexKey, u64, foldhash::fast::RandomState>,
+    /// The first queue, where a store with one retention keeps all of its records.
+    queue: Queue,
+    /// Queues for other retentions, at most [`MAX_QUEUES`] in all.
+    others: Vec<Queue>,
+    usage: Usage,
+}
+
+/// The bits of an index entry that name its queue.
+const QUEUE_BITS: u32 = 3;
+/// The most queues a shard keeps; a record of yet another retention joins the queue whose
+/// retention is nearest its own.
+const MAX_QUEUES: usize = 1 << QUEUE_BITS;
+
+/// Records of one retention, in the order they were stored.
+#[derive(Default)]
+struct Queue {
+    retention: Duration,
     records: VecDeque<Stored>,
     /// The position of the queue's front: positions only grow.
     first: u64,
-    usage: Usage,
+}
+
+impl Queue {
+    /// Pops the records at the front that died (replaced, or expired when read) or expired by
+    /// `now`, taking the live ones off `usage`.
+    fn drop_expired(&mut self, now: Instant, usage: &mut Usage) {
+        while let Some(front) = self.records.front() {
+            if let Some(encoded) = &front.encoded {
+                if front.expires > now {
+                    return;
+                }
+                usage.remove(encoded);
+            }
+            self.pop();
+        }
+    }
+
+    fn pop(&mut self) {
+        self.records.pop_front();
+        self.first += 1;
+    }
+
+    /// The queued record at `position`, if it is still in the queue.
+    fn get_mut(&mut self, position: u64) -> Option<&mut Stored> {
+        let at = usize::try_from(position.checked_sub(self.first)?).ok()?;
+        self.records.get_mut(at)
+    }
 }
 
 /// What the live records of a shard hold.
@@ -92,6 +143,13 @@ struct Shard {
 struct Usage {
     records: usize,
     bytes: usize,
+}
+
+impl Usage {
+    fn remove(&mut self, encoded: &Bytes) {
+        self.records -= 1;
+        self.bytes -= encoded.len();
+    }
 }
 
 struct InFlight {
@@ -159,24 +217,25 @@ impl MemoryStore {
     }
 
     /// A store keeping at most `max_entries` records and `max_bytes` bytes of them (as encoded);
-    /// past either, the oldest records are evicted. Each shard keeps its even share of both
-    /// limits, so they hold to within the rounding of that share (a record larger than a
-    /// shard's share of `max_bytes` is kept alone in its shard); a small store has fewer
-    /// shards, about one for every 256 records or 64 KiB (rounded up to a power of two), so
-    /// that its bounds hold closely. Records are written side by
-    /// side into 64 KiB buffers, and a buffer is freed once all of its records are gone, so the
-    /// memory held can pass `max_bytes` by the buffers still partly in use (measured: 1.27
-    /// bytes of memory per byte of response body, for 100,000 records of 1 KiB).
+    /// past either, the records that would expire first (the oldest, where all are kept for
+    /// the same time) are evicted. Each shard keeps its even share of both limits, so they hold
+    /// to within the rounding of that share. A shard has at least 2,048 records' and 8 MiB's
+    /// worth of share (a small store has fewer shards, down to one), so that the share of
+    /// records is filled evenly, and a large response (the service stores up to 1 MiB by
+    /// default) takes a small part of it; a record larger than a shard's share of `max_bytes`
+    /// is kept alone in its shard. Records are written side by side into 64 KiB buffers, and a
+    /// buffer is freed once all of its records are gone, so the memory held can pass
+    /// `max_bytes` by the buffers still partly in use (measured: 1.27 bytes of memory per byte
+    /// of response body, for 100,000 records of 1 KiB).
     pub fn with_limits(max_entries: usize, max_bytes: usize) -> Self {
         let parallelism = std::thread::available_parallelism().map_or(4, |n| n.get());
         // Many small shards: besides less contention, a shard's map grows in small steps, so
-        // no single resize stalls the requests behind it for long. But no more than one for
-        // every 256 records or 64 KiB the bounds allow, so that a small store's bounds hold
-        // closely rather than by the share each shard rounds up to.
-        let by_bounds = (max_entries / 256)
-            .min(max_bytes / (64 * 1024))
-            .max(1)
-            .next_power_of_two();
+        // no single resize stalls the requests behind it for long. But none with a share
+        // smaller than 2,048 records or 8 MiB, rounded down to a power of two: a smaller share
+        // fills unevenly (with 150 records a shard, the first shard fills at 80% of the bound),
+        // and a 1 MiB response would evict much of it while the store is nearly empty.
+        let by_bounds = (max_entries / 2048).min(max_bytes / (8 << 20)).max(1);
+        let by_bounds = 1 << by_bounds.ilog2();
         let shards = (parallelism * 16)
             .next_power_of_two()
             .clamp(64, 1024)
@@ -314,18 +373,50 @@ impl Shard {
 
     /// The live record of `key`, marking it dead first if its retention ran out.
     fn record_of(&mut self, key: &StoreKey, now: Instant) -> Option<&Stored> {
-        let &position = self.index.get(&index_key(key))?;
-        let stored = self
-            .records
-            .get_mut(usize::try_from(position.checked_sub(self.first)?).ok()?)?;
+        let &place = self.index.get(&index_key(key))?;
+        let (queue, position) = unpack(place);
+        let stored = nth(&mut self.queue, &mut self.others, queue)?.get_mut(position)?;
         let encoded = stored.encoded.as_ref()?;
         if stored.expires <= now {
-            self.usage.records -= 1;
-            self.usage.bytes -= encoded.len();
+            self.usage.remove(encoded);
             stored.encoded = None;
             return None;
         }
         Some(stored)
+    }
+
+    fn queue_mut(&mut self, queue: usize) -> Option<&mut Queue> {
+        nth(&mut self.queue, &mut self.others, queue)
+    }
+
+    fn queues_mut(&mut self) -> impl Iterator<Item = &mut Queue> {
+        std::iter::once(&mut self.queue).chain(self.others.iter_mut())
+    }
+
+    /// The queue for records kept for `retention`: its own, or a new one, or (a shard has
+    /// [`MAX_QUEUES`] already) the one whose retention is nearest.
+    fn queue_for(&mut self, retention: Duration) -> usize {
+        let retentions = || std::iter::once(&self.queue).chain(&self.others);
+        if let Some(found) = retentions().position(|q| q.retention == retention) {
+            return found;
+        }
+        // An empty queue takes the new retention: positions stay as they were.
+        if let Some(empty) = retentions().position(|q| q.records.is_empty()) {
+            self.queue_mut(empty).expect("a queue").retention = retention;
+            return empty;
+        }
+        if self.others.len() + 1 < MAX_QUEUES {
+            self.others.push(Queue {
+                retention,
+                ..Queue::default()
+            });
+            return self.others.len();
+        }
+        let distance = |q: &Queue| q.retention.abs_diff(retention);
+        retentions()
+            .enumerate()
+            .min_by_key(|(_, q)| distance(q))
+            .map_or(0, |(i, _)| i)
     }
 
     fn seen(&mut self, key: &StoreKey, now: Instant) -> Seen {
@@ -351,65 +442,112 @@ impl Shard {
         }
     }
 
-    /// Drops expired records from the front, then the oldest until `incoming` more bytes fit.
-    /// Nothing but the queue is touched: the index entries of the records dropped go stale.
+    /// Drops expired records from the queues' fronts, then the records that would expire
+    /// first until `incoming` more bytes fit. Nothing but the queues is touched: the index
+    /// entries of the records dropped go stale.
     ///
     /// A full shard evicts a batch, making room for a 64th of either bound (at most 63 more
-    /// records), rather than one record for each one stored: the queue's front is cold memory,
+    /// records), rather than one record for each one stored: a queue's front is cold memory,
     /// and reading it in runs lets the processor fetch it ahead.
     fn make_room(&mut self, now: Instant, incoming: usize, max_entries: usize, max_bytes: usize) {
         let slack_records = (max_entries / 64).min(63);
         let slack_bytes = max_bytes / 64;
         let mut batching = false;
-        while let Some(front) = self.records.front() {
-            if let Some(encoded) = &front.encoded {
-                if front.expires > now {
-                    let usage = &self.usage;
-                    if usage.records >= max_entries || usage.bytes + incoming > max_bytes {
-                        batching = true;
-                    } else if !(batching
-                        && (usage.records + slack_records >= max_entries
-                            || usage.bytes + incoming + slack_bytes > max_bytes))
-                    {
-                        break;
-                    }
+        loop {
+            let Shard {
+                queue,
+                others,
+                usage,
+                ..
+            } = self;
+            // The live front that expires first.
+            let mut soonest: Option<&mut Queue> = None;
+            for q in std::iter::once(queue).chain(others.iter_mut()) {
+                q.drop_expired(now, usage);
+                let Some(front) = q.records.front() else {
+                    continue;
+                };
+                if soonest
+                    .as_ref()
+                    .is_none_or(|s| s.records.front().is_some_and(|f| front.expires < f.expires))
+                {
+                    soonest = Some(q);
                 }
-                self.usage.records -= 1;
-                self.usage.bytes -= encoded.len();
             }
-            self.records.pop_front();
-            self.first += 1;
+            let Some(soonest) = soonest else { return };
+            if usage.records >= max_entries || usage.bytes + incoming > max_bytes {
+                batching = true;
+            } else if !(batching
+                && (usage.records + slack_records >= max_entries
+                    || usage.bytes + incoming + slack_bytes > max_bytes))
+            {
+                return;
+            }
+            if let Some(encoded) = soonest.records.front().and_then(|f| f.encoded.as_ref()) {
+                usage.remove(encoded);
+            }
+            soonest.pop();
         }
     }
 
-    /// Appends a record for `key`, pointing the index at it.
-    fn append(&mut self, key: &StoreKey, stored: Stored) {
+    /// Appends a record for `key`, kept for `retention`, pointing the index at it.
+    fn append(&mut self, key: &StoreKey, stored: Stored, retention: Duration) {
         let bytes = stored.encoded.as_ref().map_or(0, Bytes::len);
-        let position = self.first + self.records.len() as u64;
-        self.records.push_back(stored);
+        let queue = self.queue_for(retention);
+        let q = self.queue_mut(queue).expect("a queue");
+        let position = q.first + q.records.len() as u64;
+        q.records.push_back(stored);
         self.usage.records += 1;
         self.usage.bytes += bytes;
-        if let Some(previous) = self.index.insert(index_key(key), position) {
+        if let Some(previous) = self.index.insert(index_key(key), pack(queue, position)) {
             // A record replaced before it reached the front: it is no longer reachable.
-            if let Some(old) = previous
-                .checked_sub(self.first)
-                .and_then(|i| self.records.get_mut(usize::try_from(i).ok()?))
+            let (queue, position) = unpack(previous);
+            if let Some(old) = self.queue_mut(queue).and_then(|q| q.get_mut(position))
                 && let Some(encoded) = old.encoded.take()
             {
-                self.usage.records -= 1;
-                self.usage.bytes -= encoded.len();
+                self.usage.remove(&encoded);
             }
         }
-        // Sweep the entries of records gone from the queue once they outnumber those in it. An
-        // entry stays while its position is in the queue, so the sweep reads the index alone
+        // Sweep the entries of records gone from the queues once they outnumber those in them.
+        // An entry stays while its position is in its queue, so the sweep reads the index alone
         // (reading each record to see whether it still lives would be a cache miss an entry);
-        // the entry of a record that died in the queue (its retention ran out) goes once the
+        // the entry of a record that died in a queue (its retention ran out) goes once the
         // record leaves the front.
-        if self.index.len() > 2 * self.records.len() + 64 {
-            let first = self.first;
-            self.index.retain(|_, position| *position >= first);
+        if self.index.len() > 2 * self.queued() + 64 {
+            let mut firsts = [u64::MAX; MAX_QUEUES];
+            for (first, q) in firsts.iter_mut().zip(self.queues_mut()) {
+                *first = q.first;
+            }
+            self.index.retain(|_, place| {
+                let (queue, position) = unpack(*place);
+                position >= firsts[queue]
+            });
         }
     }
+
+    /// The records in the queues, dead ones not yet popped included.
+    fn queued(&self) -> usize {
+        self.queue.records.len() + self.others.iter().map(|q| q.records.len()).sum::<usize>()
+    }
+}
+
+/// Queue `n` of a shard's first queue and its others.
+fn nth<'a>(first: &'a mut Queue, others: &'a mut [Queue], n: usize) -> Option<&'a mut Queue> {
+    match n {
+        0 => Some(first),
+        n => others.get_mut(n - 1),
+    }
+}
+
+fn pack(queue: usize, position: u64) -> u64 {
+    position << QUEUE_BITS | queue as u64
+}
+
+fn unpack(place: u64) -> (usize, u64) {
+    (
+        (place & (MAX_QUEUES as u64 - 1)) as usize,
+        place >> QUEUE_BITS,
+    )
 }
 
 /// The steps, answered at once: the service calls these directly when its store is a
@@ -488,6 +626,7 @@ impl MemoryStore {
                 token,
                 expires: clock::after(now, retention),
             },
+            retention,
         );
         drop(shard);
         // Wakes this claim's waiters once the record is in place.
@@ -685,34 +824,34 @@ mod tests {
 
     #[tokio::test]
     async fn a_flood_of_unique_keys_stays_within_the_bound() {
-        let store = MemoryStore::with_limits(1_000, usize::MAX);
+        let store = MemoryStore::with_limits(10_000, usize::MAX);
         let record = response("x");
-        for i in 0..20_000 {
+        for i in 0..60_000 {
             assert_eq!(store_fresh(&store, i, &record).await, Completion::Stored);
         }
         let shards = store.inner.shards.len();
         assert_eq!(
             shards, 4,
-            "one shard for every 256 records the bound allows"
+            "one shard for every 2,048 records the bound allows, rounded down to a power of two"
         );
         assert!(
-            store.len() <= 1_000 + shards,
+            store.len() <= 10_000 + shards,
             "{} entries kept",
             store.len()
         );
         assert!(
-            store.len() >= 900,
+            store.len() >= 9_000,
             "{} entries kept: evicting far too much",
             store.len()
         );
         // The newest record survives; the oldest were evicted.
         assert!(matches!(
-            store.read(&key(19_999)).await.unwrap(),
+            store.read(&key(59_999)).await.unwrap(),
             Some(Holder::Completed(_))
         ));
         assert!(store.read(&key(0)).await.unwrap().is_none());
-        // The index forgets the evicted keys: about 5,000 went through each of the 4 shards,
-        // which keep 250 records each.
+        // The index forgets the evicted keys: about 15,000 went through each of the 4 shards,
+        // which keep 2,500 records each.
         assert_stale_index_entries_swept(&store);
     }
 
@@ -722,10 +861,10 @@ mod tests {
         for shard in store.inner.shards.iter() {
             let shard = lock(shard);
             assert!(
-                shard.index.len() <= 2 * shard.records.len() + 64,
+                shard.index.len() <= 2 * shard.queued() + 64,
                 "{} index entries for {} records",
                 shard.index.len(),
-                shard.records.len()
+                shard.queued()
             );
         }
     }
@@ -771,6 +910,113 @@ mod tests {
             assert!(lock(shard).usage.records <= store.inner.max_entries_per_shard);
         }
         assert_stale_index_entries_swept(&store);
+    }
+
+    /// Claims the fresh key `i` and completes it with `record`, kept for `retention`.
+    async fn store_for(store: &MemoryStore, i: usize, record: &Record, retention: Duration) {
+        let fp = Fingerprint::from_bytes([0; 32]);
+        let Ok(Claim::Claimed(token)) = store.claim(&key(i), &fp, Duration::from_secs(60)).await
+        else {
+            panic!("fresh key {i} was not claimable")
+        };
+        let completed = store.complete(&key(i), token, record, retention).await;
+        assert_eq!(completed.unwrap(), Completion::Stored);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn records_kept_for_different_times_expire_each_in_its_time() {
+        // One store shared by a service that keeps records a day and a busy one that keeps
+        // them a second.
+        let day = Duration::from_secs(24 * 3600);
+        let store = MemoryStore::with_limits(10, usize::MAX);
+        let record = response("x");
+        store_for(&store, 0, &record, day).await;
+        for i in 1..10 {
+            store_for(&store, i, &record, Duration::from_secs(1)).await;
+        }
+        tokio::time::advance(Duration::from_secs(5)).await;
+        // The short-lived records have expired: room is made from them, not from the record
+        // kept for a day, which is older.
+        store_for(&store, 10, &record, Duration::from_secs(1)).await;
+        assert!(
+            store.read(&key(0)).await.unwrap().is_some(),
+            "the record kept for a day was evicted while expired ones stayed"
+        );
+        // A key of the busy service reused every two seconds, 40,000 times, with the day's
+        // record at the front: the queues hold what is live, not every record ever expired.
+        for round in 0..40_000 {
+            store_for(&store, 11, &record, Duration::from_secs(1)).await;
+            assert!(
+                store.read(&key(11)).await.unwrap().is_some(),
+                "round {round}"
+            );
+            tokio::time::advance(Duration::from_secs(2)).await;
+            assert!(
+                store.read(&key(11)).await.unwrap().is_none(),
+                "round {round}"
+            );
+        }
+        let queued = lock(&store.inner.shards[0]).queued();
+        assert!(queued <= 4, "{queued} records queued");
+        assert!(store.read(&key(0)).await.unwrap().is_some());
+        // Full, the store evicts what would expire first: the second's records, not the day's.
+        for i in 100..120 {
+            store_for(&store, i, &record, Duration::from_secs(1)).await;
+        }
+        assert!(store.read(&key(0)).await.unwrap().is_some());
+        assert!(store.read(&key(119)).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_large_response_evicts_nothing_from_a_store_with_room() {
+        // The bounds of the type's own example, 1,000 small records, then a 1 MiB response.
+        let store = MemoryStore::with_limits(10_000, 64 * 1024 * 1024);
+        let small = response(vec![b'x'; 1000]);
+        for i in 0..1_000 {
+            store_for(&store, i, &small, Duration::from_secs(3600)).await;
+        }
+        store_for(
+            &store,
+            5_000,
+            &response(vec![b'y'; 1 << 20]),
+            Duration::from_secs(3600),
+        )
+        .await;
+        let kept = records_kept(&store, 0..1_000).await;
+        assert_eq!(
+            kept,
+            1_000,
+            "a 1 MiB response evicted {} records",
+            1_000 - kept
+        );
+        // Large responses beyond the bytes bound: the bound holds within a shard's largest.
+        let store = MemoryStore::with_limits(usize::MAX, 64 * 1024 * 1024);
+        for i in 0..200 {
+            store_for(
+                &store,
+                i,
+                &response(vec![b'y'; 1 << 20]),
+                Duration::from_secs(3600),
+            )
+            .await;
+        }
+        let held = store.stored_bytes();
+        assert!(
+            (48 << 20..=(64 << 20) + (1 << 20) * store.inner.shards.len()).contains(&held),
+            "{} MiB held for a bound of 64 MiB",
+            held >> 20
+        );
+    }
+
+    /// How many of the keys `keys` still have their records.
+    async fn records_kept(store: &MemoryStore, keys: std::ops::Range<usize>) -> usize {
+        let mut kept = 0;
+        for i in keys {
+            if store.read(&key(i)).await.unwrap().is_some() {
+                kept += 1;
+            }
+        }
+        kept
     }
 
     #[tokio::test]

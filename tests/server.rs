@@ -1402,3 +1402,190 @@ async fn a_claim_answered_after_the_store_timeout_is_given_back() {
     );
     assert_eq!(calls.runs(), 1, "only the retry ran");
 }
+
+/// A body with trailers, as a gRPC handler answers.
+type WithTrailers = http_body_util::combinators::WithTrailers<
+    Full<Bytes>,
+    std::future::Ready<Option<Result<HeaderMap, Infallible>>>,
+>;
+
+/// A gRPC handler: answers HTTP 200 with `grpc-status` `code`, in the headers (a
+/// "trailers-only" error) or in the trailers, and counts its runs.
+fn grpc_answering(
+    calls: &Counter,
+    code: &'static str,
+    in_trailers: bool,
+) -> IdempotencyService<
+    impl Service<
+        Request<RequestBody<Full<Bytes>>>,
+        Response = Response<WithTrailers>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static,
+> {
+    let calls = calls.clone();
+    IdempotencyService::new(
+        service_fn(move |_req: Request<RequestBody<Full<Bytes>>>| {
+            calls.count();
+            let mut status = HeaderMap::new();
+            status.insert("grpc-status", code.parse().unwrap());
+            let (head, trailers) = if in_trailers {
+                (HeaderMap::new(), Some(Ok(status)))
+            } else {
+                (status, None)
+            };
+            let mut response = Response::new(
+                Full::new(Bytes::from("message")).with_trailers(std::future::ready(trailers)),
+            );
+            *response.headers_mut() = head;
+            async move { Ok::<_, Infallible>(response) }
+        }),
+        MemoryStore::new(),
+    )
+}
+
+#[tokio::test]
+async fn a_grpc_failure_that_may_pass_is_not_stored_so_a_retry_runs_again() {
+    for in_trailers in [false, true] {
+        // UNAVAILABLE: the retry runs again.
+        let calls = Counter::default();
+        let svc = grpc_answering(&calls, "14", in_trailers);
+        for _ in 0..2 {
+            let response = svc.clone().oneshot(order()).await.unwrap();
+            assert!(!response.headers().contains_key("idempotent-replayed"));
+            let collected = response.into_body().collect().await.unwrap();
+            assert_eq!(
+                collected.to_bytes(),
+                "message",
+                "the caller gets the answer"
+            );
+        }
+        assert_eq!(calls.runs(), 2, "UNAVAILABLE in trailers: {in_trailers}");
+        // INVALID_ARGUMENT is final: stored and replayed.
+        let calls = Counter::default();
+        let svc = grpc_answering(&calls, "3", in_trailers);
+        svc.clone().oneshot(order()).await.unwrap();
+        let replay = svc.clone().oneshot(order()).await.unwrap();
+        assert_eq!(replay.headers()["idempotent-replayed"], "true");
+        assert_eq!(
+            calls.runs(),
+            1,
+            "INVALID_ARGUMENT in trailers: {in_trailers}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_body_cut_off_by_a_limit_around_the_service_is_413_and_does_not_run() {
+    let calls = Counter::default();
+    // A limit around the service, as tower-http's `RequestBodyLimitLayer` puts on a body of
+    // unknown length.
+    let svc = tower::ServiceBuilder::new()
+        .map_request(|req: Request<Full<Bytes>>| req.map(|b| http_body_util::Limited::new(b, 8)))
+        .layer(IdempotencyServiceLayer::default())
+        .service(service_fn({
+            let calls = calls.clone();
+            move |_req: Request<_>| {
+                calls.count();
+                async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::new()))) }
+            }
+        }));
+    let response = svc
+        .oneshot(order_of("a body over eight bytes"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("Send a smaller body"),
+        "{body:?}"
+    );
+    assert_eq!(calls.runs(), 0);
+}
+
+#[tokio::test]
+async fn a_keyed_request_s_trailers_reach_the_handler() {
+    let svc = IdempotencyService::new(
+        service_fn(|req: Request<RequestBody<_>>| async move {
+            let collected = req.into_body().collect().await.unwrap();
+            let seen = collected
+                .trailers()
+                .and_then(|t| t.get("x-checksum"))
+                .map_or("none".to_owned(), |v| v.to_str().unwrap().to_owned());
+            let answer = format!("{} {seen}", String::from_utf8_lossy(&collected.to_bytes()));
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(answer))))
+        }),
+        MemoryStore::new(),
+    );
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-checksum", "abc".parse().unwrap());
+    let req = Request::post("/upload")
+        .header("idempotency-key", "k")
+        .body(
+            Full::new(Bytes::from("data")).with_trailers(std::future::ready(Some(Ok::<
+                _,
+                Infallible,
+            >(
+                trailers
+            )))),
+        )
+        .unwrap();
+    let response = svc.oneshot(req).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "data abc");
+}
+
+#[tokio::test]
+async fn a_response_with_trailers_goes_out_chunked_with_its_trailers_over_http1() {
+    // A real HTTP/1.1 connection: a response framed by Content-Length would lose its trailers.
+    let app = tower::ServiceBuilder::new()
+        .map_response(|response: Response<_>| response.map(axum::body::Body::new))
+        .layer(IdempotencyServiceLayer::default())
+        .service(service_fn(|_req: Request<_>| async {
+            let mut trailers = HeaderMap::new();
+            trailers.insert("x-checksum", "abc".parse().unwrap());
+            let body = Full::new(Bytes::from("hello"))
+                .with_trailers(std::future::ready(Some(Ok::<_, Infallible>(trailers))));
+            // hyper sends over HTTP/1.1 only the trailers a response announces.
+            let mut response = Response::new(body);
+            response
+                .headers_mut()
+                .insert(header::TRAILER, "x-checksum".parse().unwrap());
+            Ok::<_, Infallible>(response)
+        }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            axum::ServiceExt::<axum::extract::Request>::into_make_service(app),
+        )
+        .await
+        .unwrap();
+    });
+    for replayed in [false, true] {
+        let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+        socket
+            .write_all(
+                b"POST /upload HTTP/1.1\r\nhost: x\r\nidempotency-key: k\r\nte: trailers\r\n\
+                  content-length: 0\r\nconnection: close\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        socket.read_to_string(&mut answer).await.unwrap();
+        let answer = answer.to_ascii_lowercase();
+        assert_eq!(
+            answer.contains("idempotent-replayed: true"),
+            replayed,
+            "{answer}"
+        );
+        assert!(answer.contains("transfer-encoding: chunked"), "{answer}");
+        assert!(
+            answer.contains("x-checksum: abc"),
+            "the trailers were lost: {answer}"
+        );
+    }
+}

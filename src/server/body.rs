@@ -14,7 +14,7 @@ use pin_project_lite::pin_project;
 
 pin_project! {
     /// The request body the inner service sees: the original body, or, for a request with an
-    /// idempotency key, the buffered bytes that were fingerprinted.
+    /// idempotency key, the buffered bytes that were fingerprinted (and the trailers, if any).
     pub struct RequestBody<B> {
         #[pin]
         kind: RequestKind<B>,
@@ -25,7 +25,7 @@ pin_project! {
     #[project = RequestKindProj]
     enum RequestKind<B> {
         Inner { #[pin] body: B },
-        Buffered { data: Option<Bytes> },
+        Buffered { data: Option<Bytes>, trailers: Option<Box<HeaderMap>> },
     }
 }
 
@@ -36,10 +36,11 @@ impl<B> RequestBody<B> {
         }
     }
 
-    pub(crate) fn buffered(data: Bytes) -> Self {
+    pub(crate) fn buffered(data: Bytes, trailers: Option<HeaderMap>) -> Self {
         Self {
             kind: RequestKind::Buffered {
                 data: (!data.is_empty()).then_some(data),
+                trailers: trailers.map(Box::new),
             },
         }
     }
@@ -49,7 +50,7 @@ impl<B> std::fmt::Debug for RequestBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.kind {
             RequestKind::Inner { .. } => f.write_str("RequestBody::Inner"),
-            RequestKind::Buffered { data } => {
+            RequestKind::Buffered { data, .. } => {
                 write!(
                     f,
                     "RequestBody::Buffered({} bytes)",
@@ -70,26 +71,39 @@ impl<B: Body<Data = Bytes>> Body for RequestBody<B> {
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project().kind.project() {
             RequestKindProj::Inner { body } => body.poll_frame(cx),
-            RequestKindProj::Buffered { data } => {
-                Poll::Ready(data.take().map(|d| Ok(Frame::data(d))))
-            }
+            RequestKindProj::Buffered { data, trailers } => Poll::Ready(match data.take() {
+                Some(d) => Some(Ok(Frame::data(d))),
+                None => trailers.take().map(|t| Ok(Frame::trailers(*t))),
+            }),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             RequestKind::Inner { body } => body.is_end_stream(),
-            RequestKind::Buffered { data } => data.is_none(),
+            RequestKind::Buffered { data, trailers } => data.is_none() && trailers.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             RequestKind::Inner { body } => body.size_hint(),
-            RequestKind::Buffered { data } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
-            }
+            RequestKind::Buffered { data, trailers } => whole(data, trailers),
         }
+    }
+}
+
+/// The size of a whole body still to send: exact, unless trailers follow. An exact size is sent
+/// as `Content-Length`, and over HTTP/1.1 a body framed by its length has no room for trailers:
+/// the server would drop them.
+fn whole(data: &Option<Bytes>, trailers: &Option<Box<HeaderMap>>) -> SizeHint {
+    let len = data.as_ref().map_or(0, |d| d.len() as u64);
+    if trailers.is_some() {
+        let mut hint = SizeHint::new();
+        hint.set_lower(len);
+        hint
+    } else {
+        SizeHint::with_exact(len)
     }
 }
 
@@ -208,9 +222,7 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             ResponseKind::Inner { body } => body.size_hint(),
-            ResponseKind::Full { data, .. } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
-            }
+            ResponseKind::Full { data, trailers } => whole(data, trailers),
             ResponseKind::Partial { partial } => {
                 let buffered: u64 = partial.data.iter().map(|d| d.len() as u64).sum();
                 match &partial.rest {

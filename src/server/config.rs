@@ -2,7 +2,7 @@
 
 use std::{any::Any, fmt, sync::Arc, time::Duration};
 
-use http::{HeaderName, Method, StatusCode, header, request, response};
+use http::{HeaderMap, HeaderName, Method, StatusCode, header, request, response};
 
 use super::flight::Flights;
 use crate::{
@@ -63,31 +63,68 @@ pub(crate) struct Config {
     pub(crate) detach: bool,
 }
 
-/// Every response but 1xx (no final answer), 5xx, 408 and 429 is stored.
-pub(crate) fn default_store_if(parts: &response::Parts) -> bool {
+/// The responses an [`IdempotencyServiceLayer`](super::IdempotencyServiceLayer) stores unless
+/// told otherwise: every one but 1xx (no final answer), 5xx, 408, 429, and a gRPC answer whose
+/// `grpc-status` header says it failed in passing (see [`transient_grpc_status`]). Those are
+/// worth running again, so their claim is released for the retry.
+///
+/// Combine it with a rule of your own in
+/// [`store_if`](super::IdempotencyServiceLayer::store_if).
+pub fn default_store_if(parts: &response::Parts) -> bool {
     let status = parts.status;
     !(status.is_server_error()
         || status.is_informational()
         || status == StatusCode::REQUEST_TIMEOUT
-        || status == StatusCode::TOO_MANY_REQUESTS)
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || transient_grpc_status(&parts.headers))
 }
 
-/// Hop-by-hop headers (RFC 9110 section 7.6.1), plus `Date` and `Set-Cookie`.
-pub(crate) fn default_replay_excluded() -> Vec<HeaderName> {
-    vec![
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::DATE,
-        header::SET_COOKIE,
-    ]
+/// Whether `headers` (a gRPC response's headers, or its trailers) carry a `grpc-status` that a
+/// retry may get past: the codes that map to HTTP 5xx, 408, 429 or 499 (CANCELLED, UNKNOWN,
+/// DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE,
+/// DATA_LOSS). gRPC answers with HTTP 200 whatever happened, so its status is in this header.
+///
+/// A response whose trailers carry such a status is never stored, whatever
+/// [`store_if`](super::IdempotencyServiceLayer::store_if) said of its head.
+pub fn transient_grpc_status(headers: &HeaderMap) -> bool {
+    let Some(status) = headers.get("grpc-status") else {
+        return false;
+    };
+    matches!(
+        status.as_bytes(),
+        b"1" | b"2" | b"4" | b"8" | b"10" | b"12" | b"13" | b"14" | b"15"
+    )
 }
+
+/// The response headers never replayed unless told otherwise: the hop-by-hop headers (RFC 9110
+/// section 7.6.1, and the proxy authentication ones), `Date` (a replay gets a fresh one) and
+/// `Set-Cookie` (one caller's session is not handed to another). `Trailer` is replayed: the
+/// trailers are stored, and over HTTP/1.1 a server sends only those a response announces.
+///
+/// [`replay_excluded_headers`](super::IdempotencyServiceLayer::replay_excluded_headers)
+/// replaces this list; to add to it, chain it:
+///
+/// ```
+/// use http::HeaderName;
+/// use tower_idempotency::{IdempotencyServiceLayer, server::DEFAULT_REPLAY_EXCLUDED};
+///
+/// let layer = IdempotencyServiceLayer::default().replay_excluded_headers(
+///     DEFAULT_REPLAY_EXCLUDED.into_iter().chain([HeaderName::from_static("x-request-id")]),
+/// );
+/// # let _ = layer;
+/// ```
+pub const DEFAULT_REPLAY_EXCLUDED: [HeaderName; 10] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::DATE,
+    header::SET_COOKIE,
+];
 
 impl Config {
     pub(crate) fn new(store: Arc<dyn KeyStore>) -> Self {
@@ -114,7 +151,7 @@ impl Config {
             max_request_body: 1024 * 1024,
             max_stored_response: 1024 * 1024,
             store_if: Arc::new(default_store_if),
-            replay_excluded: default_replay_excluded(),
+            replay_excluded: DEFAULT_REPLAY_EXCLUDED.to_vec(),
             on_store_error: OnStoreError::FailClosed,
             store_timeout: Duration::from_secs(2),
             detach: true,

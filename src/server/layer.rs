@@ -182,22 +182,28 @@ impl IdempotencyServiceLayer {
     }
 
     /// Which responses are stored and replayed. For the others the claim is released, so a
-    /// retry runs the request again. The default stores every response but 1xx, 5xx, 408 and 429.
+    /// retry runs the request again. The default, [`default_store_if`], stores every response
+    /// but 1xx, 5xx, 408, 429 and a gRPC failure that may pass. A response whose trailers carry
+    /// such a gRPC status ([`transient_grpc_status`]) is not stored either way.
     ///
     /// A stored response is read whole (up to [`max_stored_response`](Self::max_stored_response))
     /// before its first byte goes out. For a keyed endpoint that streams its answer (server-sent
-    /// events, say), leave such responses out here, so they pass through as they are made:
+    /// events, say), leave such responses out here, so they pass through as they are made, and
+    /// keep the default's rule for the rest:
     ///
     /// ```
     /// use http::header::CONTENT_TYPE;
-    /// use tower_idempotency::IdempotencyServiceLayer;
+    /// use tower_idempotency::{IdempotencyServiceLayer, server::default_store_if};
     ///
     /// let layer = IdempotencyServiceLayer::default().store_if(|parts| {
     ///     let streamed = parts.headers.get(CONTENT_TYPE).is_some_and(|v| v == "text/event-stream");
-    ///     !streamed && !parts.status.is_server_error()
+    ///     !streamed && default_store_if(parts)
     /// });
     /// # let _ = layer;
     /// ```
+    ///
+    /// [`default_store_if`]: super::default_store_if
+    /// [`transient_grpc_status`]: super::transient_grpc_status
     pub fn store_if<F>(mut self, predicate: F) -> Self
     where
         F: Fn(&response::Parts) -> bool + Send + Sync + 'static,
@@ -207,9 +213,10 @@ impl IdempotencyServiceLayer {
     }
 
     /// The response headers left out of a stored response, and so out of every replay. The
-    /// first caller still gets them. The default is the hop-by-hop headers, `Date` and
-    /// `Set-Cookie`. While `Connection` is among them, so are the headers a response names in
-    /// it, which were for that connection only.
+    /// first caller still gets them. This list replaces the default,
+    /// [`DEFAULT_REPLAY_EXCLUDED`](super::DEFAULT_REPLAY_EXCLUDED): the hop-by-hop headers,
+    /// `Date` and `Set-Cookie` (its docs show how to add to it). While `Connection` is among
+    /// them, so are the headers a response names in it, which were for that connection only.
     pub fn replay_excluded_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
         self.config().replay_excluded = names.into_iter().collect();
         self

@@ -69,6 +69,12 @@
 //! router maps the response body back to it. A key sent to a path no route matches is then
 //! answered like any other request: its 404 is stored and replayed.
 //!
+//! Behind `Router::nest`, a route sees its path without the nest's prefix. A layer put on
+//! nested routers (or on their routes) sees `/orders` for both `/v1/orders` and `/v2/orders`,
+//! so one key sent to both would be taken for one request and answered with the first's
+//! response. Put the layer around the outer router, as below, or give each nested router a
+//! store of its own.
+//!
 //! ```
 //! use axum::{Router, body::Body, extract::Request, http::{Response, StatusCode}, routing::post};
 //! use tower::{ServiceBuilder, ServiceExt};
@@ -150,7 +156,9 @@ mod problem;
 mod service;
 
 pub use body::{RequestBody, ResponseBody};
-pub use config::{OnConflict, OnStoreError};
+pub use config::{
+    DEFAULT_REPLAY_EXCLUDED, OnConflict, OnStoreError, default_store_if, transient_grpc_status,
+};
 pub use future::ResponseFuture;
 pub use layer::IdempotencyServiceLayer;
 pub use service::IdempotencyService;

@@ -15,19 +15,42 @@ const RETRY_AFTER_SECS: u64 = 1;
 /// Why the service answered a request itself.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum Problem {
-    MissingKey { header: HeaderName },
+    MissingKey {
+        header: HeaderName,
+    },
     InvalidKey(InvalidKey),
     MissingScope,
-    BodyTooLarge { limit: usize },
+    BodyTooLarge {
+        limit: usize,
+    },
+    /// A limit outside this service (such as tower-http's `RequestBodyLimitLayer`) cut the
+    /// body off.
+    BodyOverOuterLimit,
     BodyUnreadable,
     KeyReused,
     InFlight,
     WaitTimedOut,
-    NotReplayable { status: StatusCode },
+    NotReplayable {
+        status: StatusCode,
+    },
     StoreUnavailable,
 }
 
 impl Problem {
+    /// The answer to a request body that failed while it was read: 413 when a length limit
+    /// around this service cut it off (resending it cannot help), 400 for anything else.
+    pub(crate) fn body_failed(error: tower::BoxError) -> Self {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*error);
+        while let Some(err) = cause {
+            if err.is::<http_body_util::LengthLimitError>() {
+                return Self::BodyOverOuterLimit;
+            }
+            cause = err.source();
+        }
+        tracing::debug!(error = %error, "idempotency: the request body failed while it was read");
+        Self::BodyUnreadable
+    }
+
     fn parts(&self) -> (StatusCode, &'static str, &'static str, String) {
         match self {
             Self::MissingKey { header } => (
@@ -63,6 +86,12 @@ impl Problem {
                     "Requests with an idempotency key may carry at most {limit} bytes of body. Send a \
                      smaller body."
                 ),
+            ),
+            Self::BodyOverOuterLimit => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request-too-large",
+                "Request body too large",
+                "The request body is larger than this server accepts. Send a smaller body.".into(),
             ),
             Self::BodyUnreadable => (
                 StatusCode::BAD_REQUEST,

@@ -78,15 +78,25 @@ pub(super) trait SendBody:
 
 impl<B: Body<Data = Bytes, Error: Send + 'static> + Send + 'static> SendBody for B {}
 
+impl IdempotencyService<()> {
+    /// A layer keeping keys in `store`; its setters change the settings. The same as
+    /// [`IdempotencyServiceLayer::new`].
+    ///
+    /// ```
+    /// use tower_idempotency::{IdempotencyService, store::MemoryStore};
+    ///
+    /// let layer = IdempotencyService::layer(MemoryStore::new());
+    /// # let _ = layer;
+    /// ```
+    pub fn layer(store: impl KeyStore) -> IdempotencyServiceLayer {
+        IdempotencyServiceLayer::new(store)
+    }
+}
+
 impl<S> IdempotencyService<S> {
     /// Wraps `inner`, keeping keys in `store`, with the default settings.
     pub fn new(inner: S, store: impl KeyStore) -> Self {
         IdempotencyServiceLayer::new(store).layer(inner)
-    }
-
-    /// A layer keeping keys in `store`; its setters change the settings.
-    pub fn layer(store: impl KeyStore) -> IdempotencyServiceLayer {
-        IdempotencyServiceLayer::new(store)
     }
 
     pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
@@ -242,17 +252,18 @@ impl<S> Start<S> {
     where
         S: Inner<ReqBody, ResBody>,
         ReqBody: Body<Data = Bytes> + Send + 'static,
+        ReqBody::Error: Into<BoxError>,
         ResBody: SendBody,
     {
         let config = &self.shared.config;
         let limit = config.max_request_body;
-        let bytes = match buffered {
-            Buffered::Whole { data, .. } => data,
+        let (bytes, trailers) = match buffered {
+            Buffered::Whole { data, trailers } => (data, trailers),
             Buffered::TooLarge { .. } => return rejected(Problem::BodyTooLarge { limit }),
-            Buffered::Failed { .. } => return rejected(Problem::BodyUnreadable),
+            Buffered::Failed { error, .. } => return rejected(Problem::body_failed(error.into())),
         };
         let fingerprint = fingerprint(&self.parts, &config.fingerprint_headers, &bytes);
-        let request = Request::from_parts(self.parts, RequestBody::buffered(bytes));
+        let request = Request::from_parts(self.parts, RequestBody::buffered(bytes, trailers));
         let keyed = Keyed {
             shared: self.shared,
             key: self.key,
@@ -730,6 +741,12 @@ impl ClaimGuard {
             return Respond::Later(Box::pin(self.store(parts, buffered, None)));
         };
         match buffered {
+            Buffered::Whole { data, trailers } if failed_in_passing(&trailers) => {
+                self.released(Ok(Response::from_parts(
+                    parts,
+                    ResponseBody::full(data, trailers),
+                )))
+            }
             Buffered::Whole { data, trailers }
                 if data.len() <= shared.config.max_stored_response =>
             {
@@ -839,6 +856,13 @@ impl ClaimGuard {
         let config = self.keyed.config();
         let limit = config.max_stored_response;
         let unstored = match buffered {
+            Buffered::Whole { data, trailers } if failed_in_passing(&trailers) => {
+                self.release().await;
+                return Ok(Response::from_parts(
+                    parts,
+                    ResponseBody::full(data, trailers),
+                ));
+            }
             Buffered::Whole { data, trailers } if data.len() <= limit => {
                 let (record, excluded) = self.record(&mut parts, data, trailers);
                 self.complete(&record).await;
@@ -1071,4 +1095,10 @@ impl Drop for ClaimGuard {
             });
         }
     }
+}
+
+/// Whether a response's trailers say it failed in a way a retry may get past (a gRPC status
+/// such as UNAVAILABLE): then it is not stored, whatever its head said.
+fn failed_in_passing(trailers: &Option<HeaderMap>) -> bool {
+    trailers.as_ref().is_some_and(super::transient_grpc_status)
 }

@@ -272,6 +272,32 @@ async fn a_hung_redis_gives_timeouts_and_the_store_carries_on_when_it_answers_ag
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_answer_timed_out_is_given_back_once_redis_goes_on() {
+    // Redis stalls past the reply timeout and then goes on, running the claim it was sent: that
+    // claim is given back, so the key is free long before its 30 s lease lapses.
+    let server = RedisServer::start();
+    let store = store_bounded_by(&server, Duration::from_millis(300)).await;
+    let other = RedisStore::connect(&server.url()).await.unwrap();
+    let key = fresh_key();
+    server.pause();
+    let result = store.claim(&key, &fp(1), LEASE).await;
+    assert!(matches!(result, Err(StoreError::Timeout(_))), "{result:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.resume();
+    let started = Instant::now();
+    loop {
+        match other.claim(&key, &fp(2), LEASE).await.unwrap() {
+            Claim::Claimed(_) => break,
+            held => assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the timed-out claim still holds the key: {held:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_holder_keeps_the_key_until_its_lease_lapses() {
     let url = support::shared_server().url();
     let lease = Duration::from_millis(1500);

@@ -111,7 +111,9 @@ const EXTEND_SCRIPT: &str = script!(
 ///   noticed and the subscriptions are renewed.
 /// - **Failures**: every call fails within the connection timeout plus the response timeout,
 ///   with [`StoreError::Timeout`] or [`StoreError::Backend`]; the connections reconnect by
-///   themselves once Redis is back. A value that does not decode is [`StoreError::Corrupt`].
+///   themselves once Redis is back. A claim whose reply timed out may still run (a stalled
+///   Redis runs what it was sent when it goes on): a task gives it back, so the key is not
+///   held for its lease. A value that does not decode is [`StoreError::Corrupt`].
 ///
 /// It needs Redis 7.0 or later (for `SET ... NX GET` and sharded pub/sub), or Valkey.
 ///
@@ -378,6 +380,36 @@ impl RedisStore {
         channel_of(&self.redis_key(key))
     }
 
+    /// Gives back, from a task of its own, a claim whose answer timed out: releases `token`'s
+    /// claim on `key` if there is one, trying until Redis answers or the lease would have lapsed
+    /// anyway. Releasing is token-checked, so a claim that never ran is left alone. Sent on the
+    /// same connection after the claim, the release runs after it.
+    fn give_back(&self, key: StoreKey, token: FencingToken, lease: Duration) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = self.clone();
+        let until = clock::after(Instant::now(), lease);
+        runtime.spawn(async move {
+            let mut pause = store.inner.poll_interval;
+            while Instant::now() < until {
+                match store.release(&key, token).await {
+                    Ok(released) => {
+                        if released {
+                            tracing::debug!("idempotency store: a claim whose answer timed out was given back");
+                        }
+                        return;
+                    }
+                    Err(err) => {
+                        tracing::debug!(error = %err, "idempotency store: giving back a claim whose answer timed out failed; trying again");
+                        tokio::time::sleep_until((Instant::now() + pause).min(until)).await;
+                        pause = (pause * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        });
+    }
+
     /// Runs one of the token-checked scripts: `true` when it did its work, `false` when the token
     /// does not own the key, an error for a value the script does not recognise.
     async fn owned_step(
@@ -490,9 +522,13 @@ async fn bounded<T>(
     limit: Duration,
     fut: impl Future<Output = redis::RedisResult<T>>,
 ) -> Result<T, StoreError> {
+    let started = Instant::now();
     match tokio::time::timeout(limit, fut).await {
         Err(_) => Err(StoreError::Timeout(limit)),
-        Ok(Err(err)) if err.is_timeout() => Err(StoreError::Timeout(limit)),
+        // The connection's own response timeout: say how long it waited.
+        Ok(Err(err)) if err.is_timeout() => Err(StoreError::Timeout(Duration::from_millis(
+            started.elapsed().as_millis() as u64,
+        ))),
         Ok(Err(err)) => Err(StoreError::backend(err)),
         Ok(Ok(value)) => Ok(value),
     }
@@ -609,7 +645,17 @@ impl KeyStore for RedisStore {
                 .with_expiration(SetExpiry::PX(millis(lease)))
                 .get(true),
         );
-        let previous: Option<Vec<u8>> = self.query("claim", &cmd).await?;
+        let previous: Option<Vec<u8>> = match self.query("claim", &cmd).await {
+            Ok(previous) => previous,
+            Err(err) => {
+                if matches!(err, StoreError::Timeout(_)) {
+                    // The claim may yet run (a stalled Redis runs what was sent once it goes on),
+                    // and nobody would give it back: the key would stay claimed for its lease.
+                    self.give_back(*key, token, lease);
+                }
+                return Err(err);
+            }
+        };
         let Some(previous) = previous else {
             return Ok(Claim::Claimed(token));
         };

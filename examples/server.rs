@@ -50,7 +50,11 @@ use tower_idempotency::{
 
 const USAGE: &str = "usage: server [--addr 127.0.0.1:3000] [--store memory|redis://HOST:PORT|redis+cluster://HOST:PORT[,HOST:PORT...]]
               [--on-conflict wait|reject] [--ttl-secs N] [--wait-timeout-ms N] [--lease-ms N] [--max-entries N]
-              [--scope-header NAME] [--require-key] [--bare]";
+              [--scope-header NAME] [--require-key] [--bare]
+
+  POST /orders[?delay_ms=N][&status=CODE]   sleeps N ms, runs once per key, answers CODE (201)
+  PATCH /orders/ID                          the same, answering 200
+  GET /stats                                how many times the handlers ran";
 
 #[derive(Debug)]
 struct Options {
@@ -293,6 +297,8 @@ async fn main() -> ExitCode {
         opts.store,
         if opts.bare {
             ", bare: no idempotency"
+        } else if opts.store == "memory" {
+            ", in this process: its records are gone when it stops"
         } else {
             ""
         }

@@ -223,7 +223,8 @@ impl fmt::Display for InvalidKey {
             Self::InvalidCharacter { position } => write!(
                 f,
                 "the idempotency key has a control, non-ASCII or space character, or an unescaped \
-                 quote, at position {position}; {HINT} (spaces only inside a quoted key)"
+                 quote, at byte {position} (counting from 0); {HINT} (spaces only inside a quoted \
+                 key)"
             ),
             Self::UnterminatedQuote => {
                 write!(
@@ -233,7 +234,8 @@ impl fmt::Display for InvalidKey {
             }
             Self::InvalidEscape => write!(
                 f,
-                "the quoted idempotency key has a backslash that escapes neither '\"' nor '\\'"
+                "the quoted idempotency key has a backslash that escapes neither '\"' nor '\\'; \
+                 write \\\" for a quote and \\\\ for a backslash, or send the key unquoted"
             ),
             Self::Repeated => write!(
                 f,

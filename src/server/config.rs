@@ -48,6 +48,8 @@ pub(crate) struct Config {
     pub(crate) methods: Vec<Method>,
     pub(crate) require_key: bool,
     pub(crate) scope: Option<Arc<ScopeFn>>,
+    /// The header `scope` reads, when it was set by `scope_by_header`: error messages name it.
+    pub(crate) scope_header: Option<HeaderName>,
     pub(crate) fingerprint_headers: Vec<HeaderName>,
     pub(crate) on_conflict: OnConflict,
     pub(crate) wait_timeout: Duration,
@@ -142,6 +144,7 @@ impl Config {
             methods: vec![Method::POST, Method::PATCH],
             require_key: false,
             scope: None,
+            scope_header: None,
             fingerprint_headers: Vec::new(),
             on_conflict: OnConflict::Wait,
             wait_timeout: Duration::from_secs(30),

@@ -103,7 +103,9 @@ impl IdempotencyServiceLayer {
     where
         F: Fn(&request::Parts) -> Option<String> + Send + Sync + 'static,
     {
-        self.config().scope = Some(Arc::new(scope));
+        let config = self.config();
+        config.scope = Some(Arc::new(scope));
+        config.scope_header = None;
         self
     }
 
@@ -113,8 +115,9 @@ impl IdempotencyServiceLayer {
     /// a header given twice (one value a client's, one a proxy's) or a value that would have to
     /// be altered to be read could otherwise put the request in another caller's scope.
     pub fn scope_by_header(self, name: HeaderName) -> Self {
-        self.scope(move |parts| {
-            let mut values = parts.headers.get_all(&name).iter();
+        let read = name.clone();
+        let mut layer = self.scope(move |parts| {
+            let mut values = parts.headers.get_all(&read).iter();
             let (Some(value), None) = (values.next(), values.next()) else {
                 return None;
             };
@@ -122,7 +125,9 @@ impl IdempotencyServiceLayer {
                 .ok()
                 .filter(|scope| !scope.is_empty())
                 .map(str::to_owned)
-        })
+        });
+        layer.config().scope_header = Some(name);
+        layer
     }
 
     /// Request headers that count towards the fingerprint, beside the method, path, query and

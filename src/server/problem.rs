@@ -19,7 +19,10 @@ pub(crate) enum Problem {
         header: HeaderName,
     },
     InvalidKey(InvalidKey),
-    MissingScope,
+    /// The request cannot be scoped; `header` names what scopes it, when a header does.
+    MissingScope {
+        header: Option<HeaderName>,
+    },
     BodyTooLarge {
         limit: usize,
     },
@@ -69,14 +72,21 @@ impl Problem {
                 "Invalid idempotency key",
                 format!("{err}."),
             ),
-            Self::MissingScope => (
+            Self::MissingScope { header } => (
                 StatusCode::BAD_REQUEST,
                 "missing-idempotency-scope",
                 "Request cannot be scoped",
-                "The server scopes idempotency keys per client, but could not tell which client sent \
-                 this request. Send the credentials or tenant header the API requires, once, with \
-                 a value."
-                    .into(),
+                match header {
+                    Some(name) => format!(
+                        "The server scopes idempotency keys by the {name} header, and this request \
+                         does not carry it once with a value. Send {name} exactly once, with a \
+                         non-empty UTF-8 value."
+                    ),
+                    None => "The server scopes idempotency keys per client, but could not tell \
+                             which client sent this request. Send the credentials or tenant header \
+                             the API requires, once, with a value."
+                        .into(),
+                },
             ),
             Self::BodyTooLarge { limit } => (
                 StatusCode::PAYLOAD_TOO_LARGE,

@@ -209,7 +209,9 @@ struct Keyed {
 fn admit(config: &Config, parts: &request::Parts, key: &[u8]) -> Result<StoreKey, Problem> {
     let scope = match &config.scope {
         None => String::new(),
-        Some(scope) => scope(parts).ok_or(Problem::MissingScope)?,
+        Some(scope) => scope(parts).ok_or_else(|| Problem::MissingScope {
+            header: config.scope_header.clone(),
+        })?,
     };
     let limit = config.max_request_body;
     let declared = parts

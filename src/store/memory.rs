@@ -8,7 +8,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -48,6 +48,12 @@ const SEGMENT: usize = 64 * 1024;
 /// Cloning is cheap and gives another handle to the same entries. A `MemoryStore` serves one
 /// process; several processes need a shared store such as `RedisStore`.
 ///
+/// **What it forgets**: its records live as long as the process. A retry that arrives after a
+/// restart or a deploy, or after its record was evicted to keep within the bounds, runs the
+/// operation again. A store that evicts records before their retention ends logs a warning
+/// (at most once a minute) to say it is too small. Where retries must survive restarts, use a
+/// store outside the process, such as `RedisStore` with persistence.
+///
 /// # Example
 ///
 /// ```
@@ -70,6 +76,10 @@ struct Inner {
     segments: Box<[Mutex<BytesMut>]>,
     max_entries_per_shard: usize,
     max_bytes_per_shard: usize,
+    /// When the store last warned that it evicts live records: seconds after `made`, plus one
+    /// (0 for never).
+    warned: AtomicU64,
+    made: Instant,
 }
 
 /// One shard. Claims in flight and completed records are kept apart, so that the work on a
@@ -248,6 +258,8 @@ impl MemoryStore {
                     .collect(),
                 max_entries_per_shard: max_entries.div_ceil(shards).max(1),
                 max_bytes_per_shard: max_bytes.div_ceil(shards).max(1),
+                warned: AtomicU64::new(0),
+                made: Instant::now(),
             }),
         }
     }
@@ -283,6 +295,25 @@ impl MemoryStore {
 }
 
 impl Inner {
+    /// Says, at most once a minute, that the store evicted records whose retention had not
+    /// ended: a retry of their keys will run again.
+    fn evicted_live(&self) {
+        let now = self.made.elapsed().as_secs() + 1;
+        let last = self.warned.load(Ordering::Relaxed);
+        if (last == 0 || now >= last + 60)
+            && self
+                .warned
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                "idempotency: the memory store is full and evicts records before their retention \
+                 ends; a retry of an evicted key runs again. Raise its bounds \
+                 (MemoryStore::with_limits) or use a store outside the process"
+            );
+        }
+    }
+
     /// Writes `record` (`len` bytes encoded) into this thread's segment.
     fn encode(&self, record: RecordView<'_>, len: usize) -> Bytes {
         if len > SEGMENT / 4 {
@@ -449,10 +480,20 @@ impl Shard {
     /// A full shard evicts a batch, making room for a 64th of either bound (at most 63 more
     /// records), rather than one record for each one stored: a queue's front is cold memory,
     /// and reading it in runs lets the processor fetch it ahead.
-    fn make_room(&mut self, now: Instant, incoming: usize, max_entries: usize, max_bytes: usize) {
+    ///
+    /// Returns whether it evicted a record before its retention ended.
+    #[must_use]
+    fn make_room(
+        &mut self,
+        now: Instant,
+        incoming: usize,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> bool {
         let slack_records = (max_entries / 64).min(63);
         let slack_bytes = max_bytes / 64;
         let mut batching = false;
+        let mut evicted = false;
         loop {
             let Shard {
                 queue,
@@ -474,17 +515,20 @@ impl Shard {
                     soonest = Some(q);
                 }
             }
-            let Some(soonest) = soonest else { return };
+            let Some(soonest) = soonest else {
+                return evicted;
+            };
             if usage.records >= max_entries || usage.bytes + incoming > max_bytes {
                 batching = true;
             } else if !(batching
                 && (usage.records + slack_records >= max_entries
                     || usage.bytes + incoming + slack_bytes > max_bytes))
             {
-                return;
+                return evicted;
             }
             if let Some(encoded) = soonest.records.front().and_then(|f| f.encoded.as_ref()) {
                 usage.remove(encoded);
+                evicted = true;
             }
             soonest.pop();
         }
@@ -613,7 +657,7 @@ impl MemoryStore {
                 _ => Completion::Fenced,
             });
         };
-        shard.make_room(
+        let evicted = shard.make_room(
             now,
             len,
             self.inner.max_entries_per_shard,
@@ -631,6 +675,9 @@ impl MemoryStore {
         drop(shard);
         // Wakes this claim's waiters once the record is in place.
         claim.end();
+        if evicted {
+            self.inner.evicted_live();
+        }
         Ok(Completion::Stored)
     }
 
@@ -965,6 +1012,63 @@ mod tests {
         }
         assert!(store.read(&key(0)).await.unwrap().is_some());
         assert!(store.read(&key(119)).await.unwrap().is_some());
+    }
+
+    /// Log lines written while a test runs on this thread.
+    #[derive(Clone, Default)]
+    struct Logged(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logged {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            lock(&self.0).extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Logged {
+        fn warnings(&self) -> usize {
+            String::from_utf8_lossy(&lock(&self.0))
+                .matches("evicts records before")
+                .count()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_that_evicts_live_records_warns_once_a_minute() {
+        let logged = Logged::default();
+        let writer = logged.clone();
+        let _guard = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .finish(),
+        );
+        let store = MemoryStore::with_limits(10, usize::MAX);
+        let record = response("x");
+        // Records that expire make room without a warning.
+        for i in 0..30 {
+            store_for(&store, i, &record, Duration::from_secs(1)).await;
+            tokio::time::advance(Duration::from_secs(2)).await;
+        }
+        assert_eq!(logged.warnings(), 0);
+        // Live records evicted: one warning, however many go.
+        for i in 100..200 {
+            store_fresh(&store, i, &record).await;
+        }
+        assert_eq!(logged.warnings(), 1);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        for i in 200..300 {
+            store_fresh(&store, i, &record).await;
+        }
+        assert_eq!(logged.warnings(), 1, "warned again within the minute");
+        tokio::time::advance(Duration::from_secs(31)).await;
+        for i in 300..400 {
+            store_fresh(&store, i, &record).await;
+        }
+        assert_eq!(logged.warnings(), 2, "no warning a minute later");
     }
 
     #[tokio::test]

@@ -223,7 +223,7 @@ impl fmt::Display for InvalidKey {
             Self::InvalidCharacter { position } => write!(
                 f,
                 "the idempotency key has a control, non-ASCII or space character, or an unescaped \
-                 quote, at byte {position} (counting from 0); {HINT} (spaces only inside a quoted \
+                 quote, at byte {position} of its value (counting from 0); {HINT} (spaces only inside a quoted \
                  key)"
             ),
             Self::UnterminatedQuote => {

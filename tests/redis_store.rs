@@ -298,6 +298,63 @@ async fn a_claim_whose_answer_timed_out_is_given_back_once_redis_goes_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_its_caller_stopped_waiting_for_is_given_back_once_redis_goes_on() {
+    // The caller gives up before the store's own reply timeout (a service's store timeout
+    // shorter than the connection's): the claim, run when Redis goes on, is given back too.
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    let other = RedisStore::connect(&server.url()).await.unwrap();
+    let key = fresh_key();
+    server.pause();
+    let waited =
+        tokio::time::timeout(Duration::from_millis(300), store.claim(&key, &fp(1), LEASE)).await;
+    assert!(
+        waited.is_err(),
+        "a claim on a stalled Redis answered: {waited:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.resume();
+    let started = Instant::now();
+    loop {
+        match other.claim(&key, &fp(2), LEASE).await.unwrap() {
+            Claim::Claimed(_) => break,
+            held => assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the abandoned claim still holds the key: {held:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_timed_out_on_a_held_key_leaves_the_holder_alone() {
+    let server = RedisServer::start();
+    let store = store_bounded_by(&server, Duration::from_millis(300)).await;
+    let holder = RedisStore::connect(&server.url()).await.unwrap();
+    let key = fresh_key();
+    let token = claimed(&holder, &key, LEASE).await;
+    server.pause();
+    let result = store.claim(&key, &fp(1), LEASE).await;
+    assert!(matches!(result, Err(StoreError::Timeout(_))), "{result:?}");
+    server.resume();
+    // Time for the give-back to run, and find the key not its own.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        claim(&store, &key, LEASE).await,
+        Claim::Held(Holder::InFlight { fingerprint: fp(1) }),
+        "the holder's claim was given back by a stranger"
+    );
+    assert_eq!(
+        holder
+            .complete(&key, token, &record("held"), RETENTION)
+            .await
+            .unwrap(),
+        Completion::Stored
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_holder_keeps_the_key_until_its_lease_lapses() {
     let url = support::shared_server().url();
     let lease = Duration::from_millis(1500);
@@ -568,7 +625,7 @@ async fn a_step_whose_reply_timed_out_is_not_sent_again() {
 }
 
 /// Waiters on B for many keys at once, arriving at random moments, a third of them giving up
-/// early: every one that stays is answered by pub/sub (B polls only every 10 s), and once all
+/// early: every one that stays is answered by pub/sub (B polls only every 30 s), and once all
 /// have left, no subscription is left behind on any node.
 async fn many_keys_waited_on_at_once(a: RedisStore, b: RedisStore, nodes: &[String], setup: &str) {
     use rand::Rng;
@@ -646,7 +703,7 @@ async fn many_keys_waited_on_at_once(a: RedisStore, b: RedisStore, nodes: &[Stri
 }
 
 fn slow_poller() -> tower_idempotency::store::RedisStoreBuilder {
-    RedisStore::builder().poll_interval(Duration::from_secs(10))
+    RedisStore::builder().poll_interval(Duration::from_secs(30))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1420,6 +1420,7 @@ fn grpc_answering(
     calls: &Counter,
     code: &'static str,
     in_trailers: bool,
+    store: impl KeyStore,
 ) -> IdempotencyService<
     impl Service<
         Request<RequestBody<Full<Bytes>>>,
@@ -1447,39 +1448,45 @@ fn grpc_answering(
             *response.headers_mut() = head;
             async move { Ok::<_, Infallible>(response) }
         }),
-        MemoryStore::new(),
+        store,
     )
 }
 
 #[tokio::test]
 async fn a_grpc_failure_that_may_pass_is_not_stored_so_a_retry_runs_again() {
+    // A memory store is called at once; a store of another type is awaited, as a remote one.
     for in_trailers in [false, true] {
-        // UNAVAILABLE: the retry runs again.
-        let calls = Counter::default();
-        let svc = grpc_answering(&calls, "14", in_trailers);
-        for _ in 0..2 {
-            let response = svc.clone().oneshot(order()).await.unwrap();
-            assert!(!response.headers().contains_key("idempotent-replayed"));
-            let collected = response.into_body().collect().await.unwrap();
-            assert_eq!(
-                collected.to_bytes(),
-                "message",
-                "the caller gets the answer"
-            );
-        }
-        assert_eq!(calls.runs(), 2, "UNAVAILABLE in trailers: {in_trailers}");
-        // INVALID_ARGUMENT is final: stored and replayed.
-        let calls = Counter::default();
-        let svc = grpc_answering(&calls, "3", in_trailers);
-        svc.clone().oneshot(order()).await.unwrap();
-        let replay = svc.clone().oneshot(order()).await.unwrap();
-        assert_eq!(replay.headers()["idempotent-replayed"], "true");
+        grpc_failure_is_not_stored(in_trailers, MemoryStore::new).await;
+        grpc_failure_is_not_stored(in_trailers, CountingStore::default).await;
+    }
+}
+
+async fn grpc_failure_is_not_stored<S: KeyStore>(in_trailers: bool, store: impl Fn() -> S) {
+    let setup = format!(
+        "status in trailers: {in_trailers}, {}",
+        std::any::type_name::<S>()
+    );
+    // UNAVAILABLE: the retry runs again.
+    let calls = Counter::default();
+    let svc = grpc_answering(&calls, "14", in_trailers, store());
+    for _ in 0..2 {
+        let response = svc.clone().oneshot(order()).await.unwrap();
+        assert!(!response.headers().contains_key("idempotent-replayed"));
+        let collected = response.into_body().collect().await.unwrap();
         assert_eq!(
-            calls.runs(),
-            1,
-            "INVALID_ARGUMENT in trailers: {in_trailers}"
+            collected.to_bytes(),
+            "message",
+            "the caller gets the answer"
         );
     }
+    assert_eq!(calls.runs(), 2, "UNAVAILABLE, {setup}");
+    // INVALID_ARGUMENT is final: stored and replayed.
+    let calls = Counter::default();
+    let svc = grpc_answering(&calls, "3", in_trailers, store());
+    svc.clone().oneshot(order()).await.unwrap();
+    let replay = svc.clone().oneshot(order()).await.unwrap();
+    assert_eq!(replay.headers()["idempotent-replayed"], "true", "{setup}");
+    assert_eq!(calls.runs(), 1, "INVALID_ARGUMENT, {setup}");
 }
 
 #[tokio::test]

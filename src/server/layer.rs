@@ -31,8 +31,8 @@ use crate::store::{KeyStore, MemoryStore};
 /// | [`lease`](Self::lease) | 60 s, renewed until the response is stored |
 /// | [`max_request_body`](Self::max_request_body) | 1 MiB (413 above) |
 /// | [`max_stored_response`](Self::max_stored_response) | 1 MiB |
-/// | [`store_if`](Self::store_if) | every status but 1xx, 5xx, 408 and 429 |
-/// | [`replay_excluded_headers`](Self::replay_excluded_headers) | hop-by-hop headers, `Date`, `Set-Cookie` |
+/// | [`store_if`](Self::store_if) | [`default_store_if`](super::default_store_if): every status but 1xx, 5xx, 408 and 429, and no gRPC failure that may pass |
+/// | [`replay_excluded_headers`](Self::replay_excluded_headers) | [`DEFAULT_REPLAY_EXCLUDED`](super::DEFAULT_REPLAY_EXCLUDED): hop-by-hop headers, `Date`, `Set-Cookie` |
 /// | [`on_store_error`](Self::on_store_error) | [`OnStoreError::FailClosed`] (503) |
 /// | [`store_timeout`](Self::store_timeout) | 2 s per store call |
 /// | [`detach`](Self::detach) | `true` |
@@ -189,7 +189,9 @@ impl IdempotencyServiceLayer {
     /// Which responses are stored and replayed. For the others the claim is released, so a
     /// retry runs the request again. The default, [`default_store_if`], stores every response
     /// but 1xx, 5xx, 408, 429 and a gRPC failure that may pass. A response whose trailers carry
-    /// such a gRPC status ([`transient_grpc_status`]) is not stored either way.
+    /// such a gRPC status ([`transient_grpc_status`]) is not stored either way, unless it is too
+    /// large to store: such a response is marked done (not replayable) as it passes the limit,
+    /// before its trailers come.
     ///
     /// A stored response is read whole (up to [`max_stored_response`](Self::max_stored_response))
     /// before its first byte goes out. For a keyed endpoint that streams its answer (server-sent

@@ -130,8 +130,10 @@
 //!   so does one whose caller goes away, with `detach(false)`. By default a handler whose caller
 //!   disconnects is not cancelled ([`detach`](IdempotencyServiceLayer::detach)): it finishes in
 //!   a task of its own, and the retry gets its stored response.
-//! - Responses with a 1xx, 5xx, 408 or 429 status are not stored: the claim is released and a
-//!   retry runs again ([`store_if`](IdempotencyServiceLayer::store_if) changes this).
+//! - Responses with a 1xx, 5xx, 408 or 429 status, and gRPC answers whose `grpc-status` (in
+//!   the headers or the trailers) is one a retry may get past, are not stored: the claim is
+//!   released and a retry runs again ([`store_if`](IdempotencyServiceLayer::store_if) changes
+//!   this).
 //! - A claim carries a lease, renewed while the handler runs and while its response body is
 //!   read. If the process dies, the key is free again once the lease lapses; a run whose lease
 //!   lapsed cannot store its response.

@@ -7,7 +7,7 @@ use std::{
     future::Future,
     sync::{
         Arc, Mutex, MutexGuard, Weak,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -38,6 +38,8 @@ const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
 const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(250);
 const DEFAULT_WATCHDOG_INTERVAL: Duration = Duration::from_secs(1);
+/// Claims left unanswered that are being given back at once, at most.
+const MAX_GIVING_BACK: usize = 10_000;
 
 /// The first byte of every value this store writes.
 const VALUE_VERSION: u8 = 1;
@@ -111,9 +113,10 @@ const EXTEND_SCRIPT: &str = script!(
 ///   noticed and the subscriptions are renewed.
 /// - **Failures**: every call fails within the connection timeout plus the response timeout,
 ///   with [`StoreError::Timeout`] or [`StoreError::Backend`]; the connections reconnect by
-///   themselves once Redis is back. A claim whose reply timed out may still run (a stalled
-///   Redis runs what it was sent when it goes on): a task gives it back, so the key is not
-///   held for its lease. A value that does not decode is [`StoreError::Corrupt`].
+///   themselves once Redis is back. A claim whose reply timed out, or whose caller stopped
+///   waiting for it, may still run (a stalled Redis runs what it was sent when it goes on): a
+///   task gives it back, so the key is not held for its lease (up to 10,000 such tasks at
+///   once). A value that does not decode is [`StoreError::Corrupt`].
 ///
 /// It needs Redis 7.0 or later (for `SET ... NX GET` and sharded pub/sub), or Valkey.
 ///
@@ -163,6 +166,8 @@ struct Inner {
     complete: Script,
     release: Script,
     extend: Script,
+    /// Claims left unanswered being given back (see [`RedisStore::give_back`]).
+    giving_back: Arc<AtomicUsize>,
 }
 
 impl Drop for Inner {
@@ -343,6 +348,7 @@ impl RedisStoreBuilder {
                 complete: Script::new(COMPLETE_SCRIPT),
                 release: Script::new(RELEASE_SCRIPT),
                 extend: Script::new(EXTEND_SCRIPT),
+                giving_back: Arc::default(),
             }),
         }
     }
@@ -380,33 +386,47 @@ impl RedisStore {
         channel_of(&self.redis_key(key))
     }
 
-    /// Gives back, from a task of its own, a claim whose answer timed out: releases `token`'s
-    /// claim on `key` if there is one, trying until Redis answers or the lease would have lapsed
-    /// anyway. Releasing is token-checked, so a claim that never ran is left alone. Sent on the
-    /// same connection after the claim, the release runs after it.
+    /// Gives back, from a task of its own, a claim left unanswered: releases `token`'s claim on
+    /// `key` if there is one, trying until Redis answers or the lease would have lapsed anyway.
+    /// Releasing is token-checked, so a claim that never ran, or found the key held, leaves the
+    /// key alone. Sent on the same connection after the claim, the release runs after it.
+    ///
+    /// At most [`MAX_GIVING_BACK`] such tasks run at once (a Redis that hangs for long would
+    /// otherwise gather one for every keyed request); past that, a claim lapses with its lease.
+    /// They do not keep the store alive.
     fn give_back(&self, key: StoreKey, token: FencingToken, lease: Duration) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let store = self.clone();
+        let count = self.inner.giving_back.clone();
+        if count.fetch_add(1, Ordering::Relaxed) >= MAX_GIVING_BACK {
+            count.fetch_sub(1, Ordering::Relaxed);
+            tracing::debug!(
+                "idempotency store: too many claims to give back; this one lapses with its lease"
+            );
+            return;
+        }
+        let inner = Arc::downgrade(&self.inner);
         let until = clock::after(Instant::now(), lease);
         runtime.spawn(async move {
-            let mut pause = store.inner.poll_interval;
+            let mut pause = DEFAULT_POLL_INTERVAL;
             while Instant::now() < until {
-                match store.release(&key, token).await {
+                let Some(inner) = inner.upgrade() else { break };
+                match (RedisStore { inner }).release(&key, token).await {
                     Ok(released) => {
                         if released {
-                            tracing::debug!("idempotency store: a claim whose answer timed out was given back");
+                            tracing::debug!("idempotency store: a claim left unanswered was given back");
                         }
-                        return;
+                        break;
                     }
                     Err(err) => {
-                        tracing::debug!(error = %err, "idempotency store: giving back a claim whose answer timed out failed; trying again");
+                        tracing::debug!(error = %err, "idempotency store: giving back a claim left unanswered failed; trying again");
                         tokio::time::sleep_until((Instant::now() + pause).min(until)).await;
                         pause = (pause * 2).min(Duration::from_secs(5));
                     }
                 }
             }
+            count.fetch_sub(1, Ordering::Relaxed);
         });
     }
 
@@ -621,6 +641,23 @@ fn channel_of(redis_key: &str) -> String {
     format!("{redis_key}:done")
 }
 
+/// A claim sent to Redis and not yet answered; dropped so, it gives the claim back.
+struct Unanswered<'a> {
+    store: &'a RedisStore,
+    key: StoreKey,
+    token: FencingToken,
+    lease: Duration,
+    answered: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.store.give_back(self.key, self.token, self.lease);
+        }
+    }
+}
+
 fn millis(d: Duration) -> u64 {
     // Cut to a century: Redis refuses an expiry past the end of its clock.
     u64::try_from(d.min(clock::FOREVER).as_millis())
@@ -645,18 +682,21 @@ impl KeyStore for RedisStore {
                 .with_expiration(SetExpiry::PX(millis(lease)))
                 .get(true),
         );
-        let previous: Option<Vec<u8>> = match self.query("claim", &cmd).await {
-            Ok(previous) => previous,
-            Err(err) => {
-                if matches!(err, StoreError::Timeout(_)) {
-                    // The claim may yet run (a stalled Redis runs what was sent once it goes on),
-                    // and nobody would give it back: the key would stay claimed for its lease.
-                    self.give_back(*key, token, lease);
-                }
-                return Err(err);
-            }
+        // Until its answer comes, the claim may yet run (a stalled Redis runs what it was sent
+        // once it goes on), and nobody would give it back: the key would stay claimed for its
+        // lease. So a claim whose reply timed out, or whose caller stopped waiting for it, is
+        // given back.
+        let mut unanswered = Unanswered {
+            store: self,
+            key: *key,
+            token,
+            lease,
+            answered: false,
         };
-        let Some(previous) = previous else {
+        let result: Result<Option<Vec<u8>>, StoreError> = self.query("claim", &cmd).await;
+        // A reply, or an error that says the claim did not go out: nothing to give back.
+        unanswered.answered = !matches!(result, Err(StoreError::Timeout(_)));
+        let Some(previous) = result? else {
             return Ok(Claim::Claimed(token));
         };
         let stored = self.decode(key, previous)?;

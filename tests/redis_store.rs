@@ -284,17 +284,7 @@ async fn a_claim_whose_answer_timed_out_is_given_back_once_redis_goes_on() {
     assert!(matches!(result, Err(StoreError::Timeout(_))), "{result:?}");
     tokio::time::sleep(Duration::from_millis(200)).await;
     server.resume();
-    let started = Instant::now();
-    loop {
-        match other.claim(&key, &fp(2), LEASE).await.unwrap() {
-            Claim::Claimed(_) => break,
-            held => assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "the timed-out claim still holds the key: {held:?}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    claimable_soon(&other, &key, "the timed-out claim").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -314,13 +304,19 @@ async fn a_claim_its_caller_stopped_waiting_for_is_given_back_once_redis_goes_on
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     server.resume();
+    claimable_soon(&other, &key, "the abandoned claim").await;
+}
+
+/// Waits until `store` can claim `key`, within 5 s: long before the 30 s lease of a claim
+/// `what` made and nobody gave back would lapse.
+async fn claimable_soon(store: &RedisStore, key: &StoreKey, what: &str) {
     let started = Instant::now();
     loop {
-        match other.claim(&key, &fp(2), LEASE).await.unwrap() {
-            Claim::Claimed(_) => break,
+        match store.claim(key, &fp(2), LEASE).await.unwrap() {
+            Claim::Claimed(_) => return,
             held => assert!(
                 started.elapsed() < Duration::from_secs(5),
-                "the abandoned claim still holds the key: {held:?}"
+                "{what} still holds the key: {held:?}"
             ),
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

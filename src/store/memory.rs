@@ -229,9 +229,9 @@ impl MemoryStore {
     /// A store keeping at most `max_entries` records and `max_bytes` bytes of them (as encoded);
     /// past either, the records that would expire first (the oldest, where all are kept for
     /// the same time) are evicted. Each shard keeps its even share of both limits, so they hold
-    /// to within the rounding of that share. A shard has at least 2,048 records' and 8 MiB's
+    /// to within the rounding of that share. A shard has at least 256 records' and 8 MiB's
     /// worth of share (a small store has fewer shards, down to one), so that the share of
-    /// records is filled evenly, and a large response (the service stores up to 1 MiB by
+    /// records is filled about evenly, and a large response (the service stores up to 1 MiB by
     /// default) takes a small part of it; a record larger than a shard's share of `max_bytes`
     /// is kept alone in its shard. Records are written side by side into 64 KiB buffers, and a
     /// buffer is freed once all of its records are gone, so the memory held can pass
@@ -241,10 +241,10 @@ impl MemoryStore {
         let parallelism = std::thread::available_parallelism().map_or(4, |n| n.get());
         // Many small shards: besides less contention, a shard's map grows in small steps, so
         // no single resize stalls the requests behind it for long. But none with a share
-        // smaller than 2,048 records or 8 MiB, rounded down to a power of two: a smaller share
+        // smaller than 256 records or 8 MiB, rounded down to a power of two: a smaller share
         // fills unevenly (with 150 records a shard, the first shard fills at 80% of the bound),
         // and a 1 MiB response would evict much of it while the store is nearly empty.
-        let by_bounds = (max_entries / 2048).min(max_bytes / (8 << 20)).max(1);
+        let by_bounds = (max_entries / 256).min(max_bytes / (8 << 20)).max(1);
         let by_bounds = 1 << by_bounds.ilog2();
         let shards = (parallelism * 16)
             .next_power_of_two()
@@ -878,8 +878,8 @@ mod tests {
         }
         let shards = store.inner.shards.len();
         assert_eq!(
-            shards, 4,
-            "one shard for every 2,048 records the bound allows, rounded down to a power of two"
+            shards, 32,
+            "one shard for every 256 records the bound allows, rounded down to a power of two"
         );
         assert!(
             store.len() <= 10_000 + shards,
@@ -897,8 +897,8 @@ mod tests {
             Some(Holder::Completed(_))
         ));
         assert!(store.read(&key(0)).await.unwrap().is_none());
-        // The index forgets the evicted keys: about 15,000 went through each of the 4 shards,
-        // which keep 2,500 records each.
+        // The index forgets the evicted keys: about 1,900 went through each of the 32 shards,
+        // which keep 313 records each.
         assert_stale_index_entries_swept(&store);
     }
 

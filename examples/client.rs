@@ -31,7 +31,7 @@ const USAGE: &str =
     "usage: client --url URL [--key KEY|auto] [--data JSON] [--max-attempts N] [--timeout-ms N]";
 
 struct Args {
-    url: String,
+    url: http::Uri,
     key: Option<IdempotencyKey>,
     data: String,
     max_attempts: u32,
@@ -72,7 +72,13 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
             other => return Err(format!("unknown argument {other}")),
         }
     }
-    let url = url.ok_or("--url is required")?;
+    let url: http::Uri = url
+        .ok_or("--url is required")?
+        .parse()
+        .map_err(|err| format!("--url: {err}"))?;
+    if url.scheme().is_none() || url.host().is_none() {
+        return Err("--url needs a scheme and a host, such as http://127.0.0.1:3000/orders".into());
+    }
     Ok(Args {
         url,
         key,
@@ -123,7 +129,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         .attempt_timeout(args.timeout)
         .layer(hyper);
 
-    let mut req = Request::post(&args.url)
+    let mut req = Request::post(args.url)
         .header(CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(args.data)))?;
     if let Some(key) = args.key {

@@ -89,3 +89,8 @@ pub mod store;
 pub use client::IdempotencyLayer;
 pub use key::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey, InvalidKey};
 pub use server::{IdempotencyService, IdempotencyServiceLayer};
+
+/// The README's code, compiled with the doctests.
+#[cfg(all(doctest, feature = "redis"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -28,6 +28,11 @@ use http_body_util::{Either, Empty, Full, combinators::BoxBody, combinators::Uns
 ///
 /// Your own body type can implement this trait too: return `None` when this value cannot be
 /// sent again.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be sent again, so the retry policy cannot take it",
+    label = "a request body the retry policy needs to copy",
+    note = "buffer the body into `http_body_util::Full<Bytes>` (see `ReplayBody`), or implement `ReplayBody` for it"
+)]
 pub trait ReplayBody: Sized {
     /// A copy of the body to send again, or `None` when this body can be sent only once.
     fn replay(&self) -> Option<Self>;

@@ -16,6 +16,26 @@ use crate::key::{self, IDEMPOTENCY_KEY, IdempotencyKey};
 /// to generate keys for.
 ///
 /// [`MakeUuidKey`] is the default. Return `None` to send the request without a key.
+///
+/// The maker is cloned with the service, and services are cloned freely (once a request with
+/// `oneshot`, once a task), so state it keeps must be shared, behind an `Arc`, or every clone
+/// counts from the same place and gives different operations the same key:
+///
+/// ```
+/// use std::sync::{Arc, atomic::{AtomicU64, Ordering}};
+/// use http::Request;
+/// use tower_idempotency::{IdempotencyKey, client::MakeIdempotencyKey};
+///
+/// #[derive(Clone, Default)]
+/// struct Numbered(Arc<AtomicU64>);
+///
+/// impl MakeIdempotencyKey for Numbered {
+///     fn make_key<B>(&mut self, _: &Request<B>) -> Option<IdempotencyKey> {
+///         let n = self.0.fetch_add(1, Ordering::Relaxed);
+///         IdempotencyKey::new(format!("job-{n}")).ok()
+///     }
+/// }
+/// ```
 pub trait MakeIdempotencyKey {
     /// The key for `request`, or `None` for no key.
     fn make_key<B>(&mut self, request: &Request<B>) -> Option<IdempotencyKey>;
@@ -365,19 +385,20 @@ mod tests {
 
     #[tokio::test]
     async fn custom_header_name_and_key_maker() {
+        // Shared, as every clone of the service must count from the same place.
         #[derive(Clone)]
-        struct Counter(u32);
+        struct Counter(Arc<std::sync::atomic::AtomicU32>);
         impl MakeIdempotencyKey for Counter {
             fn make_key<B>(&mut self, _: &Request<B>) -> Option<IdempotencyKey> {
-                self.0 += 1;
-                IdempotencyKey::new(format!("job-{}", self.0)).ok()
+                let n = 1 + self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                IdempotencyKey::new(format!("job-{n}")).ok()
             }
         }
         let name = HeaderName::from_static("x-idempotency-key");
         let svc = IdempotencyLayer::new()
             .generate_keys()
             .header_name(name.clone())
-            .make_key_with(Counter(0))
+            .make_key_with(Counter(Arc::default()))
             .layer(service_fn(move |req: Request<()>| {
                 let name = name.clone();
                 async move {
@@ -386,7 +407,13 @@ mod tests {
                     Ok::<_, Infallible>(Response::new(v))
                 }
             }));
-        let res = svc.oneshot(post()).await.unwrap();
+        let res = svc.clone().oneshot(post()).await.unwrap();
         assert_eq!(res.body(), "job-1");
+        let res = svc.oneshot(post()).await.unwrap();
+        assert_eq!(
+            res.body(),
+            "job-2",
+            "a clone of the service made the same key again"
+        );
     }
 }

@@ -95,14 +95,17 @@
 //! `ServiceBuilder::new().layer(IdempotencyLayer::new()).retry(RetryPolicy::new()).timeout(d)`.
 //! The policy looks for each request's key under the header the key layer wrote it to, so a
 //! `header_name` set on the layer needs no repeating.
-//! Put the key layer inside the retry by mistake and POSTs are simply not retried: the policy
-//! sees no key on its copy of the request and refuses.
+//! Put the key layer inside the retry by mistake and POSTs and PATCHes without a key of their
+//! own (or with `auto`) are simply not retried: the policy sees no key on its copy of the
+//! request and refuses. Keys generated for a method the policy retries without a key (PUT,
+//! with `generate_keys_for`) would change on every attempt in that order: keep it right.
 //!
 //! # Request bodies
 //!
-//! The retry needs to send the body again, so only bodies that implement [`ReplayBody`] and
-//! give a copy are retried: `Full<Bytes>`, `String`, `Bytes`, `Empty` and the like. Buffer a
-//! streaming body into a `Full` first (see [`ReplayBody`]).
+//! The retry needs to send the body again, so the stack takes bodies that implement
+//! [`ReplayBody`] (`Full<Bytes>`, `String`, `Bytes`, `Empty` and the like), and retries a
+//! request only when its body gives a copy (a boxed body is sent once). Buffer a streaming body
+//! into a `Full` first (see [`ReplayBody`]).
 //!
 //! # Logging
 //!

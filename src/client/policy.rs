@@ -34,6 +34,12 @@ pub trait ClassifyError<E> {
 /// An error from the service under the retry means no HTTP response came back: the connection
 /// failed, closed before the response, or the attempt timed out. Each of these is worth another
 /// attempt, and the idempotency key is what makes that safe for POST and PATCH.
+///
+/// It also retries errors that no attempt can get past, such as a request a client refuses to
+/// send (hyper-util's for a URI without a scheme and host). Those cost only the backoff, since
+/// nothing reaches a server; to stop at once, classify errors yourself with
+/// [`RetryPolicy::retry_errors_if`], for example retrying only what your client reports as a
+/// connection failure or a timeout.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RetryAnyError;
 
@@ -81,8 +87,10 @@ impl<E, F: Fn(&E) -> bool> ClassifyError<E> for F {
 ///
 /// # Replaying the body
 ///
-/// A request is retried only when its body implements [`ReplayBody`] and gives a copy;
-/// otherwise it is sent once. See [`ReplayBody`] for how to buffer a streaming body.
+/// The policy takes request bodies that implement [`ReplayBody`] (a service over another body
+/// type, such as axum's `Body` or hyper's `Incoming`, does not compile with it), and a request
+/// is retried only when its body gives a copy: a boxed body is sent once. See [`ReplayBody`]
+/// for how to buffer a streaming body.
 ///
 /// # Logging
 ///
@@ -270,8 +278,16 @@ impl<C> RetryPolicy<C> {
             .map_or(&self.header, |written| &written.0)
     }
 
+    /// Whether the request carries a key of its own. An `auto` header is a request for one,
+    /// not a key: a key layer inside the retry (the wrong order) would put a fresh one on each
+    /// attempt, so such a request is treated as having none.
     fn has_key<B>(&self, req: &Request<B>) -> bool {
-        req.headers().contains_key(self.key_header(req))
+        req.headers()
+            .get(self.key_header(req))
+            .is_some_and(|value| {
+                !crate::IdempotencyKey::from_header_value(value)
+                    .is_ok_and(|key| crate::key::is_auto(key.as_str().as_bytes()))
+            })
     }
 }
 

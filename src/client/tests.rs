@@ -475,6 +475,29 @@ async fn key_layer_inside_the_retry_does_not_retry_posts() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn key_layer_inside_the_retry_does_not_retry_an_auto_header_either() {
+    // `auto` asks the key layer for a key; in the wrong order it would make a new one for each
+    // attempt. The policy does not count it as a key.
+    let (mock, mut handle) = mock::pair::<Request<Body>, Res>();
+    let client = ServiceBuilder::new()
+        .retry(policy())
+        .layer(IdempotencyLayer::new())
+        .service(mock);
+    let mut req = post(None);
+    req.headers_mut()
+        .insert(IDEMPOTENCY_KEY, http::HeaderValue::from_static("auto"));
+    let call = tokio::spawn(client.oneshot(req));
+    let (seen, _) = serve(&mut handle, vec![Some(status(503))]).await;
+
+    assert_no_more_attempts(handle).await;
+    assert_eq!(
+        call.await.unwrap().unwrap().status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_ne!(seen[0].key.as_deref(), Some("auto"), "the layer made a key");
+}
+
+#[tokio::test(start_paused = true)]
 async fn custom_header_name_reaches_the_policy() {
     let name = http::HeaderName::from_static("x-idempotency-key");
     let (mock, mut handle) = mock::pair::<Request<Body>, Res>();

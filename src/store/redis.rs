@@ -244,8 +244,10 @@ impl RedisStoreBuilder {
     }
 
     /// Connects to one Redis or Valkey server, such as `redis://127.0.0.1:6379` or
-    /// `rediss://user:password@host/2`. Both connections (commands and notifications) reconnect
-    /// by themselves after a failure.
+    /// `redis://user:password@host/2`. Both connections (commands and notifications) reconnect
+    /// by themselves after a failure. TLS (`rediss://`) needs one of the `redis` crate's TLS
+    /// features, turned on in your own `Cargo.toml` (such as `tokio-rustls-comp` with
+    /// `tls-rustls-webpki-roots`); without one, such a URL is refused.
     pub async fn connect(self, url: &str) -> Result<RedisStore, StoreError> {
         let client = Client::open(url).map_err(StoreError::backend)?;
         // RESP3, so that notifications arrive as pushes on a connection that still runs commands.

@@ -1601,3 +1601,132 @@ async fn a_response_with_trailers_goes_out_chunked_with_its_trailers_over_http1(
         );
     }
 }
+
+/// A handler that takes `delay`, then counts its run and answers `run=N`.
+fn slow_orders(
+    calls: &Counter,
+    delay: Duration,
+) -> impl Service<
+    Request<RequestBody<Full<Bytes>>>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future: Send + 'static,
+> + Clone
++ Send
++ 'static {
+    let counted = calls.clone();
+    service_fn(move |_req: Request<RequestBody<Full<Bytes>>>| {
+        let counted = counted.clone();
+        async move {
+            tokio::time::sleep(delay).await;
+            let n = counted.count();
+            Ok(Response::new(Full::new(Bytes::from(format!("run={n}")))))
+        }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_reject_mode_retries_of_a_done_key_arriving_together_are_both_replayed() {
+    // Every claim takes 50 ms to come back, as a remote store's does.
+    let store = Arc::new(CountingStore {
+        slow_claims: usize::MAX,
+        claim_reply: Duration::from_millis(50),
+        ..CountingStore::default()
+    });
+    let calls = Counter::default();
+    let svc = IdempotencyServiceLayer::with_shared_store(store)
+        .on_conflict(OnConflict::Reject)
+        .layer(counted_orders(&calls));
+    assert_eq!(
+        svc.clone().oneshot(order()).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let (a, b) = tokio::join!(svc.clone().oneshot(order()), svc.clone().oneshot(order()));
+    for retry in [a.unwrap(), b.unwrap()] {
+        assert_eq!(
+            retry.status(),
+            StatusCode::OK,
+            "nothing runs: a replay, not 409"
+        );
+        assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    }
+    assert_eq!(calls.runs(), 1);
+    // While it runs, a duplicate is still told 409 at once.
+    let slow = IdempotencyServiceLayer::with_shared_store(Arc::new(CountingStore::default()))
+        .on_conflict(OnConflict::Reject)
+        .layer(slow_orders(&calls, Duration::from_secs(2)));
+    let first = tokio::spawn(slow.clone().oneshot(order()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = tokio::time::Instant::now();
+    let duplicate = slow.clone().oneshot(order()).await.unwrap();
+    assert_eq!(duplicate.status(), StatusCode::CONFLICT);
+    assert!(started.elapsed() < Duration::from_millis(100));
+    assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_waits_to_its_own_deadline_not_that_of_the_one_it_followed() {
+    let store = Arc::new(CountingStore::default());
+    let calls = Counter::default();
+    // One process runs the request, for 3 s.
+    let running = IdempotencyServiceLayer::with_shared_store(store.clone())
+        .layer(slow_orders(&calls, Duration::from_secs(3)));
+    // Another process on the same store waits up to 2 s for it.
+    let waiting = IdempotencyServiceLayer::with_shared_store(store)
+        .wait_timeout(Duration::from_secs(2))
+        .layer(slow_orders(&calls, Duration::from_secs(3)));
+    let run = tokio::spawn(running.oneshot(order()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Waits from 0.1 s to 2.1 s, and gets 409.
+    let early = tokio::spawn(waiting.clone().oneshot(order()));
+    tokio::time::sleep(Duration::from_millis(1400)).await;
+    // Follows it from 1.5 s; its own 2 s last past the run's end at 3 s.
+    let late = waiting.oneshot(order()).await.unwrap();
+    assert_eq!(early.await.unwrap().unwrap().status(), StatusCode::CONFLICT);
+    assert_eq!(
+        late.status(),
+        StatusCode::OK,
+        "answered at its leader's deadline"
+    );
+    assert_eq!(late.headers()["idempotent-replayed"], "true");
+    assert_eq!(run.await.unwrap().unwrap().status(), StatusCode::OK);
+    assert_eq!(calls.runs(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_duplicate_leaves_the_inner_service_s_capacity_to_other_requests() {
+    use tower::limit::ConcurrencyLimitLayer;
+    // A memory store is called at once; a store of another type is awaited, as a remote one.
+    for store in [
+        Arc::new(MemoryStore::new()) as Arc<dyn KeyStore>,
+        Arc::new(CountingStore::default()),
+    ] {
+        let calls = Counter::default();
+        let limited =
+            ConcurrencyLimitLayer::new(2).layer(slow_orders(&calls, Duration::from_secs(5)));
+        let svc = IdempotencyServiceLayer::with_shared_store(store).layer(limited);
+        let keyed = |key: &'static str| {
+            Request::post("/orders")
+                .header("idempotency-key", key)
+                .body(Full::new(Bytes::from("tea")))
+                .unwrap()
+        };
+        let first = tokio::spawn(svc.clone().oneshot(keyed("k1")));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let duplicate = tokio::spawn(svc.clone().oneshot(keyed("k1")));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // One handler runs and the limit is 2: another key starts at once.
+        let started = tokio::time::Instant::now();
+        let other = svc.clone().oneshot(keyed("k2")).await.unwrap();
+        assert_eq!(other.status(), StatusCode::OK);
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "held up {:?} by a duplicate that only waited",
+            started.elapsed()
+        );
+        assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
+        let duplicate = duplicate.await.unwrap().unwrap();
+        assert_eq!(duplicate.headers()["idempotent-replayed"], "true");
+        assert_eq!(calls.runs(), 2);
+    }
+}

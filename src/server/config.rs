@@ -18,7 +18,9 @@ pub enum OnConflict {
     /// (the default). Past the timeout: 409 with `Retry-After`.
     #[default]
     Wait,
-    /// Answer 409 with `Retry-After` at once.
+    /// Answer 409 with `Retry-After` at once. A duplicate in this process of a request still
+    /// asking a remote store about the key waits for that answer (one round trip): a key that
+    /// turns out done is replayed, not refused.
     Reject,
 }
 

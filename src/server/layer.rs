@@ -180,7 +180,9 @@ impl IdempotencyServiceLayer {
 
     /// The largest response body, in bytes, that is stored. A larger response still reaches
     /// its caller whole, streamed; the key is then done but cannot be replayed, and duplicates
-    /// are told so with 409. The request never runs twice.
+    /// are told so with 409. The request never runs twice. The key is marked done as the
+    /// response passes the limit, so a failure later in its body (an error, or a gRPC status
+    /// in its trailers) does not free it for a retry.
     pub fn max_stored_response(mut self, bytes: usize) -> Self {
         self.config().max_stored_response = bytes;
         self

@@ -54,7 +54,8 @@ pub(super) trait Inner<ReqBody, ResBody>:
         Response = Response<ResBody>,
         Future: Send + 'static,
         Error: Send + 'static,
-    > + Send
+    > + Clone
+    + Send
     + 'static
 {
 }
@@ -65,9 +66,43 @@ impl<S, ReqBody, ResBody> Inner<ReqBody, ResBody> for S where
             Response = Response<ResBody>,
             Future: Send + 'static,
             Error: Send + 'static,
-        > + Send
+        > + Clone
+        + Send
         + 'static
 {
+}
+
+/// The inner service a keyed request holds: ready to be called, or given up while the request
+/// waits, so that a duplicate does not keep what readiness reserves (a concurrency limit's
+/// permit, a buffer's slot) from other requests for as long as it waits.
+enum Ready<S> {
+    Ready(S),
+    Unready(S),
+}
+
+impl<S: Clone> Ready<S> {
+    /// Gives up the ready service before a wait, keeping a clone.
+    fn release(self) -> Self {
+        match self {
+            Ready::Ready(ready) => Ready::Unready(ready.clone()),
+            unready => unready,
+        }
+    }
+
+    /// The service, ready to be called: at once if it was not given up, else once its clone
+    /// is ready.
+    async fn ready<R>(self) -> Result<S, S::Error>
+    where
+        S: Service<R>,
+    {
+        match self {
+            Ready::Ready(ready) => Ok(ready),
+            Ready::Unready(mut service) => {
+                std::future::poll_fn(|cx| service.poll_ready(cx)).await?;
+                Ok(service)
+            }
+        }
+    }
 }
 
 /// A response body that can move between tasks.
@@ -348,6 +383,13 @@ impl Keyed {
         reject(problem)
     }
 
+    /// This request's wait is over: it answers 409, and this process's followers, each with
+    /// its own deadline, take over the flight rather than share this one's.
+    fn timed_out<B: Body>(&self, lead: Lead) -> Response<ResponseBody<B>> {
+        lead.finish(Outcome::Released);
+        reject(Problem::WaitTimedOut)
+    }
+
     /// Replays `record` and hands it to this process's followers.
     fn settle<B: Body>(&self, lead: Lead, record: Record) -> Response<ResponseBody<B>> {
         // Followers get a copy; without any, the record is replayed as it is.
@@ -419,7 +461,9 @@ impl Keyed {
     }
 
     /// [`begin`](Self::begin) when it waits: follows this process's flight for the key (as
-    /// `joined` says, then as each new join says), or claims the key in the store.
+    /// `joined` says, then as each new join says), or claims the key in the store. In reject
+    /// mode too a request follows the flight until its lead has heard from the store: the key
+    /// may be done (a replay) rather than running (409).
     async fn proceed<S, ReqBody, ResBody>(
         mut self,
         mut joined: Join,
@@ -432,7 +476,7 @@ impl Keyed {
         ResBody: SendBody,
     {
         let shared = self.shared.clone();
-        let config = &shared.config;
+        let mut inner = Ready::Ready(inner);
         loop {
             let lead = match joined {
                 Join::Lead(lead) => lead,
@@ -440,11 +484,9 @@ impl Keyed {
                 // reused the key: only the store knows which request the key is for. This one
                 // asks it, outside the flight.
                 Join::Mismatch => Lead::alone(),
-                Join::Follow(_) if config.on_conflict == OnConflict::Reject => {
-                    return rejected(Problem::InFlight);
-                }
                 Join::Follow(receiver) => {
                     tracing::debug!(key = %self.key, "idempotency: waiting for the same request in this process");
+                    inner = inner.release();
                     match follow(receiver, self.deadline()).await {
                         None => return rejected(Problem::WaitTimedOut),
                         Some(Outcome::Released) => {
@@ -457,6 +499,11 @@ impl Keyed {
                         Some(Outcome::Respond(problem)) => return rejected(problem),
                     }
                 }
+            };
+            // About to claim, and perhaps to run: the service must be ready first.
+            let inner = match inner.ready().await {
+                Ok(inner) => inner,
+                Err(err) => return Step::Answered(Err(err)),
             };
             let claimed = self.claim().await;
             return match self.claimed(lead, claimed, inner, request) {
@@ -475,7 +522,9 @@ impl Keyed {
     }
 
     /// Acts on a claim that did not simply succeed: replays what the store holds, fails open
-    /// or closed, or waits for whoever holds the key in the store and claims it again.
+    /// or closed, or waits for whoever holds the key in the store and claims it again. While
+    /// it waits, the inner service is given up (see [`Ready`]), and made ready again before
+    /// the key is claimed again.
     async fn contend<S, ReqBody, ResBody>(
         mut self,
         lead: Lead,
@@ -490,14 +539,22 @@ impl Keyed {
     {
         let shared = self.shared.clone();
         let config = &shared.config;
+        let mut inner = Ready::Ready(inner);
         loop {
             let held = match claimed {
                 Ok(Claim::Claimed(token)) => {
+                    // Ready: claims are only made with a ready service.
+                    let (Ready::Ready(inner) | Ready::Unready(inner)) = inner;
                     return self.run(lead, Some(token), inner, request);
                 }
                 Ok(Claim::Held(holder)) => holder,
                 Err(err) => match self.store_failed(lead, &err) {
-                    Ok(lead) => return self.run(lead, None, inner, request),
+                    Ok(lead) => {
+                        return match inner.ready().await {
+                            Ok(inner) => self.run(lead, None, inner, request),
+                            Err(err) => Step::Answered(Err(err)),
+                        };
+                    }
                     Err(problem) => return rejected(problem),
                 },
             };
@@ -513,8 +570,9 @@ impl Keyed {
             }
             let remaining = self.deadline().saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                return Step::Answered(Ok(self.give_up(lead, Problem::WaitTimedOut)));
+                return Step::Answered(Ok(self.timed_out(lead)));
             }
+            inner = inner.release();
             let waited = match &config.local {
                 // Answers by the deadline, without a timer of its own.
                 Some(local) => {
@@ -530,13 +588,19 @@ impl Keyed {
                 }
             };
             claimed = match waited {
-                // Freed: claim it again.
-                Ok(None) => self.claim().await,
+                // Freed: claim it again, with the service ready to run.
+                Ok(None) => {
+                    inner = match inner.ready().await {
+                        Ok(ready) => Ready::Ready(ready),
+                        Err(err) => return Step::Answered(Err(err)),
+                    };
+                    self.claim().await
+                }
                 Ok(Some(Holder::Completed(record))) => {
                     return Step::Answered(Ok(self.settle(lead, record)));
                 }
                 Ok(Some(Holder::InFlight { .. })) => {
-                    return Step::Answered(Ok(self.give_up(lead, Problem::WaitTimedOut)));
+                    return Step::Answered(Ok(self.timed_out(lead)));
                 }
                 Err(err) => Err(err),
             };
@@ -556,6 +620,14 @@ impl Keyed {
         S: Service<Request<RequestBody<ReqBody>>>,
     {
         tracing::debug!(key = %self.key, "idempotency: running the first request");
+        // In reject mode, duplicates that followed this one to hear what the store holds are
+        // told now that it runs.
+        let lead = if self.config().on_conflict == OnConflict::Reject {
+            lead.finish(Outcome::Respond(Problem::InFlight));
+            Lead::alone()
+        } else {
+            lead
+        };
         // Made first, so that a handler that panics in `call` gives the claim back.
         let claim = ClaimGuard {
             keyed: self,

@@ -80,8 +80,11 @@ pub fn default_store_if(parts: &response::Parts) -> bool {
         || status.is_informational()
         || status == StatusCode::REQUEST_TIMEOUT
         || status == StatusCode::TOO_MANY_REQUESTS
-        || transient_grpc_status(&parts.headers))
+        // gRPC answers 200, whatever happened.
+        || (status == StatusCode::OK && transient_grpc_status(&parts.headers)))
 }
+
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// Whether `headers` (a gRPC response's headers, or its trailers) carry a `grpc-status` that a
 /// retry may get past: the codes that map to HTTP 5xx, 408, 429 or 499 (CANCELLED, UNKNOWN,
@@ -91,7 +94,7 @@ pub fn default_store_if(parts: &response::Parts) -> bool {
 /// A response whose trailers carry such a status is never stored, whatever
 /// [`store_if`](super::IdempotencyServiceLayer::store_if) said of its head.
 pub fn transient_grpc_status(headers: &HeaderMap) -> bool {
-    let Some(status) = headers.get("grpc-status") else {
+    let Some(status) = headers.get(GRPC_STATUS) else {
         return false;
     };
     matches!(

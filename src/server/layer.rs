@@ -166,6 +166,11 @@ impl IdempotencyServiceLayer {
     /// Whether the lease is renewed while the handler runs and while its response body is read
     /// to be stored (on by default). Without renewal, a run slower than the lease loses its
     /// claim: a duplicate may run, and the slow run's response is not stored (it is fenced).
+    ///
+    /// With renewal, a run that never ends (a handler that hangs, a body that stalls) holds its
+    /// key for as long as the process lives, even once its caller has left. Bound runs inside
+    /// this layer: tower's `TimeoutLayer` around the handler, and a body timeout such as
+    /// tower-http's `ResponseBodyTimeoutLayer`; a run that times out gives its key back.
     pub fn keep_lease_alive(mut self, keep_alive: bool) -> Self {
         self.config().keep_lease_alive = keep_alive;
         self

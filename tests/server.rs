@@ -1339,23 +1339,35 @@ fn order_of(body: &'static str) -> Request<Full<Bytes>> {
         .unwrap()
 }
 
+/// The handlers of the services called in process.
+trait Orders:
+    Service<
+        Request<RequestBody<Full<Bytes>>>,
+        Response = Response<Full<Bytes>>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<T> Orders for T where
+    T: Service<
+            Request<RequestBody<Full<Bytes>>>,
+            Response = Response<Full<Bytes>>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
 /// A handler for the services called in process: it counts each run in `calls` and answers
 /// `run=N` for the Nth.
-fn counted_orders(
-    calls: &Counter,
-) -> impl Service<
-    Request<RequestBody<Full<Bytes>>>,
-    Response = Response<Full<Bytes>>,
-    Error = Infallible,
-    Future: Send + 'static,
-> + Clone
-+ Send
-+ 'static {
-    let counted = calls.clone();
-    service_fn(move |_req: Request<RequestBody<Full<Bytes>>>| {
-        let n = counted.count();
-        async move { Ok(Response::new(Full::new(Bytes::from(format!("run={n}"))))) }
-    })
+fn counted_orders(calls: &Counter) -> impl Orders {
+    slow_orders(calls, Duration::ZERO)
 }
 
 #[tokio::test]
@@ -1602,24 +1614,15 @@ async fn a_response_with_trailers_goes_out_chunked_with_its_trailers_over_http1(
     }
 }
 
-/// A handler that takes `delay`, then counts its run and answers `run=N`.
-fn slow_orders(
-    calls: &Counter,
-    delay: Duration,
-) -> impl Service<
-    Request<RequestBody<Full<Bytes>>>,
-    Response = Response<Full<Bytes>>,
-    Error = Infallible,
-    Future: Send + 'static,
-> + Clone
-+ Send
-+ 'static {
+/// A handler that counts its run, takes `delay`, and answers `run=N` for the Nth.
+fn slow_orders(calls: &Counter, delay: Duration) -> impl Orders {
     let counted = calls.clone();
     service_fn(move |_req: Request<RequestBody<Full<Bytes>>>| {
-        let counted = counted.clone();
+        let n = counted.count();
         async move {
-            tokio::time::sleep(delay).await;
-            let n = counted.count();
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             Ok(Response::new(Full::new(Bytes::from(format!("run={n}")))))
         }
     })

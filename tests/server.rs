@@ -1733,3 +1733,65 @@ async fn a_waiting_duplicate_leaves_the_inner_service_s_capacity_to_other_reques
         assert_eq!(calls.runs(), 2);
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn in_reject_mode_with_the_store_down_and_failing_open_a_duplicate_is_still_refused() {
+    let calls = Counter::default();
+    let svc = IdempotencyServiceLayer::new(DownStore)
+        .on_conflict(OnConflict::Reject)
+        .on_store_error(OnStoreError::FailOpen)
+        .layer(slow_orders(&calls, Duration::from_secs(2)));
+    let first = tokio::spawn(svc.clone().oneshot(order()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let duplicate = svc.clone().oneshot(order()).await.unwrap();
+    assert_eq!(duplicate.status(), StatusCode::CONFLICT);
+    assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        calls.runs(),
+        1,
+        "a duplicate in this process ran beside the first"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_that_waited_does_not_wait_for_capacity_past_its_deadline() {
+    use tower::limit::ConcurrencyLimitLayer;
+    let store = Arc::new(CountingStore::default());
+    let calls = Counter::default();
+    // Another process runs k for 3 s.
+    let elsewhere = IdempotencyServiceLayer::with_shared_store(store.clone())
+        .layer(slow_orders(&calls, Duration::from_secs(3)));
+    let run = tokio::spawn(elsewhere.oneshot(order()));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // Here, one request at a time, and waits of 1 s.
+    let here = IdempotencyServiceLayer::with_shared_store(store)
+        .wait_timeout(Duration::from_secs(1))
+        .layer(ConcurrencyLimitLayer::new(1).layer(slow_orders(&calls, Duration::from_secs(60))));
+    let started = tokio::time::Instant::now();
+    let leading = tokio::spawn(here.clone().oneshot(order()));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let following = tokio::spawn(here.clone().oneshot(order()));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // Another key takes the one slot for a minute.
+    let other = tokio::spawn(
+        here.clone().oneshot(
+            Request::post("/orders")
+                .header("idempotency-key", "other")
+                .body(Full::new(Bytes::from("tea")))
+                .unwrap(),
+        ),
+    );
+    assert_eq!(
+        leading.await.unwrap().unwrap().status(),
+        StatusCode::CONFLICT
+    );
+    let following = following.await.unwrap().unwrap();
+    assert_eq!(following.status(), StatusCode::CONFLICT);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a duplicate with a 1 s wait answered after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(run.await.unwrap().unwrap().status(), StatusCode::OK);
+    assert_eq!(other.await.unwrap().unwrap().status(), StatusCode::OK);
+}

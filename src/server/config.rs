@@ -20,7 +20,8 @@ pub enum OnConflict {
     Wait,
     /// Answer 409 with `Retry-After` at once. A duplicate in this process of a request still
     /// asking a remote store about the key waits for that answer (one round trip): a key that
-    /// turns out done is replayed, not refused.
+    /// turns out done is replayed, not refused; one that runs, or ran and was given back, is
+    /// refused.
     Reject,
 }
 

@@ -99,6 +99,19 @@ impl Lead {
         Self(None)
     }
 
+    /// Tells the followers `outcome` while the flight goes on: those there now, and those that
+    /// join before it ends.
+    pub(crate) fn announce(&mut self, outcome: Outcome) {
+        let Some((flights, key)) = &self.0 else {
+            return;
+        };
+        if let Some((_, sender)) = flights.shard(key).get_mut(key) {
+            sender
+                .get_or_insert_with(|| watch::Sender::new(None))
+                .send_replace(Some(outcome));
+        }
+    }
+
     /// Ends the flight and tells every follower how.
     pub(crate) fn finish(self, outcome: Outcome) {
         self.finish_with(|| outcome);

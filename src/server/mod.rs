@@ -131,7 +131,8 @@
 //!   disconnects is not cancelled ([`detach`](IdempotencyServiceLayer::detach)): it finishes in
 //!   a task of its own, and the retry gets its stored response.
 //! - A duplicate that waits gives up the inner service's readiness meanwhile (a concurrency
-//!   limit's permit, a buffer's slot), and gets ready again only if it is to run.
+//!   limit's permit, a buffer's slot), and gets ready again only if it is to run, by its own
+//!   wait's deadline (past it: 409).
 //! - Responses with a 1xx, 5xx, 408 or 429 status, and gRPC answers whose `grpc-status` (in
 //!   the headers or the trailers) is one a retry may get past, are not stored: the claim is
 //!   released and a retry runs again ([`store_if`](IdempotencyServiceLayer::store_if) changes

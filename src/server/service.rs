@@ -383,6 +383,21 @@ impl Keyed {
         reject(problem)
     }
 
+    /// Gets `inner` ready to claim and run. A request that gave its service up to wait gets a
+    /// clone ready by its own deadline: one that only waited does not wait for capacity past
+    /// it. `None` when the deadline passed first.
+    async fn ready<S, R>(&mut self, inner: Ready<S>) -> Option<Result<S, S::Error>>
+    where
+        S: Service<R> + Clone,
+    {
+        match inner {
+            Ready::Ready(ready) => Some(Ok(ready)),
+            unready => tokio::time::timeout_at(self.deadline(), unready.ready())
+                .await
+                .ok(),
+        }
+    }
+
     /// This request's wait is over: it answers 409, and this process's followers, each with
     /// its own deadline, take over the flight rather than share this one's.
     fn timed_out<B: Body>(&self, lead: Lead) -> Response<ResponseBody<B>> {
@@ -489,6 +504,13 @@ impl Keyed {
                     inner = inner.release();
                     match follow(receiver, self.deadline()).await {
                         None => return rejected(Problem::WaitTimedOut),
+                        // In reject mode, the request it followed was in progress: 409, as
+                        // for any duplicate of a request in progress.
+                        Some(Outcome::Released)
+                            if shared.config.on_conflict == OnConflict::Reject =>
+                        {
+                            return rejected(Problem::InFlight);
+                        }
                         Some(Outcome::Released) => {
                             joined = shared.flights.join(self.store_key, self.fingerprint);
                             continue;
@@ -501,9 +523,10 @@ impl Keyed {
                 }
             };
             // About to claim, and perhaps to run: the service must be ready first.
-            let inner = match inner.ready().await {
-                Ok(inner) => inner,
-                Err(err) => return Step::Answered(Err(err)),
+            let inner = match self.ready(inner).await {
+                Some(Ok(inner)) => inner,
+                Some(Err(err)) => return Step::Answered(Err(err)),
+                None => return Step::Answered(Ok(self.timed_out(lead))),
             };
             let claimed = self.claim().await;
             return match self.claimed(lead, claimed, inner, request) {
@@ -550,9 +573,10 @@ impl Keyed {
                 Ok(Claim::Held(holder)) => holder,
                 Err(err) => match self.store_failed(lead, &err) {
                     Ok(lead) => {
-                        return match inner.ready().await {
-                            Ok(inner) => self.run(lead, None, inner, request),
-                            Err(err) => Step::Answered(Err(err)),
+                        return match self.ready(inner).await {
+                            Some(Ok(inner)) => self.run(lead, None, inner, request),
+                            Some(Err(err)) => Step::Answered(Err(err)),
+                            None => Step::Answered(Ok(self.timed_out(lead))),
                         };
                     }
                     Err(problem) => return rejected(problem),
@@ -590,9 +614,10 @@ impl Keyed {
             claimed = match waited {
                 // Freed: claim it again, with the service ready to run.
                 Ok(None) => {
-                    inner = match inner.ready().await {
-                        Ok(ready) => Ready::Ready(ready),
-                        Err(err) => return Step::Answered(Err(err)),
+                    inner = match self.ready(inner).await {
+                        Some(Ok(ready)) => Ready::Ready(ready),
+                        Some(Err(err)) => return Step::Answered(Err(err)),
+                        None => return Step::Answered(Ok(self.timed_out(lead))),
                     };
                     self.claim().await
                 }
@@ -621,13 +646,11 @@ impl Keyed {
     {
         tracing::debug!(key = %self.key, "idempotency: running the first request");
         // In reject mode, duplicates that followed this one to hear what the store holds are
-        // told now that it runs.
-        let lead = if self.config().on_conflict == OnConflict::Reject {
-            lead.finish(Outcome::Respond(Problem::InFlight));
-            Lead::alone()
-        } else {
-            lead
-        };
+        // told now that it runs, as are those that join while it runs.
+        let mut lead = lead;
+        if self.config().on_conflict == OnConflict::Reject {
+            lead.announce(Outcome::Respond(Problem::InFlight));
+        }
         // Made first, so that a handler that panics in `call` gives the claim back.
         let claim = ClaimGuard {
             keyed: self,

@@ -286,17 +286,19 @@ async fn main() {
         .collect();
     let mut statuses = BTreeMap::new();
     let mut bodies = std::collections::BTreeSet::new();
+    let mut replayed = 0;
     for task in tasks {
         match task.await.unwrap() {
             Ok(reply) => {
                 *statuses.entry(reply.status.to_string()).or_insert(0) += 1;
+                replayed += usize::from(reply.replayed);
                 bodies.insert(reply.body);
             }
             Err(err) => *statuses.entry(format!("error: {err}")).or_insert(0) += 1,
         }
     }
     println!(
-        "   answers: {statuses:?} in {} ms",
+        "   answers: {statuses:?} in {} ms, {replayed} of them marked Idempotent-Replayed",
         started.elapsed().as_millis()
     );
     println!(

@@ -636,7 +636,7 @@ impl Keyed {
     /// open. The future returned is the call's alone: the service is dropped.
     fn run<S, ReqBody, O>(
         self,
-        lead: Lead,
+        mut lead: Lead,
         token: Option<FencingToken>,
         mut inner: S,
         request: Request<RequestBody<ReqBody>>,
@@ -647,7 +647,6 @@ impl Keyed {
         tracing::debug!(key = %self.key, "idempotency: running the first request");
         // In reject mode, duplicates that followed this one to hear what the store holds are
         // told now that it runs, as are those that join while it runs.
-        let mut lead = lead;
         if self.config().on_conflict == OnConflict::Reject {
             lead.announce(Outcome::Respond(Problem::InFlight));
         }

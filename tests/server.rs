@@ -104,6 +104,7 @@ async fn a_duplicate_in_flight_waits_and_gets_the_same_answer() {
     let s = Arc::new(server(IdempotencyServiceLayer::default()).await);
     let first = s.spawn_post("/orders?delay_ms=400", "slow", "tea");
     tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!first.is_finished(), "the first request is still running");
     let duplicate = s.post("/orders?delay_ms=400", "slow", "tea").await;
     let first = first.await.unwrap();
     assert_eq!(duplicate.status, StatusCode::CREATED);
@@ -299,6 +300,10 @@ async fn the_store_predicate_is_configurable() {
     s.post("/orders?status=409", "k", "tea").await;
     assert!(!s.post("/orders?status=409", "k", "tea").await.replayed());
     assert_eq!(s.runs.runs(), 2);
+    // What the predicate lets through is still stored.
+    s.post("/orders", "other", "tea").await;
+    assert!(s.post("/orders", "other", "tea").await.replayed());
+    assert_eq!(s.runs.runs(), 3);
 }
 
 #[tokio::test]
@@ -1794,4 +1799,164 @@ async fn a_duplicate_that_waited_does_not_wait_for_capacity_past_its_deadline() 
     );
     assert_eq!(run.await.unwrap().unwrap().status(), StatusCode::OK);
     assert_eq!(other.await.unwrap().unwrap().status(), StatusCode::OK);
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_reject_mode_a_duplicate_of_a_first_request_that_failed_is_refused() {
+    // The first request's claim takes 100 ms to come back; its handler then fails, giving the
+    // key back. A duplicate that followed it is told 409, not run beside a retry.
+    let store = Arc::new(CountingStore {
+        slow_claims: 1,
+        claim_reply: Duration::from_millis(100),
+        ..CountingStore::default()
+    });
+    let calls = Counter::default();
+    let counted = calls.clone();
+    let svc = IdempotencyServiceLayer::with_shared_store(store)
+        .on_conflict(OnConflict::Reject)
+        .layer(service_fn(
+            move |_req: Request<RequestBody<Full<Bytes>>>| {
+                counted.count();
+                async { Err::<Response<Full<Bytes>>, _>("the database is down") }
+            },
+        ));
+    let first = tokio::spawn(svc.clone().oneshot(order()));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let duplicate = svc.clone().oneshot(order()).await.unwrap();
+    assert_eq!(duplicate.status(), StatusCode::CONFLICT);
+    assert!(
+        first.await.unwrap().is_err(),
+        "the first request's error reaches its caller"
+    );
+    assert_eq!(calls.runs(), 1);
+}
+
+/// A response body of 20 bytes, given as 10 and 10, that fails after them.
+struct FailsAfterTwenty {
+    sent: usize,
+}
+
+impl http_body::Body for FailsAfterTwenty {
+    type Data = Bytes;
+    type Error = &'static str;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, &'static str>>> {
+        self.sent += 1;
+        std::task::Poll::Ready(Some(match self.sent {
+            1 | 2 => Ok(http_body::Frame::data(Bytes::from("0123456789"))),
+            _ => Err("upstream reset"),
+        }))
+    }
+}
+
+#[tokio::test]
+async fn a_response_too_large_to_store_that_fails_later_keeps_its_key_done() {
+    // As documented: the key is marked done as the response passes the storable limit, so a
+    // failure after that does not free it, and the operation never runs twice.
+    let calls = Counter::default();
+    let counted = calls.clone();
+    let svc = IdempotencyServiceLayer::new(MemoryStore::new())
+        .max_stored_response(8)
+        .layer(service_fn(
+            move |_req: Request<RequestBody<Full<Bytes>>>| {
+                counted.count();
+                async { Ok::<_, Infallible>(Response::new(FailsAfterTwenty { sent: 0 })) }
+            },
+        ));
+    let first = svc.clone().oneshot(order()).await.unwrap();
+    assert_eq!(
+        first.into_body().collect().await.unwrap_err().to_string(),
+        "upstream reset"
+    );
+    let retry = svc.clone().oneshot(order()).await.unwrap();
+    assert_eq!(retry.status(), StatusCode::CONFLICT);
+    assert!(
+        !retry.headers().contains_key(header::RETRY_AFTER),
+        "waiting would not help"
+    );
+    assert_eq!(calls.runs(), 1);
+}
+
+#[tokio::test]
+async fn duplicates_in_one_process_ask_a_remote_store_once() {
+    // Claims take 50 ms to come back, as a remote store's do; 100 duplicates arrive together.
+    let store = Arc::new(CountingStore {
+        slow_claims: usize::MAX,
+        claim_reply: Duration::from_millis(50),
+        ..CountingStore::default()
+    });
+    let calls = Counter::default();
+    let svc = IdempotencyServiceLayer::with_shared_store(store.clone())
+        .layer(slow_orders(&calls, Duration::from_millis(100)));
+    let answers: Vec<_> = (0..100)
+        .map(|_| tokio::spawn(svc.clone().oneshot(order())))
+        .collect();
+    let mut replayed = 0;
+    for answer in answers {
+        let answer = answer.await.unwrap().unwrap();
+        assert_eq!(answer.status(), StatusCode::OK);
+        replayed += usize::from(answer.headers().contains_key("idempotent-replayed"));
+    }
+    assert_eq!(replayed, 99);
+    assert_eq!(calls.runs(), 1);
+    assert_eq!(
+        store.claims.load(Ordering::SeqCst),
+        1,
+        "the duplicates followed the first instead of each asking the store"
+    );
+}
+
+#[tokio::test]
+async fn patch_a_custom_header_and_a_scope_closure_work_as_configured() {
+    let calls = Counter::default();
+    let svc = IdempotencyServiceLayer::new(MemoryStore::new())
+        .header_name(header::HeaderName::from_static("x-request-key"))
+        .methods([Method::PATCH])
+        .scope(|parts| {
+            parts
+                .uri
+                .query()
+                .and_then(|q| q.strip_prefix("tenant="))
+                .map(str::to_owned)
+        })
+        .layer(counted_orders(&calls));
+    let patch = |tenant: &str| {
+        Request::patch(format!("/orders/7?tenant={tenant}"))
+            .header("x-request-key", "k")
+            .body(Full::new(Bytes::from("qty=2")))
+            .unwrap()
+    };
+    let first = svc.clone().oneshot(patch("a")).await.unwrap();
+    let again = svc.clone().oneshot(patch("a")).await.unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let (first, again) = (
+        first.into_body().collect().await.unwrap().to_bytes(),
+        again.into_body().collect().await.unwrap().to_bytes(),
+    );
+    assert_eq!(again, first);
+    // Another tenant's key of the same name is its own.
+    let other = svc.clone().oneshot(patch("b")).await.unwrap();
+    assert!(!other.headers().contains_key("idempotent-replayed"));
+    // POST is not among the methods now, and a request no scope can be read from is 400.
+    let post = Request::post("/orders?tenant=a")
+        .header("x-request-key", "k")
+        .body(Full::new(Bytes::from("qty=2")))
+        .unwrap();
+    svc.clone().oneshot(post).await.unwrap();
+    let unscoped = Request::patch("/orders/7")
+        .header("x-request-key", "k")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(
+        svc.clone().oneshot(unscoped).await.unwrap().status(),
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        calls.runs(),
+        3,
+        "tenant a once, tenant b once, the POST once"
+    );
 }

@@ -326,5 +326,25 @@ async fn main() {
     }
     let total: usize = ledger.values().sum();
     println!("{total} handler runs for {} keys.", ledger.len());
-    assert_eq!(total, ledger.len(), "every key ran exactly once");
+
+    // What the demo shows, checked: it fails loudly rather than print a wrong story.
+    let storm_ok = statuses.len() == 1 && statuses.get("201 Created") == Some(&100);
+    let checks = [
+        (
+            first.status == StatusCode::CREATED && first.replayed,
+            "the retried order was replayed with 201",
+        ),
+        (
+            storm_ok && bodies.len() == 1 && replayed == 99,
+            "the storm got one answer, 99 times replayed",
+        ),
+        (
+            reused.status == StatusCode::UNPROCESSABLE_ENTITY,
+            "the reused key got 422",
+        ),
+        (total == ledger.len(), "every key ran exactly once"),
+    ];
+    for (held, what) in checks {
+        assert!(held, "the demo went wrong: expected that {what}");
+    }
 }

@@ -95,7 +95,13 @@ async fn duplicates_across_two_services_on_a_cluster_run_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_waiter_in_another_service_gets_the_answer_as_soon_as_it_is_stored() {
     let server = RedisServer::start();
-    let [a, b] = two_services_on(&server).await;
+    // B polls only every 10 s: an answer within a second is the notification's.
+    let slow_poller = RedisStore::builder()
+        .poll_interval(Duration::from_secs(10))
+        .connect(&server.url())
+        .await
+        .unwrap();
+    let [a, b] = two_services(standalone_store(&server.url()).await, slow_poller).await;
     let mut lags = Vec::new();
     for _ in 0..5 {
         let key = IdempotencyKey::auto();
@@ -117,7 +123,7 @@ async fn a_waiter_in_another_service_gets_the_answer_as_soon_as_it_is_stored() {
     let median = support::median(lags.clone());
     println!("cross-service wake-up after completion: median {median:?}, all {lags:?}");
     assert!(
-        median < Duration::from_millis(50),
+        median < Duration::from_secs(1),
         "the waiter was not woken by the completion: {lags:?}"
     );
     assert_eq!(a.runs.runs(), 5);

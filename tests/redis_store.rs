@@ -438,7 +438,7 @@ async fn two_independent_stores_on_a_cluster_claim_each_key_exactly_once() {
 }
 
 /// A waiter on store B is woken by a completion on store A, through pub/sub: B polls only every
-/// 5 s, so a wake-up within 50 ms can only be the notification.
+/// 5 s, so a wake-up within a second can only be the notification.
 async fn cross_store_wake_up(a: RedisStore, b: RedisStore, setup: &str) {
     let mut latencies = Vec::new();
     for _ in 0..7 {
@@ -468,7 +468,7 @@ async fn cross_store_wake_up(a: RedisStore, b: RedisStore, setup: &str) {
         "{setup}: a waiter on another store was woken {median:?} (median) after the completion; all: {latencies:?}"
     );
     assert!(
-        median < Duration::from_millis(50),
+        median < Duration::from_secs(1),
         "{setup}: the median wake-up took {median:?}: {latencies:?}"
     );
 }
@@ -620,9 +620,9 @@ async fn a_step_whose_reply_timed_out_is_not_sent_again() {
     assert_eq!(gets, 1, "{commands:#?}");
 }
 
-/// Waiters on B for many keys at once, arriving at random moments, a third of them giving up
-/// early: every one that stays is answered by pub/sub (B polls only every 30 s), and once all
-/// have left, no subscription is left behind on any node.
+/// Waiters on B for many keys at once, arriving at random moments, one in six giving up early
+/// (and seeing the key still in flight): every one that stays is answered by pub/sub (B polls
+/// only every 30 s), and once all have left, no subscription is left behind on any node.
 async fn many_keys_waited_on_at_once(a: RedisStore, b: RedisStore, nodes: &[String], setup: &str) {
     use rand::Rng;
     const KEYS: usize = 300;
@@ -649,7 +649,8 @@ async fn many_keys_waited_on_at_once(a: RedisStore, b: RedisStore, nodes: &[Stri
             }));
         }
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Completed once those giving up have long gone.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     for (key, token) in keys.iter().zip(tokens) {
         assert_eq!(
             a.complete(key, token, &record("many"), RETENTION)
@@ -660,9 +661,12 @@ async fn many_keys_waited_on_at_once(a: RedisStore, b: RedisStore, nodes: &[Stri
     }
     for waiter in waiters {
         let (gave_up, seen) = waiter.await.unwrap();
-        if !gave_up {
-            assert_eq!(seen, Some(Holder::Completed(record("many"))), "{setup}");
-        }
+        let expected = if gave_up {
+            Some(Holder::InFlight { fingerprint: fp(1) })
+        } else {
+            Some(Holder::Completed(record("many")))
+        };
+        assert_eq!(seen, expected, "{setup}, gave up: {gave_up}");
     }
     let elapsed = started.elapsed();
     println!(

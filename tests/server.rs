@@ -708,13 +708,13 @@ async fn a_lapsed_lease_lets_another_run_in_and_fences_the_stale_completion() {
     let store = MemoryStore::new();
     // Service a never renews its short lease; service b keeps its claims alive.
     let short = IdempotencyServiceLayer::new(store.clone())
-        .lease(Duration::from_millis(200))
+        .lease(Duration::from_millis(600))
         .keep_lease_alive(false);
     let [a, b] = two_servers(short, IdempotencyServiceLayer::new(store)).await;
-    let slow = a.spawn_post("/orders?delay_ms=700", "k", "tea");
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let slow = a.spawn_post("/orders?delay_ms=2000", "k", "tea");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     // The first run's lease has lapsed: the second service takes the key over and runs.
-    let second = b.post("/orders?delay_ms=700", "k", "tea").await;
+    let second = b.post("/orders?delay_ms=2000", "k", "tea").await;
     assert_eq!(second.status, StatusCode::CREATED);
     assert!(!second.replayed());
     let first = slow.await.unwrap();
@@ -726,7 +726,7 @@ async fn a_lapsed_lease_lets_another_run_in_and_fences_the_stale_completion() {
     assert_ne!(first.body, second.body);
     assert_eq!(a.runs.runs(), 2);
     // The stale run was fenced: what is replayed is the second run's answer.
-    let replay = a.post("/orders?delay_ms=700", "k", "tea").await;
+    let replay = a.post("/orders?delay_ms=2000", "k", "tea").await;
     assert!(replay.replayed());
     assert_eq!(replay.body, second.body);
     assert_eq!(a.runs.runs(), 2);
@@ -735,13 +735,13 @@ async fn a_lapsed_lease_lets_another_run_in_and_fences_the_stale_completion() {
 #[tokio::test]
 async fn with_keep_alive_a_slow_handler_keeps_its_claim() {
     let store = MemoryStore::new();
-    // A 600 ms lease, renewed every 200 ms, under a 1.5 s handler: without the renewals the
-    // duplicate at 900 ms would find the claim lapsed and run.
-    let layer = || IdempotencyServiceLayer::new(store.clone()).lease(Duration::from_millis(600));
+    // A 1.5 s lease, renewed every 500 ms, under a 3 s handler: without the renewals the
+    // duplicate at 2 s would find the claim lapsed and run.
+    let layer = || IdempotencyServiceLayer::new(store.clone()).lease(Duration::from_millis(1500));
     let [a, b] = two_servers(layer(), layer()).await;
-    let slow = a.spawn_post("/orders?delay_ms=1500", "k", "tea");
-    tokio::time::sleep(Duration::from_millis(900)).await;
-    let duplicate = b.post("/orders?delay_ms=1500", "k", "tea").await;
+    let slow = a.spawn_post("/orders?delay_ms=3000", "k", "tea");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let duplicate = b.post("/orders?delay_ms=3000", "k", "tea").await;
     let first = slow.await.unwrap();
     assert!(
         duplicate.replayed(),
@@ -923,10 +923,10 @@ async fn trailers_are_stored_and_replayed() {
 
 #[tokio::test]
 async fn records_expire_after_the_retention() {
-    let s = server(IdempotencyServiceLayer::default().retention(Duration::from_millis(300))).await;
+    let s = server(IdempotencyServiceLayer::default().retention(Duration::from_secs(1))).await;
     let first = s.post("/orders", "k", "tea").await;
     assert!(s.post("/orders", "k", "tea").await.replayed());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let later = s.post("/orders", "k", "tea").await;
     assert!(!later.replayed());
     assert_ne!(later.body, first.body);

@@ -318,7 +318,7 @@ fn jitter_spreads_the_waits_below_the_maximum_too() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn clients_that_failed_together_stay_apart_at_the_maximum_backoff() {
+async fn waits_at_the_maximum_backoff_still_vary() {
     let policy = policy()
         .max_attempts(6)
         .backoff(Duration::from_millis(100), Duration::from_millis(400));

@@ -259,13 +259,14 @@ pub async fn a_lapsed_claim_is_no_claim(store: Arc<dyn KeyStore>) {
 /// A record is kept for its retention, however short the lease of the claim it completed.
 pub async fn a_record_outlives_the_lease_of_its_claim(store: Arc<dyn KeyStore>) {
     let key = fresh_key();
-    let token = claimed(&*store, &key, fingerprint(1), Duration::from_millis(150)).await;
+    // The lease also covers the way from claim to completion, however slow the backend.
+    let token = claimed(&*store, &key, fingerprint(1), Duration::from_secs(1)).await;
     let rec = record(fingerprint(1), "kept");
     assert_eq!(
         store.complete(&key, token, &rec, RETENTION).await.unwrap(),
         Completion::Stored
     );
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
         store.claim(&key, &fingerprint(1), LEASE).await.unwrap(),
         Claim::Held(Holder::Completed(rec)),
@@ -303,7 +304,7 @@ pub async fn bodies_of_any_bytes_round_trip(store: Arc<dyn KeyStore>) {
 /// Extending a lease keeps the claim past its first lease; only the owner can extend.
 pub async fn extend_keeps_the_claim(store: Arc<dyn KeyStore>) {
     let key = fresh_key();
-    let lease = Duration::from_millis(300);
+    let lease = Duration::from_secs(1);
     let token = claimed(&*store, &key, fingerprint(1), lease).await;
     assert!(
         !store
@@ -311,8 +312,9 @@ pub async fn extend_keeps_the_claim(store: Arc<dyn KeyStore>) {
             .await
             .unwrap()
     );
+    // 1.5 s in all, past the first lease, with 750 ms to spare at each renewal.
     for _ in 0..6 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
         assert!(
             store.extend(&key, token, lease).await.unwrap(),
             "the owner could not extend"
@@ -334,14 +336,14 @@ pub async fn records_expire_after_retention(store: Arc<dyn KeyStore>) {
     let token = claimed(&*store, &key, fingerprint(1), LEASE).await;
     let rec = record(fingerprint(1), "short-lived");
     store
-        .complete(&key, token, &rec, Duration::from_millis(300))
+        .complete(&key, token, &rec, Duration::from_secs(1))
         .await
         .unwrap();
     assert_eq!(
         store.read(&key).await.unwrap(),
         Some(Holder::Completed(rec))
     );
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(store.read(&key).await.unwrap(), None);
     claimed(&*store, &key, fingerprint(2), LEASE).await;
 }
@@ -432,11 +434,12 @@ pub async fn wait_times_out_while_in_flight(store: Arc<dyn KeyStore>) {
 /// A waiter learns that a claim's lease lapsed, without waiting out its own timeout.
 pub async fn wait_ends_when_the_lease_lapses(store: Arc<dyn KeyStore>) {
     let key = fresh_key();
-    claimed(&*store, &key, fingerprint(1), Duration::from_millis(300)).await;
+    // Timed from before the claim, so that the lease can only lapse after `started`.
     let started = Instant::now();
+    claimed(&*store, &key, fingerprint(1), Duration::from_millis(300)).await;
     assert_eq!(store.wait(&key, LONG_WAIT).await.unwrap(), None);
     assert!(
-        started.elapsed() >= Duration::from_millis(250),
+        started.elapsed() >= Duration::from_millis(300),
         "the waiter left before the lease lapsed"
     );
     assert!(

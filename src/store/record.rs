@@ -349,7 +349,7 @@ mod tests {
     }
 
     #[test]
-    fn every_truncation_and_garbage_is_an_error_not_a_panic() {
+    fn truncations_and_garbage_are_errors_and_flipped_bytes_never_panic() {
         let encoded = sample().encode();
         for len in 0..encoded.len() {
             assert!(

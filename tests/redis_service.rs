@@ -149,6 +149,11 @@ async fn a_response_refused_for_want_of_memory_is_stored_once_memory_returns() {
     assert_eq!(first.status, StatusCode::CREATED);
     assert_eq!(first.text(), "run=1 body=tea");
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let errors = command(server.port(), "INFO errorstats");
+    assert!(
+        errors.contains("errorstat_OOM"),
+        "Redis never refused a write, so nothing was tested: {errors}"
+    );
     assert_eq!(
         command(server.port(), "CONFIG SET maxmemory 0").trim(),
         "+OK"
@@ -287,6 +292,20 @@ async fn a_corrupted_value_is_an_error_response_not_a_panic() {
     );
 }
 
+/// The Rust files under `dir`.
+fn sources(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(sources(&path));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            files.push(path);
+        }
+    }
+    files
+}
+
 /// An `examples/server` process, killed on drop.
 struct ServerProcess {
     child: Child,
@@ -306,6 +325,19 @@ impl ServerProcess {
         assert!(
             path.exists(),
             "{} is missing: build it with `cargo build --all-features --examples`",
+            path.display()
+        );
+        // A binary older than the code it is built from would test yesterday's server.
+        let built = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let newer: Vec<_> = sources(&root.join("src"))
+            .into_iter()
+            .chain([root.join("examples").join("server.rs")])
+            .filter(|file| std::fs::metadata(file).unwrap().modified().unwrap() > built)
+            .collect();
+        assert!(
+            newer.is_empty(),
+            "{} is older than {newer:?}: rebuild it with `cargo build --all-features --examples`",
             path.display()
         );
         let mut child = Command::new(&path)

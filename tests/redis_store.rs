@@ -730,3 +730,50 @@ async fn many_keys_waited_on_at_once_on_a_cluster_are_all_woken_and_unsubscribed
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_notification_never_comes_finds_the_record_by_polling() {
+    // The record lands with no message on its channel (as when a message is lost): the waiter
+    // polls, every 200 ms here, and finds it.
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    let waiting = RedisStore::builder()
+        .poll_interval(Duration::from_millis(200))
+        .connect(&server.url())
+        .await
+        .unwrap();
+    let done = fresh_key();
+    let token = claimed(&store, &done, LEASE).await;
+    store
+        .complete(&done, token, &record("done elsewhere"), RETENTION)
+        .await
+        .unwrap();
+    let key = fresh_key();
+    claimed(&store, &key, LEASE).await;
+    let waiter = tokio::spawn({
+        let waiting = waiting.clone();
+        async move { waiting.wait(&key, Duration::from_secs(20)).await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A completed value written straight over the claim: no script, so no message.
+    let mut raw = raw_connection(&server.url()).await;
+    let value: Vec<u8> = redis::cmd("GET")
+        .arg(store.redis_key(&done))
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let written = Instant::now();
+    let _: () = redis::cmd("SET")
+        .arg(store.redis_key(&key))
+        .arg(value)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let seen = waiter.await.unwrap();
+    assert_eq!(seen, Some(Holder::Completed(record("done elsewhere"))));
+    assert!(
+        written.elapsed() < Duration::from_secs(5),
+        "the waiter did not poll: it found the record after {:?}",
+        written.elapsed()
+    );
+}

@@ -1960,3 +1960,90 @@ async fn patch_a_custom_header_and_a_scope_closure_work_as_configured() {
         "tenant a once, tenant b once, the POST once"
     );
 }
+
+#[tokio::test]
+async fn a_replay_leaves_out_date_and_request_trailers_do_not_count_towards_the_fingerprint() {
+    let calls = Counter::default();
+    let counted = calls.clone();
+    let svc = IdempotencyService::new(
+        service_fn(move |_req: Request<RequestBody<_>>| {
+            counted.count();
+            async {
+                let mut response = Response::new(Full::new(Bytes::from("created")));
+                let headers = response.headers_mut();
+                headers.insert(
+                    header::DATE,
+                    "Mon, 01 Jan 2024 00:00:00 GMT".parse().unwrap(),
+                );
+                headers.insert("x-order", "7".parse().unwrap());
+                Ok::<_, Infallible>(response)
+            }
+        }),
+        MemoryStore::new(),
+    );
+    let with_trailer = |checksum: &'static str| {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-checksum", checksum.parse().unwrap());
+        Request::post("/upload")
+            .header("idempotency-key", "k")
+            .body(
+                Full::new(Bytes::from("data")).with_trailers(std::future::ready(Some(Ok::<
+                    _,
+                    Infallible,
+                >(
+                    trailers
+                )))),
+            )
+            .unwrap()
+    };
+    let first = svc.clone().oneshot(with_trailer("abc")).await.unwrap();
+    assert!(
+        first.headers().contains_key(header::DATE),
+        "the first caller gets every header"
+    );
+    let replay = svc.clone().oneshot(with_trailer("other")).await.unwrap();
+    assert_eq!(
+        replay.status(),
+        StatusCode::OK,
+        "trailers are not fingerprinted"
+    );
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(replay.headers()["x-order"], "7");
+    assert!(
+        !replay.headers().contains_key(header::DATE),
+        "a stale Date was replayed"
+    );
+    assert_eq!(calls.runs(), 1);
+}
+
+#[tokio::test]
+async fn around_a_router_a_keyed_request_to_no_route_has_its_404_stored_and_replayed() {
+    let runs = Counter::default();
+    let counted = runs.clone();
+    let router = axum::Router::new().route(
+        "/orders",
+        axum::routing::post(move || {
+            counted.count();
+            async { StatusCode::CREATED }
+        }),
+    );
+    let app = tower::ServiceBuilder::new()
+        .map_response(|response: Response<_>| response.map(axum::body::Body::new))
+        .layer(IdempotencyServiceLayer::default())
+        .service(router);
+    let to = |path: &str| {
+        Request::post(path)
+            .header("idempotency-key", "k-404")
+            .body(axum::body::Body::empty())
+            .unwrap()
+    };
+    let first = app.clone().oneshot(to("/nope")).await.unwrap();
+    assert_eq!(first.status(), StatusCode::NOT_FOUND);
+    let again = app.clone().oneshot(to("/nope")).await.unwrap();
+    assert_eq!(again.status(), StatusCode::NOT_FOUND);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    // The same key to a route that exists is another request: 422, and nothing runs.
+    let other = app.clone().oneshot(to("/orders")).await.unwrap();
+    assert_eq!(other.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(runs.runs(), 0);
+}

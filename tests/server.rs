@@ -527,6 +527,7 @@ struct CountingStore {
     inner: MemoryStore,
     claims: AtomicUsize,
     completions: AtomicUsize,
+    extensions: AtomicUsize,
     slow_claims: usize,
     claim_reply: Duration,
     /// How long each completion waits before it reaches the memory store.
@@ -590,6 +591,7 @@ impl KeyStore for CountingStore {
         token: FencingToken,
         lease: Duration,
     ) -> Result<bool, StoreError> {
+        self.extensions.fetch_add(1, Ordering::SeqCst);
         self.inner.extend(key, token, lease).await
     }
     async fn read(&self, key: &StoreKey) -> Result<Option<Holder>, StoreError> {
@@ -2046,4 +2048,34 @@ async fn around_a_router_a_keyed_request_to_no_route_has_its_404_stored_and_repl
     let other = app.clone().oneshot(to("/orders")).await.unwrap();
     assert_eq!(other.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(runs.runs(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_handler_renews_its_lease_once_a_third_of_it() {
+    // A 3 s lease under a 10 s handler: a renewal every second, about ten in all, and none
+    // for a handler quicker than a third of the lease.
+    let store = Arc::new(CountingStore::default());
+    let calls = Counter::default();
+    let svc = IdempotencyServiceLayer::with_shared_store(store.clone())
+        .lease(Duration::from_secs(3))
+        .layer(slow_orders(&calls, Duration::from_secs(10)));
+    assert_eq!(
+        svc.clone().oneshot(order()).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let renewals = store.extensions.load(Ordering::SeqCst);
+    assert!((8..=11).contains(&renewals), "{renewals} renewals in 10 s");
+    let quick = IdempotencyServiceLayer::with_shared_store(store.clone())
+        .lease(Duration::from_secs(3))
+        .layer(slow_orders(&calls, Duration::from_millis(900)));
+    let fresh = Request::post("/orders")
+        .header("idempotency-key", "quick")
+        .body(Full::new(Bytes::from("tea")))
+        .unwrap();
+    assert_eq!(quick.oneshot(fresh).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        store.extensions.load(Ordering::SeqCst),
+        renewals,
+        "a quick handler renewed"
+    );
 }

@@ -96,6 +96,7 @@ impl<B: Body<Data = Bytes>> Body for RequestBody<B> {
 /// The size of a whole body still to send: exact, unless trailers follow. An exact size is sent
 /// as `Content-Length`, and over HTTP/1.1 a body framed by its length has no room for trailers:
 /// the server would drop them.
+#[inline]
 fn whole(data: &Option<Bytes>, trailers: &Option<Box<HeaderMap>>) -> SizeHint {
     let len = data.as_ref().map_or(0, |d| d.len() as u64);
     if trailers.is_some() {
@@ -185,6 +186,7 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
     type Data = Bytes;
     type Error = B::Error;
 
+    #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -490,48 +490,40 @@ impl Shard {
         max_entries: usize,
         max_bytes: usize,
     ) -> bool {
+        let Shard {
+            queue,
+            others,
+            usage,
+            ..
+        } = self;
+        // Expired records go first, whatever the bounds; then every front lives.
+        for q in std::iter::once(&mut *queue).chain(others.iter_mut()) {
+            q.drop_expired(now, usage);
+        }
+        if usage.records < max_entries && usage.bytes + incoming <= max_bytes {
+            return false;
+        }
         let slack_records = (max_entries / 64).min(63);
         let slack_bytes = max_bytes / 64;
-        let mut batching = false;
         let mut evicted = false;
-        loop {
-            let Shard {
-                queue,
-                others,
-                usage,
-                ..
-            } = self;
-            // The live front that expires first.
-            let mut soonest: Option<&mut Queue> = None;
-            for q in std::iter::once(queue).chain(others.iter_mut()) {
-                q.drop_expired(now, usage);
-                let Some(front) = q.records.front() else {
-                    continue;
-                };
-                if soonest
-                    .as_ref()
-                    .is_none_or(|s| s.records.front().is_some_and(|f| front.expires < f.expires))
-                {
-                    soonest = Some(q);
-                }
-            }
-            let Some(soonest) = soonest else {
-                return evicted;
+        while usage.records + slack_records >= max_entries
+            || usage.bytes + incoming + slack_bytes > max_bytes
+        {
+            let Some(soonest) = std::iter::once(&mut *queue)
+                .chain(others.iter_mut())
+                .filter(|q| !q.records.is_empty())
+                .min_by_key(|q| q.records.front().map(|front| front.expires))
+            else {
+                break;
             };
-            if usage.records >= max_entries || usage.bytes + incoming > max_bytes {
-                batching = true;
-            } else if !(batching
-                && (usage.records + slack_records >= max_entries
-                    || usage.bytes + incoming + slack_bytes > max_bytes))
-            {
-                return evicted;
-            }
             if let Some(encoded) = soonest.records.front().and_then(|f| f.encoded.as_ref()) {
                 usage.remove(encoded);
                 evicted = true;
             }
             soonest.pop();
+            soonest.drop_expired(now, usage);
         }
+        evicted
     }
 
     /// Appends a record for `key`, kept for `retention`, pointing the index at it.

@@ -988,9 +988,19 @@ async fn a_body_that_runs_past_its_length_reaches_its_caller_whole_and_is_not_st
     assert_eq!(calls.runs(), 1);
 }
 
-/// A response body that says it has 10 bytes, sends 5 and then fails.
+/// A response body that sends its chunks, then fails; it gives a length, or none.
 struct FailsPartWay {
-    sent: bool,
+    chunks: std::collections::VecDeque<&'static str>,
+    says: Option<u64>,
+}
+
+impl FailsPartWay {
+    fn after<const N: usize>(chunks: [&'static str; N], says: Option<u64>) -> Self {
+        Self {
+            chunks: chunks.into(),
+            says,
+        }
+    }
 }
 
 impl http_body::Body for FailsPartWay {
@@ -1001,16 +1011,15 @@ impl http_body::Body for FailsPartWay {
         mut self: std::pin::Pin<&mut Self>,
         _cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, &'static str>>> {
-        let first = !std::mem::replace(&mut self.sent, true);
-        std::task::Poll::Ready(Some(if first {
-            Ok(http_body::Frame::data(Bytes::from("01234")))
-        } else {
-            Err("upstream reset")
+        std::task::Poll::Ready(Some(match self.chunks.pop_front() {
+            Some(chunk) => Ok(http_body::Frame::data(Bytes::from(chunk))),
+            None => Err("upstream reset"),
         }))
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        http_body::SizeHint::with_exact(10)
+        self.says
+            .map_or_else(http_body::SizeHint::new, http_body::SizeHint::with_exact)
     }
 }
 
@@ -1023,7 +1032,7 @@ async fn a_response_body_that_fails_reaches_its_caller_and_a_retry_runs_again() 
             let n = counted.count();
             async move {
                 let body = if n == 1 {
-                    http_body_util::Either::Left(FailsPartWay { sent: false })
+                    http_body_util::Either::Left(FailsPartWay::after(["01234"], Some(10)))
                 } else {
                     http_body_util::Either::Right(
                         Full::new(Bytes::from("created")).map_err(|never| match never {}),
@@ -1833,27 +1842,6 @@ async fn in_reject_mode_a_duplicate_of_a_first_request_that_failed_is_refused() 
     assert_eq!(calls.runs(), 1);
 }
 
-/// A response body of 20 bytes, given as 10 and 10, that fails after them.
-struct FailsAfterTwenty {
-    sent: usize,
-}
-
-impl http_body::Body for FailsAfterTwenty {
-    type Data = Bytes;
-    type Error = &'static str;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, &'static str>>> {
-        self.sent += 1;
-        std::task::Poll::Ready(Some(match self.sent {
-            1 | 2 => Ok(http_body::Frame::data(Bytes::from("0123456789"))),
-            _ => Err("upstream reset"),
-        }))
-    }
-}
-
 #[tokio::test]
 async fn a_response_too_large_to_store_that_fails_later_keeps_its_key_done() {
     // As documented: the key is marked done as the response passes the storable limit, so a
@@ -1865,7 +1853,9 @@ async fn a_response_too_large_to_store_that_fails_later_keeps_its_key_done() {
         .layer(service_fn(
             move |_req: Request<RequestBody<Full<Bytes>>>| {
                 counted.count();
-                async { Ok::<_, Infallible>(Response::new(FailsAfterTwenty { sent: 0 })) }
+                async {
+                    Ok::<_, Infallible>(Response::new(FailsPartWay::after(["0123456789"; 2], None)))
+                }
             },
         ));
     let first = svc.clone().oneshot(order()).await.unwrap();

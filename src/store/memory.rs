@@ -814,6 +814,16 @@ mod tests {
 
     /// Claims the fresh key `i` and completes it with `record`.
     async fn store_fresh(store: &MemoryStore, i: usize, record: &Record) -> Completion {
+        store_for(store, i, record, Duration::from_secs(3600)).await
+    }
+
+    /// Claims the fresh key `i` and completes it with `record`, kept for `retention`.
+    async fn store_for(
+        store: &MemoryStore,
+        i: usize,
+        record: &Record,
+        retention: Duration,
+    ) -> Completion {
         let fp = Fingerprint::from_bytes([0; 32]);
         let Claim::Claimed(token) = store
             .claim(&key(i), &fp, Duration::from_secs(60))
@@ -823,7 +833,7 @@ mod tests {
             panic!("fresh key {i} was not claimable")
         };
         store
-            .complete(&key(i), token, record, Duration::from_secs(3600))
+            .complete(&key(i), token, record, retention)
             .await
             .unwrap()
     }
@@ -951,17 +961,6 @@ mod tests {
         assert_stale_index_entries_swept(&store);
     }
 
-    /// Claims the fresh key `i` and completes it with `record`, kept for `retention`.
-    async fn store_for(store: &MemoryStore, i: usize, record: &Record, retention: Duration) {
-        let fp = Fingerprint::from_bytes([0; 32]);
-        let Ok(Claim::Claimed(token)) = store.claim(&key(i), &fp, Duration::from_secs(60)).await
-        else {
-            panic!("fresh key {i} was not claimable")
-        };
-        let completed = store.complete(&key(i), token, record, retention).await;
-        assert_eq!(completed.unwrap(), Completion::Stored);
-    }
-
     #[tokio::test(start_paused = true)]
     async fn records_kept_for_different_times_expire_each_in_its_time() {
         // One store shared by a service that keeps records a day and a busy one that keeps
@@ -969,14 +968,20 @@ mod tests {
         let day = Duration::from_secs(24 * 3600);
         let store = MemoryStore::with_limits(10, usize::MAX);
         let record = response("x");
-        store_for(&store, 0, &record, day).await;
+        assert_eq!(store_for(&store, 0, &record, day).await, Completion::Stored);
         for i in 1..10 {
-            store_for(&store, i, &record, Duration::from_secs(1)).await;
+            assert_eq!(
+                store_for(&store, i, &record, Duration::from_secs(1)).await,
+                Completion::Stored
+            );
         }
         tokio::time::advance(Duration::from_secs(5)).await;
         // The short-lived records have expired: room is made from them, not from the record
         // kept for a day, which is older.
-        store_for(&store, 10, &record, Duration::from_secs(1)).await;
+        assert_eq!(
+            store_for(&store, 10, &record, Duration::from_secs(1)).await,
+            Completion::Stored
+        );
         assert!(
             store.read(&key(0)).await.unwrap().is_some(),
             "the record kept for a day was evicted while expired ones stayed"
@@ -984,7 +989,10 @@ mod tests {
         // A key of the busy service reused every two seconds, 40,000 times, with the day's
         // record at the front: the queues hold what is live, not every record ever expired.
         for round in 0..40_000 {
-            store_for(&store, 11, &record, Duration::from_secs(1)).await;
+            assert_eq!(
+                store_for(&store, 11, &record, Duration::from_secs(1)).await,
+                Completion::Stored
+            );
             assert!(
                 store.read(&key(11)).await.unwrap().is_some(),
                 "round {round}"
@@ -1000,7 +1008,10 @@ mod tests {
         assert!(store.read(&key(0)).await.unwrap().is_some());
         // Full, the store evicts what would expire first: the second's records, not the day's.
         for i in 100..120 {
-            store_for(&store, i, &record, Duration::from_secs(1)).await;
+            assert_eq!(
+                store_for(&store, i, &record, Duration::from_secs(1)).await,
+                Completion::Stored
+            );
         }
         assert!(store.read(&key(0)).await.unwrap().is_some());
         assert!(store.read(&key(119)).await.unwrap().is_some());
@@ -1042,7 +1053,10 @@ mod tests {
         let record = response("x");
         // Records that expire make room without a warning.
         for i in 0..30 {
-            store_for(&store, i, &record, Duration::from_secs(1)).await;
+            assert_eq!(
+                store_for(&store, i, &record, Duration::from_secs(1)).await,
+                Completion::Stored
+            );
             tokio::time::advance(Duration::from_secs(2)).await;
         }
         assert_eq!(logged.warnings(), 0);
@@ -1069,15 +1083,10 @@ mod tests {
         let store = MemoryStore::with_limits(10_000, 64 * 1024 * 1024);
         let small = response(vec![b'x'; 1000]);
         for i in 0..1_000 {
-            store_for(&store, i, &small, Duration::from_secs(3600)).await;
+            assert_eq!(store_fresh(&store, i, &small).await, Completion::Stored);
         }
-        store_for(
-            &store,
-            5_000,
-            &response(vec![b'y'; 1 << 20]),
-            Duration::from_secs(3600),
-        )
-        .await;
+        let large = response(vec![b'y'; 1 << 20]);
+        assert_eq!(store_fresh(&store, 5_000, &large).await, Completion::Stored);
         let kept = records_kept(&store, 0..1_000).await;
         assert_eq!(
             kept,
@@ -1088,13 +1097,7 @@ mod tests {
         // Large responses beyond the bytes bound: the bound holds within a shard's largest.
         let store = MemoryStore::with_limits(usize::MAX, 64 * 1024 * 1024);
         for i in 0..200 {
-            store_for(
-                &store,
-                i,
-                &response(vec![b'y'; 1 << 20]),
-                Duration::from_secs(3600),
-            )
-            .await;
+            assert_eq!(store_fresh(&store, i, &large).await, Completion::Stored);
         }
         let held = store.stored_bytes();
         assert!(

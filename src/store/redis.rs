@@ -1032,13 +1032,12 @@ async fn carry_out(
     let sent = send_all(
         conn,
         last.iter().map(|(channel, entries)| {
-            let mut cmd = redis::cmd(if entries.is_some() {
+            let command = if entries.is_some() {
                 "SSUBSCRIBE"
             } else {
                 "SUNSUBSCRIBE"
-            });
-            cmd.arg(&channel[..]);
-            cmd
+            };
+            channel_command(command, channel)
         }),
         limit,
     )
@@ -1055,6 +1054,13 @@ async fn carry_out(
             subscriptions.mark_subscribed(channel, entry);
         }
     }
+}
+
+/// `command` (a sharded subscribe or unsubscribe) for one channel.
+fn channel_command(command: &str, channel: &[u8]) -> Cmd {
+    let mut cmd = redis::cmd(command);
+    cmd.arg(channel);
+    cmd
 }
 
 /// Sends `commands` at once on the multiplexed connection, each bounded by `limit`, and gives
@@ -1085,11 +1091,9 @@ async fn check_subscriber(conn: &mut Conn, subscriptions: &Subscriptions, limit:
     for chunk in channels.chunks(BATCH) {
         let renewed = send_all(
             conn,
-            chunk.iter().map(|channel| {
-                let mut cmd = redis::cmd("SSUBSCRIBE");
-                cmd.arg(&channel[..]);
-                cmd
-            }),
+            chunk
+                .iter()
+                .map(|channel| channel_command("SSUBSCRIBE", channel)),
             limit,
         )
         .await;

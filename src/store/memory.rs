@@ -2,7 +2,7 @@
 
 use std::{
     collections::{
-        HashMap, VecDeque,
+        VecDeque,
         hash_map::{Entry, OccupiedEntry},
     },
     pin::Pin,
@@ -21,6 +21,10 @@ use tokio::{
 };
 
 use crate::clock;
+
+mod index;
+
+use index::{Index, index_key};
 
 use super::{
     Claim, Completion, FencingToken, Fingerprint, Holder, KeyMap, KeyStore, Record, RecordView,
@@ -87,8 +91,8 @@ struct Inner {
 /// map that stays in cache; the record is appended to a queue in the order records were stored;
 /// and `index` maps a key to its record's place in the queues. Evicting the oldest record pops
 /// a queue's front and leaves its index entry behind, stale (its position is below the queue's
-/// first): a lookup treats it as absent, and once stale entries outnumber the queued records
-/// they are swept out in one pass over the index, so an eviction costs no lookup.
+/// first): a lookup treats it as absent, and the index sweeps stale entries out a few buckets
+/// at a time as keys come in, so an eviction costs no lookup.
 ///
 /// Records are queued by retention, one queue for each (a store shared by services that keep
 /// records for different times has a few), so that in each queue records expire front first:
@@ -98,7 +102,7 @@ struct Inner {
 struct Shard {
     in_flight: KeyMap<InFlight>,
     /// A key's place: its queue in the low [`QUEUE_BITS`], its position in that queue above.
-    index: HashMap<IndexKey, u64, foldhash::fast::RandomState>,
+    index: Index,
     /// The first queue, where a store with one retention keeps all of its records.
     queue: Queue,
     /// Queues for other retentions, at most [`MAX_QUEUES`] in all.
@@ -339,21 +343,6 @@ impl Inner {
     }
 }
 
-/// What the index knows a key by: its digest's two halves folded into one, the second turned
-/// first so that a digest padded with zeros on either side keeps its value. Two keys in a shard
-/// share it only by a 128-bit coincidence of a keyed BLAKE3 digest: about once in 10^27 for a
-/// million keys, and out of reach of anyone choosing keys on purpose (some 2^64 digests to find
-/// one pair, and then only among their own keys). A 128-bit key makes an index entry 24 bytes
-/// instead of 40, so a million-record index is that much smaller and a probe that much likelier
-/// to find its line in cache.
-type IndexKey = u128;
-
-fn index_key(key: &StoreKey) -> IndexKey {
-    let (low, high) = key.as_bytes().split_at(16);
-    let half = |bytes: &[u8]| u128::from_le_bytes(bytes.try_into().expect("16 bytes"));
-    half(low) ^ half(high).rotate_left(64)
-}
-
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding a lock cannot leave a shard or a segment inconsistent in a way
     // later calls trip over (each step re-checks what it reads, and a segment is emptied before
@@ -404,7 +393,7 @@ impl Shard {
 
     /// The live record of `key`, marking it dead first if its retention ran out.
     fn record_of(&mut self, key: &StoreKey, now: Instant) -> Option<&Stored> {
-        let &place = self.index.get(&index_key(key))?;
+        let place = self.index.get(index_key(key))?;
         let (queue, position) = unpack(place);
         let stored = nth(&mut self.queue, &mut self.others, queue)?.get_mut(position)?;
         let encoded = stored.encoded.as_ref()?;
@@ -544,19 +533,20 @@ impl Shard {
                 self.usage.remove(&encoded);
             }
         }
-        // Sweep the entries of records gone from the queues once they outnumber those in them.
-        // An entry stays while its position is in its queue, so the sweep reads the index alone
-        // (reading each record to see whether it still lives would be a cache miss an entry);
-        // the entry of a record that died in a queue (its retention ran out) goes once the
-        // record leaves the front.
-        if self.index.len() > 2 * self.queued() + 64 {
+        // The entries of records gone from the queues are swept a few at a time. An entry
+        // stays while its position is in its queue, so the sweep reads the index alone (reading
+        // each record to see whether it still lives would be a cache miss an entry); the entry
+        // of a record that died in a queue (its retention ran out) goes once the record leaves
+        // the front. While the index holds no more entries than the queues hold records, none
+        // is stale.
+        if self.index.len() > self.queued() {
             let mut firsts = [u64::MAX; MAX_QUEUES];
             for (first, q) in firsts.iter_mut().zip(self.queues_mut()) {
                 *first = q.first;
             }
-            self.index.retain(|_, place| {
-                let (queue, position) = unpack(*place);
-                position >= firsts[queue]
+            self.index.sweep(|place| {
+                let (queue, position) = unpack(place);
+                position < firsts[queue]
             });
         }
     }
@@ -904,16 +894,21 @@ mod tests {
         assert_stale_index_entries_swept(&store);
     }
 
-    /// Each shard's index holds no more than twice the records in its queue (plus a little)
-    /// before it sweeps: it forgets the keys evicted.
+    /// Each shard's index holds an entry for each queued record and no more stale ones than
+    /// the sweep passes over in a round (a quarter of its buckets) and a batch of evictions;
+    /// and its table stays within a few times the records it holds.
     fn assert_stale_index_entries_swept(store: &MemoryStore) {
         for shard in store.inner.shards.iter() {
             let shard = lock(shard);
+            let (entries, buckets, queued) =
+                (shard.index.len(), shard.index.buckets(), shard.queued());
             assert!(
-                shard.index.len() <= 2 * shard.queued() + 64,
-                "{} index entries for {} records",
-                shard.index.len(),
-                shard.queued()
+                entries <= queued + buckets / 4 + 64,
+                "{entries} index entries for {queued} records in {buckets} buckets"
+            );
+            assert!(
+                buckets <= 4 * (store.inner.max_entries_per_shard + 64),
+                "{buckets} buckets for {queued} records"
             );
         }
     }

@@ -4,7 +4,7 @@
 //! to time fresh keys into a store that is already full.
 //!
 //! ```text
-//! cargo bench --bench requests -- MODE N [PREFILL] [--small-store | --max-entries=M]
+//! cargo bench --bench requests -- MODE N [PREFILL] [--small-store | --max-entries=M] [--latencies]
 //! ```
 //!
 //! MODE is `bare` (the handler alone, with a key), `nokey`, `fresh` (a new key each time),
@@ -12,7 +12,8 @@
 //! sent first, untimed, to fill the store. `--small-store` keeps it to 1,000 records, so that it
 //! evicts from the start and stays in cache; `--max-entries=M` keeps it to M (under cachegrind,
 //! a store larger than the simulated cache then fills in less time than a million records take).
-//! Instructions per request: run the executable (`cargo bench --bench requests --no-run` names
+//! `--latencies` times each request apart and prints their distribution, and how many took
+//! over 50 µs: the pauses a request can meet, such as a store's map growing. Instructions per request: run the executable (`cargo bench --bench requests --no-run` names
 //! it) under `valgrind --tool=callgrind` with N and with 2N, and divide the difference by N.
 
 mod common;
@@ -23,7 +24,7 @@ use common::{handler, request, runtime, send, yielding};
 use tower::{Layer, service_fn};
 use tower_idempotency::{IdempotencyServiceLayer, store::MemoryStore};
 
-const USAGE: &str = "usage: requests bare|nokey|fresh|replay|coalesced N [PREFILL] [--small-store | --max-entries=M]";
+const USAGE: &str = "usage: requests bare|nokey|fresh|replay|coalesced N [PREFILL] [--small-store | --max-entries=M] [--latencies]";
 
 fn main() {
     // `cargo bench` adds `--bench`.
@@ -32,6 +33,7 @@ fn main() {
         .filter(|a| a != "--bench")
         .collect();
     let small = args.iter().any(|a| a == "--small-store");
+    let mut latencies = Latencies::new(args.iter().any(|a| a == "--latencies"));
     let mut words = args.iter().filter(|a| !a.starts_with("--"));
     let (Some(mode), Some(n)) = (words.next(), words.next().and_then(|n| n.parse().ok())) else {
         eprintln!("{USAGE}");
@@ -63,22 +65,24 @@ fn main() {
         match mode.as_str() {
             "bare" => {
                 for _ in 0..n {
-                    send(&bare, request(Some("k"))).await;
+                    latencies.time(send(&bare, request(Some("k")))).await;
                 }
             }
             "nokey" => {
                 for _ in 0..n {
-                    send(&idempotent, request(None)).await;
+                    latencies.time(send(&idempotent, request(None))).await;
                 }
             }
             "fresh" => {
                 for key in &keys {
-                    send(&idempotent, request(Some(key))).await;
+                    latencies.time(send(&idempotent, request(Some(key)))).await;
                 }
             }
             "replay" => {
                 for _ in 0..n {
-                    send(&idempotent, request(Some("replayed"))).await;
+                    latencies
+                        .time(send(&idempotent, request(Some("replayed"))))
+                        .await;
                 }
             }
             "coalesced" => {
@@ -105,5 +109,47 @@ fn main() {
         }
         let per_request = start.elapsed().as_nanos() as f64 / n.max(1) as f64;
         println!("REQUESTS mode={mode} n={n} prefill={prefill} ns_per_request={per_request:.0}");
+        latencies.report();
     });
+}
+
+/// The time of each request, when asked for.
+struct Latencies {
+    on: bool,
+    ns: Vec<u64>,
+}
+
+impl Latencies {
+    fn new(on: bool) -> Self {
+        Self { on, ns: Vec::new() }
+    }
+
+    async fn time<F: std::future::Future>(&mut self, request: F) -> F::Output {
+        if !self.on {
+            return request.await;
+        }
+        let start = Instant::now();
+        let out = request.await;
+        self.ns.push(start.elapsed().as_nanos() as u64);
+        out
+    }
+
+    fn report(&mut self) {
+        if self.ns.is_empty() {
+            return;
+        }
+        let slow: Vec<u64> = self.ns.iter().copied().filter(|&ns| ns > 50_000).collect();
+        self.ns.sort_unstable();
+        let at = |q: f64| self.ns[((self.ns.len() - 1) as f64 * q) as usize] as f64 / 1e3;
+        println!(
+            "LATENCIES_US p50={:.1} p99={:.1} p99.9={:.1} p99.99={:.1} max={:.1} over_50us={} their_total_ms={:.1}",
+            at(0.5),
+            at(0.99),
+            at(0.999),
+            at(0.9999),
+            at(1.0),
+            slow.len(),
+            slow.iter().sum::<u64>() as f64 / 1e6,
+        );
+    }
 }

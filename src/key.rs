@@ -16,8 +16,8 @@
 //! assert_eq!(bare, quoted);
 //! assert_eq!(quoted.as_str(), "deploy-v1");
 //!
-//! // `auto()` gives a fresh UUID v4, and so does `new("auto")` (read from a header, on the
-//! // server, `auto` is an ordinary key).
+//! // `auto()` gives a fresh UUID v4, and so does `new("auto")`. (A server refuses a request
+//! // whose header says `auto`: its client should have put a fresh key there.)
 //! let auto = IdempotencyKey::auto();
 //! assert_eq!(auto.as_str().len(), 36);
 //! let also = IdempotencyKey::new("auto")?;
@@ -209,6 +209,10 @@ pub enum InvalidKey {
     InvalidEscape,
     /// The header was given more than once.
     Repeated,
+    /// The key is `auto` (in any case): the value a client library replaces with a fresh key,
+    /// sent as it is. A server that took it as a key would share it among every client that
+    /// sent it, and answer each with the first one's response.
+    Placeholder,
 }
 
 impl fmt::Display for InvalidKey {
@@ -240,6 +244,12 @@ impl fmt::Display for InvalidKey {
             Self::Repeated => write!(
                 f,
                 "the idempotency key header was given more than once; send it exactly once"
+            ),
+            Self::Placeholder => write!(
+                f,
+                "the idempotency key is \"auto\", the placeholder a client library replaces with \
+                 a fresh key, and it was sent as it is; send a key of your own for the operation \
+                 (a UUID v4 works), the same on every retry"
             ),
         }
     }

@@ -217,25 +217,41 @@ async fn require_key_answers_400_without_running() {
 async fn invalid_keys_are_400_with_a_message_that_says_why() {
     let s = server(IdempotencyServiceLayer::default()).await;
     let long = "k".repeat(256);
-    let cases: [(&[&[u8]], &str); 5] = [
+    let cases: [(&[&[u8]], &str); 7] = [
         (&[b""], "empty"),
         (&[long.as_bytes()], "256 characters"),
         (&["clé".as_bytes()], "non-ASCII"),
-        (&[b"a", b"b"], "more than once"),
+        (
+            &[b"a", b"b"],
+            "Idempotency-Key header was given more than once",
+        ),
         (&[b"\"unterminated"], "closing quote"),
+        // The placeholder a client library should have replaced: taken as a key, it would be
+        // shared by every client that sent it.
+        (&[b"auto"], "placeholder"),
+        (&[b"\"AUTO\""], "placeholder"),
     ];
     for (keys, why) in cases {
         let answer = s.send(Method::POST, "/orders", keys, &[], "tea").await;
         assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{why}");
         let detail = answer.problem()["detail"].as_str().unwrap().to_owned();
         assert!(detail.contains(why), "{detail:?} should mention {why:?}");
+        assert!(
+            detail.starts_with(char::is_uppercase) && detail.ends_with('.'),
+            "{detail:?} is a sentence"
+        );
     }
+    // A key that merely starts with the word is a key like any other.
+    assert_eq!(
+        s.post("/orders", "auto-42", "tea").await.status,
+        StatusCode::CREATED
+    );
     let longest = "k".repeat(255);
     assert_eq!(
         s.post("/orders", &longest, "tea").await.status,
         StatusCode::CREATED
     );
-    assert_eq!(s.runs.runs(), 1);
+    assert_eq!(s.runs.runs(), 2);
 }
 
 #[tokio::test]

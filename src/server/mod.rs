@@ -13,9 +13,26 @@
 //! | a completed response | different | 422 |
 //!
 //! The fingerprint covers the method, the path and query, the body and any headers you name.
-//! Every answer the service gives itself is an `application/problem+json` body (RFC 9457) that
-//! says what to do: 400 for a bad or missing key, 413 for a body over the limit, 422 for a
-//! reused key, 409 while the first request runs, 503 when the store is down.
+//!
+//! # The service's own answers
+//!
+//! Every answer the service gives itself is an `application/problem+json` body (RFC 9457)
+//! whose `detail` says what to do. Its `type` is `tag:tower-idempotency,2026:` followed by
+//! one of these, for clients to tell them apart:
+//!
+//! | status | `type` ends with | when | `Retry-After` |
+//! | --- | --- | --- | --- |
+//! | 400 | `missing-idempotency-key` | no key, where [`require_key`](IdempotencyServiceLayer::require_key) asks for one | |
+//! | 400 | `invalid-idempotency-key` | the key is empty, too long, has characters it may not, is given twice, or is `auto` (the placeholder a client library replaces with a fresh key, sent as it is) | |
+//! | 400 | `missing-idempotency-scope` | the [scope](IdempotencyServiceLayer::scope) cannot be told | |
+//! | 400 | `request-body-unreadable` | the request body failed while it was read | |
+//! | 413 | `request-too-large` | the body is over [`max_request_body`](IdempotencyServiceLayer::max_request_body), or a limit outside the service cut it off | |
+//! | 422 | `idempotency-key-reused` | the key was used for a different request | |
+//! | 409 | `request-in-progress` | the first request with the key is still running (reject mode, or the wait timed out) | 1 s |
+//! | 409 | `response-not-replayable` | the first request ran, but its response was too large to store | |
+//! | 503 | `idempotency-store-unavailable` | the store cannot be reached, and the service fails closed | 1 s |
+//!
+//! None of them runs the handler.
 //!
 //! # Example
 //!

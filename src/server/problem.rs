@@ -18,7 +18,10 @@ pub(crate) enum Problem {
     MissingKey {
         header: HeaderName,
     },
-    InvalidKey(InvalidKey),
+    InvalidKey {
+        err: InvalidKey,
+        header: HeaderName,
+    },
     /// The request cannot be scoped; `header` names what scopes it, when a header does.
     MissingScope {
         header: Option<HeaderName>,
@@ -63,14 +66,20 @@ impl Problem {
                 format!(
                     "This request must carry an {} header. Send a unique key for the operation \
                      (a UUID v4 works) and send the same key again on every retry.",
-                    if *header == IDEMPOTENCY_KEY { "Idempotency-Key" } else { header.as_str() }
+                    display_name(header)
                 ),
             ),
-            Self::InvalidKey(err) => (
+            Self::InvalidKey { err, header } => (
                 StatusCode::BAD_REQUEST,
                 "invalid-idempotency-key",
                 "Invalid idempotency key",
-                format!("{err}."),
+                match err {
+                    InvalidKey::Repeated => format!(
+                        "The {} header was given more than once. Send it exactly once.",
+                        display_name(header)
+                    ),
+                    err => sentence(&err.to_string()),
+                },
             ),
             Self::MissingScope { header } => (
                 StatusCode::BAD_REQUEST,
@@ -191,6 +200,23 @@ impl Problem {
     }
 }
 
+/// A header's name as its documentation writes it: `Idempotency-Key` for the default.
+fn display_name(header: &HeaderName) -> &str {
+    if *header == IDEMPOTENCY_KEY {
+        "Idempotency-Key"
+    } else {
+        header.as_str()
+    }
+}
+
+/// An error's message (lower case, no full stop) as the sentence a problem's detail is.
+fn sentence(message: &str) -> String {
+    let mut chars = message.chars();
+    chars.next().map_or_else(String::new, |first| {
+        format!("{}{}.", first.to_ascii_uppercase(), chars.as_str())
+    })
+}
+
 fn push_json_string(out: &mut String, s: &str) {
     out.push('"');
     for c in s.chars() {
@@ -214,8 +240,11 @@ mod tests {
 
     #[tokio::test]
     async fn bodies_are_problem_json_with_escaped_details() {
-        let response =
-            Problem::InvalidKey(InvalidKey::InvalidEscape).into_response::<Full<Bytes>>();
+        let response = Problem::InvalidKey {
+            err: InvalidKey::InvalidEscape,
+            header: IDEMPOTENCY_KEY,
+        }
+        .into_response::<Full<Bytes>>();
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
         assert_eq!(
             response.headers()[header::CONTENT_TYPE],
@@ -225,12 +254,10 @@ mod tests {
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(json["status"], 400);
         assert_eq!(json["title"], "Invalid idempotency key");
-        assert!(
-            json["detail"]
-                .as_str()
-                .unwrap()
-                .contains("escapes neither '\"' nor '\\'")
-        );
+        let detail = json["detail"].as_str().unwrap();
+        assert!(detail.starts_with("The quoted idempotency key"), "{detail}");
+        assert!(detail.contains("escapes neither '\"' nor '\\'"), "{detail}");
+        assert!(detail.ends_with('.'), "{detail}");
         assert!(
             json["type"]
                 .as_str()

@@ -23,7 +23,7 @@ use super::{
     problem::Problem,
 };
 use crate::{
-    IDEMPOTENT_REPLAYED, clock, key,
+    IDEMPOTENT_REPLAYED, InvalidKey, clock, key,
     store::{
         BoxError, Claim, Completion, FencingToken, Fingerprint, Holder, KeyStore, MemoryStore,
         Record, RecordView, StoreError, StoreKey,
@@ -191,11 +191,18 @@ where
             Ok(None) => {
                 return ResponseFuture::passthrough(self.inner.call(req.map(RequestBody::inner)));
             }
-            Err(err) => return ResponseFuture::ready(reject(Problem::InvalidKey(err))),
+            Err(err) => return ResponseFuture::ready(reject(invalid_key(config, err))),
         };
         let (parts, body) = req.into_parts();
         let store_key = match key::parse(&value)
-            .map_err(Problem::InvalidKey)
+            .and_then(|key| {
+                if key::is_auto(&key) {
+                    Err(InvalidKey::Placeholder)
+                } else {
+                    Ok(key)
+                }
+            })
+            .map_err(|err| invalid_key(config, err))
             .and_then(|key| admit(config, &parts, &key))
         {
             Ok(store_key) => store_key,
@@ -212,6 +219,13 @@ where
             parts,
         };
         ResponseFuture::keyed(Box::pin(Work::new(start, body, limit, detach)))
+    }
+}
+
+fn invalid_key(config: &Config, err: InvalidKey) -> Problem {
+    Problem::InvalidKey {
+        err,
+        header: config.header.clone(),
     }
 }
 

@@ -83,6 +83,8 @@ pub mod client;
 mod clock;
 mod digest;
 pub mod key;
+#[cfg(test)]
+mod logged;
 pub mod server;
 pub mod store;
 

@@ -161,8 +161,18 @@ impl<S> Idempotency<S> {
     pub fn new(inner: S) -> Self {
         IdempotencyLayer::new().layer(inner)
     }
+}
 
-    /// The default [`IdempotencyLayer`], to configure.
+impl Idempotency<()> {
+    /// The default [`IdempotencyLayer`], to configure; the same as
+    /// [`IdempotencyLayer::new`].
+    ///
+    /// ```
+    /// use tower_idempotency::client::Idempotency;
+    ///
+    /// let layer = Idempotency::layer().generate_keys();
+    /// # let _ = layer;
+    /// ```
     pub fn layer() -> IdempotencyLayer {
         IdempotencyLayer::new()
     }

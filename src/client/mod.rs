@@ -109,10 +109,13 @@
 //!
 //! # Logging
 //!
-//! Each attempt is a `tracing` debug event under the `tower_idempotency::client` target, for
-//! example with `RUST_LOG=tower_idempotency::client=debug`:
+//! Each attempt is a `tracing` debug event under the `tower_idempotency::client` target, and
+//! so is each decision to retry or not, for example with
+//! `RUST_LOG=tower_idempotency::client=debug`:
 //!
 //! ```text
+//! Request: POST /api/v1/deployments request_id=abc123 idempotency_key=deploy-v1 attempt=1
+//! retrying attempt=1 outcome=503 wait=1.2s
 //! Request: POST /api/v1/deployments request_id=abc123 idempotency_key=deploy-v1 attempt=2
 //! ```
 

@@ -94,9 +94,12 @@ impl<E, F: Fn(&E) -> bool> ClassifyError<E> for F {
 ///
 /// # Logging
 ///
-/// Each attempt is logged at debug level under the `tower_idempotency::client` target:
+/// Each attempt is logged at debug level under the `tower_idempotency::client` target, and so
+/// is each decision to retry (with what the attempt got and the wait) or not (with why):
 ///
 /// ```text
+/// Request: POST /api/v1/deployments request_id=abc123 idempotency_key=deploy-v1 attempt=1
+/// retrying attempt=1 outcome=503 wait=1.2s
 /// Request: POST /api/v1/deployments request_id=abc123 idempotency_key=deploy-v1 attempt=2
 /// ```
 ///
@@ -377,10 +380,12 @@ where
         }
 
         self.retries += 1;
-        Some(match wait {
-            Wait::For(after) => tokio::time::sleep(self.after_wait(after, random_unit())),
-            Wait::Backoff => tokio::time::sleep(self.backoff_wait(self.retries, random_unit())),
-        })
+        let wait = match wait {
+            Wait::For(after) => self.after_wait(after, random_unit()),
+            Wait::Backoff => self.backoff_wait(self.retries, random_unit()),
+        };
+        tracing::debug!(target: TARGET, attempt, outcome = %outcome, ?wait, "retrying");
+        Some(tokio::time::sleep(wait))
     }
 
     fn clone_request(&mut self, req: &Request<B>) -> Option<Request<B>> {

@@ -1012,38 +1012,10 @@ mod tests {
         assert!(store.read(&key(119)).await.unwrap().is_some());
     }
 
-    /// Log lines written while a test runs on this thread.
-    #[derive(Clone, Default)]
-    struct Logged(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Logged {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            lock(&self.0).extend_from_slice(buf);
-            Ok(buf.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl Logged {
-        fn warnings(&self) -> usize {
-            String::from_utf8_lossy(&lock(&self.0))
-                .matches("evicts records before")
-                .count()
-        }
-    }
-
     #[tokio::test(start_paused = true)]
     async fn a_store_that_evicts_live_records_warns_once_a_minute() {
-        let logged = Logged::default();
-        let writer = logged.clone();
-        let _guard = tracing::subscriber::set_default(
-            tracing_subscriber::fmt()
-                .with_writer(move || writer.clone())
-                .finish(),
-        );
+        let (logged, _guard) = crate::logged::capture();
+        let warnings = || logged.text().matches("evicts records before").count();
         let store = MemoryStore::with_limits(10, usize::MAX);
         let record = response("x");
         // Records that expire make room without a warning.
@@ -1054,22 +1026,22 @@ mod tests {
             );
             tokio::time::advance(Duration::from_secs(2)).await;
         }
-        assert_eq!(logged.warnings(), 0);
+        assert_eq!(warnings(), 0);
         // Live records evicted: one warning, however many go.
         for i in 100..200 {
             store_fresh(&store, i, &record).await;
         }
-        assert_eq!(logged.warnings(), 1);
+        assert_eq!(warnings(), 1);
         tokio::time::advance(Duration::from_secs(30)).await;
         for i in 200..300 {
             store_fresh(&store, i, &record).await;
         }
-        assert_eq!(logged.warnings(), 1, "warned again within the minute");
+        assert_eq!(warnings(), 1, "warned again within the minute");
         tokio::time::advance(Duration::from_secs(31)).await;
         for i in 300..400 {
             store_fresh(&store, i, &record).await;
         }
-        assert_eq!(logged.warnings(), 2, "no warning a minute later");
+        assert_eq!(warnings(), 2, "no warning a minute later");
     }
 
     #[tokio::test]

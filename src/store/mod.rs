@@ -54,7 +54,9 @@ use std::{
     time::Duration,
 };
 
-use async_trait::async_trait;
+/// The attribute a [`KeyStore`] implementation is written with (see the example there), so that
+/// a backend needs no dependency of its own for it.
+pub use async_trait::async_trait;
 
 use crate::{IdempotencyKey, digest};
 
@@ -277,6 +279,65 @@ impl std::error::Error for StoreError {
 /// to retry: a claim answered with the caller's own token counts as claimed, and completing twice
 /// with the same token stores once. A lapsed lease is the same as no claim: the next
 /// [`claim`](Self::claim) takes the key over, and the old token is fenced.
+///
+/// # Implementing
+///
+/// Write the implementation with [`async_trait`](macro@async_trait), as the trait is. With
+/// the `test-util` feature, the `key_store_conformance!` macro (`store::conformance`) checks a
+/// backend against everything above. A store that counts claims before handing each step to
+/// a [`MemoryStore`]:
+///
+/// ```
+/// use std::{sync::atomic::{AtomicU64, Ordering}, time::Duration};
+///
+/// use tower_idempotency::store::{
+///     Claim, Completion, FencingToken, Fingerprint, Holder, KeyStore, MemoryStore, Record,
+///     StoreError, StoreKey, async_trait,
+/// };
+///
+/// #[derive(Debug, Default)]
+/// struct Counted {
+///     claims: AtomicU64,
+///     inner: MemoryStore,
+/// }
+///
+/// #[async_trait]
+/// impl KeyStore for Counted {
+///     async fn claim(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration)
+///         -> Result<Claim, StoreError> {
+///         self.claims.fetch_add(1, Ordering::Relaxed);
+///         self.inner.claim(key, fingerprint, lease).await
+///     }
+///     async fn complete(&self, key: &StoreKey, token: FencingToken, record: &Record,
+///         retention: Duration) -> Result<Completion, StoreError> {
+///         self.inner.complete(key, token, record, retention).await
+///     }
+///     async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<bool, StoreError> {
+///         self.inner.release(key, token).await
+///     }
+///     async fn extend(&self, key: &StoreKey, token: FencingToken, lease: Duration)
+///         -> Result<bool, StoreError> {
+///         self.inner.extend(key, token, lease).await
+///     }
+///     async fn read(&self, key: &StoreKey) -> Result<Option<Holder>, StoreError> {
+///         self.inner.read(key).await
+///     }
+///     async fn wait(&self, key: &StoreKey, timeout: Duration)
+///         -> Result<Option<Holder>, StoreError> {
+///         self.inner.wait(key, timeout).await
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), StoreError> {
+/// let store = Counted::default();
+/// let key = StoreKey::new(b"", &tower_idempotency::IdempotencyKey::new("order-42").unwrap());
+/// let claimed = store.claim(&key, &Fingerprint::from_bytes([0; 32]), Duration::from_secs(60)).await?;
+/// assert!(matches!(claimed, Claim::Claimed(_)));
+/// assert_eq!(store.claims.load(Ordering::Relaxed), 1);
+/// # Ok(())
+/// # }
+/// ```
 #[async_trait]
 pub trait KeyStore: Any + Send + Sync + fmt::Debug {
     /// Claims `key` for a run of a request with `fingerprint`, for `lease`; or reports what

@@ -89,6 +89,10 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String>
             v.parse::<u64>()
                 .map_err(|_| format!("{arg} takes a whole number, not {v:?}"))
         };
+        let positive = |v: String| match number(v)? {
+            0 => Err(format!("{arg} takes a number above 0")),
+            n => Ok(n),
+        };
         match arg.as_str() {
             "--addr" => opts.addr = value()?,
             "--store" => opts.store = value()?,
@@ -101,11 +105,11 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String>
                     }
                 }
             }
-            "--ttl-secs" => opts.ttl = Some(Duration::from_secs(number(value()?)?)),
+            "--ttl-secs" => opts.ttl = Some(Duration::from_secs(positive(value()?)?)),
             "--wait-timeout-ms" => {
                 opts.wait_timeout = Some(Duration::from_millis(number(value()?)?))
             }
-            "--lease-ms" => opts.lease = Some(Duration::from_millis(number(value()?)?)),
+            "--lease-ms" => opts.lease = Some(Duration::from_millis(positive(value()?)?)),
             "--max-entries" => opts.max_entries = Some(number(value()?)? as usize),
             "--scope-header" => {
                 let name = value()?;

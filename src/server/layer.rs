@@ -10,6 +10,9 @@ use super::{
 };
 use crate::store::{KeyStore, MemoryStore};
 
+/// The shortest lease or retention: stores keep time in milliseconds.
+const MIN_TIME: Duration = Duration::from_millis(1);
+
 /// Applies [`IdempotencyService`] to a service, with its settings.
 ///
 /// Every setter consumes and returns the layer. Services made by one layer share its settings
@@ -150,7 +153,15 @@ impl IdempotencyServiceLayer {
     }
 
     /// How long a completed response is kept and replayed; after it, the key may be used again.
+    ///
+    /// # Panics
+    ///
+    /// When `retention` is under a millisecond: nothing would be replayed.
     pub fn retention(mut self, retention: Duration) -> Self {
+        assert!(
+            retention >= MIN_TIME,
+            "retention must be at least 1 ms (records kept for no time replay nothing), not {retention:?}"
+        );
         self.config().retention = retention;
         self
     }
@@ -158,7 +169,16 @@ impl IdempotencyServiceLayer {
     /// The lease of a claim: if the process running the request dies, another may run it once
     /// this long has passed. While the handler runs and its response body is read, the lease is
     /// renewed every third of it.
+    ///
+    /// # Panics
+    ///
+    /// When `lease` is under a millisecond: a claim would lapse as it was made, and every
+    /// duplicate would run.
     pub fn lease(mut self, lease: Duration) -> Self {
+        assert!(
+            lease >= MIN_TIME,
+            "lease must be at least 1 ms (a claim that lapses at once lets every duplicate run), not {lease:?}"
+        );
         self.config().lease = lease;
         self
     }
@@ -266,5 +286,29 @@ impl<S> Layer<S> for IdempotencyServiceLayer {
 
     fn layer(&self, inner: S) -> Self::Service {
         IdempotencyService::from_shared(inner, self.shared.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[should_panic(expected = "lease must be at least 1 ms")]
+    fn a_lease_of_no_time_is_refused() {
+        let _ = IdempotencyServiceLayer::default().lease(Duration::ZERO);
+    }
+
+    #[test]
+    #[should_panic(expected = "retention must be at least 1 ms")]
+    fn a_retention_of_no_time_is_refused() {
+        let _ = IdempotencyServiceLayer::default().retention(Duration::from_micros(999));
+    }
+
+    #[test]
+    fn a_millisecond_is_enough() {
+        let _ = IdempotencyServiceLayer::default()
+            .lease(MIN_TIME)
+            .retention(MIN_TIME);
     }
 }

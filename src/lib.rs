@@ -62,6 +62,9 @@
 //! # }
 //! ```
 //!
+//! On a server, the layer is [`IdempotencyServiceLayer`]; [`IdempotencyLayer`] is the client's,
+//! which only writes keys onto outgoing requests.
+//!
 //! **A server with more than one client must [scope](IdempotencyServiceLayer::scope) its keys**
 //! (by tenant, API key or user), or one caller reusing another's key gets the other's response.
 //!

@@ -1962,6 +1962,11 @@ async fn patch_a_custom_header_and_a_scope_closure_work_as_configured() {
         svc.clone().oneshot(unscoped).await.unwrap().status(),
         StatusCode::BAD_REQUEST
     );
+    // Nor is an empty scope one: it would be the key space of a service without a scope.
+    assert_eq!(
+        svc.clone().oneshot(patch("")).await.unwrap().status(),
+        StatusCode::BAD_REQUEST
+    );
     assert_eq!(
         calls.runs(),
         3,

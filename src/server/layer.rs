@@ -97,7 +97,9 @@ impl IdempotencyServiceLayer {
 
     /// Scopes keys by what `scope` reads from the request head: a tenant, an API token, a user
     /// id. Requests in different scopes never share a key, so one caller can never be answered
-    /// with another's response. When `scope` returns `None`, a keyed request is answered 400.
+    /// with another's response. When `scope` returns `None` or an empty string, a keyed request
+    /// is answered 400: an empty scope would be the key space of a service with no scope, which
+    /// may share the store.
     ///
     /// **A server with more than one client must set a scope.** Without one, every caller
     /// shares one key space, and a caller who guesses or reuses another's key gets that

@@ -258,9 +258,11 @@ struct Keyed {
 fn admit(config: &Config, parts: &request::Parts, key: &[u8]) -> Result<StoreKey, Problem> {
     let scope = match &config.scope {
         None => String::new(),
-        Some(scope) => scope(parts).ok_or_else(|| Problem::MissingScope {
-            header: config.scope_header.clone(),
-        })?,
+        Some(scope) => scope(parts)
+            .filter(|scope| !scope.is_empty())
+            .ok_or_else(|| Problem::MissingScope {
+                header: config.scope_header.clone(),
+            })?,
     };
     let limit = config.max_request_body;
     let declared = parts

@@ -226,6 +226,10 @@ impl MemoryStore {
     pub const DEFAULT_MAX_BYTES: usize = 512 * 1024 * 1024;
 
     /// A store keeping up to a million records or 512 MiB of them.
+    ///
+    /// Filled to its byte bound, it takes about 650 MiB of memory (records are held at about
+    /// 1.3 bytes per byte; see [`with_limits`](Self::with_limits)). In a container with less
+    /// to spare, give it bounds that fit with `with_limits`.
     pub fn new() -> Self {
         Self::with_limits(Self::DEFAULT_MAX_ENTRIES, Self::DEFAULT_MAX_BYTES)
     }

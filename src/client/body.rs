@@ -1,13 +1,22 @@
 use bytes::Bytes;
 use http::Request;
-use http_body_util::{Either, Empty, Full, combinators::BoxBody, combinators::UnsyncBoxBody};
+use http_body_util::{Either, Empty, Full};
 
 /// A request body that can be sent again: what the retry policy needs to re-send a request.
 ///
 /// Bodies held in memory replay: [`Full`], [`Empty`], [`String`], [`Bytes`], `Vec<u8>`,
-/// `&'static str`, `()`, and an [`Either`] of two of them. Boxed bodies
-/// ([`BoxBody`], [`UnsyncBoxBody`]) may stream, so they answer `None`: such a request is sent
-/// once and never retried.
+/// `&'static str`, `()`, and an [`Either`] of two of them. Boxed bodies (`BoxBody`,
+/// `UnsyncBoxBody`, axum's `Body`) may stream, and do not implement it: a client stack over
+/// them does not compile, rather than compile and never retry.
+///
+/// ```compile_fail
+/// use bytes::Bytes;
+/// use http_body_util::combinators::BoxBody;
+/// use tower_idempotency::client::ReplayBody;
+///
+/// fn retryable<B: ReplayBody>() {}
+/// retryable::<BoxBody<Bytes, std::convert::Infallible>>();
+/// ```
 ///
 /// # Buffering a streaming body
 ///
@@ -27,7 +36,7 @@ use http_body_util::{Either, Empty, Full, combinators::BoxBody, combinators::Uns
 /// ```
 ///
 /// Your own body type can implement this trait too: return `None` when this value cannot be
-/// sent again.
+/// sent again (a request with such a body is sent once, and never retried).
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be sent again, so the retry policy cannot take it",
     label = "a request body the retry policy needs to copy",
@@ -89,18 +98,6 @@ impl<L: ReplayBody, R: ReplayBody> ReplayBody for Either<L, R> {
     }
 }
 
-impl<D, E> ReplayBody for BoxBody<D, E> {
-    fn replay(&self) -> Option<Self> {
-        None
-    }
-}
-
-impl<D, E> ReplayBody for UnsyncBoxBody<D, E> {
-    fn replay(&self) -> Option<Self> {
-        None
-    }
-}
-
 /// Copies a request whose body replays: method, URI, version, headers (and so the idempotency
 /// key) and extensions.
 pub(crate) fn replay_request<B: ReplayBody>(req: &Request<B>) -> Option<Request<B>> {
@@ -138,14 +135,5 @@ mod tests {
         let body = Full::new(Bytes::from_static(b"payload"));
         let again = body.replay().unwrap();
         assert_eq!(again.collect().await.unwrap().to_bytes(), "payload");
-    }
-
-    #[test]
-    fn boxed_bodies_do_not_replay() {
-        let boxed: BoxBody<Bytes, std::convert::Infallible> = Full::new(Bytes::new()).boxed();
-        assert!(boxed.replay().is_none());
-        let either: Either<Full<Bytes>, BoxBody<Bytes, std::convert::Infallible>> =
-            Either::Right(Full::new(Bytes::new()).boxed());
-        assert!(either.replay().is_none());
     }
 }

@@ -103,9 +103,9 @@
 //! # Request bodies
 //!
 //! The retry needs to send the body again, so the stack takes bodies that implement
-//! [`ReplayBody`] (`Full<Bytes>`, `String`, `Bytes`, `Empty` and the like), and retries a
-//! request only when its body gives a copy (a boxed body is sent once). Buffer a streaming body
-//! into a `Full` first (see [`ReplayBody`]).
+//! [`ReplayBody`] (`Full<Bytes>`, `String`, `Bytes`, `Empty` and the like); a stack over a
+//! boxed body (`BoxBody`, axum's `Body`), which may stream, does not compile. Buffer a
+//! streaming body into a `Full` first (see [`ReplayBody`]).
 //!
 //! # Logging
 //!

@@ -88,9 +88,9 @@ impl<E, F: Fn(&E) -> bool> ClassifyError<E> for F {
 /// # Replaying the body
 ///
 /// The policy takes request bodies that implement [`ReplayBody`] (a service over another body
-/// type, such as axum's `Body` or hyper's `Incoming`, does not compile with it), and a request
-/// is retried only when its body gives a copy: a boxed body is sent once. See [`ReplayBody`]
-/// for how to buffer a streaming body.
+/// type, such as a `BoxBody`, axum's `Body` or hyper's `Incoming`, does not compile with it),
+/// and a request is retried only when its body gives a copy. See [`ReplayBody`] for how to
+/// buffer a streaming body.
 ///
 /// # Logging
 ///

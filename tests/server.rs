@@ -751,6 +751,24 @@ async fn a_lapsed_lease_lets_another_run_in_and_fences_the_stale_completion() {
 }
 
 #[tokio::test]
+async fn a_run_whose_lease_lapsed_with_nobody_taking_over_stores_its_response() {
+    // The lease lapses mid-run and no other request comes for the key: the run's response is
+    // still stored, so the retry is a replay rather than a second run.
+    let s = server(
+        IdempotencyServiceLayer::new(MemoryStore::new())
+            .lease(Duration::from_millis(300))
+            .keep_lease_alive(false),
+    )
+    .await;
+    let first = s.post("/orders?delay_ms=800", "k", "tea").await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let retry = s.post("/orders?delay_ms=800", "k", "tea").await;
+    assert!(retry.replayed(), "the retry ran again: {}", retry.text());
+    assert_eq!(retry.body, first.body);
+    assert_eq!(s.runs.runs(), 1);
+}
+
+#[tokio::test]
 async fn with_keep_alive_a_slow_handler_keeps_its_claim() {
     let store = MemoryStore::new();
     // A 1.5 s lease, renewed every 500 ms, under a 3 s handler: without the renewals the

@@ -187,7 +187,8 @@ impl IdempotencyServiceLayer {
 
     /// Whether the lease is renewed while the handler runs and while its response body is read
     /// to be stored (on by default). Without renewal, a run slower than the lease loses its
-    /// claim: a duplicate may run, and the slow run's response is not stored (it is fenced).
+    /// claim: a duplicate may run, and then the slow run's response is not stored (it is
+    /// fenced); if none did, it is stored when it comes.
     ///
     /// With renewal, a run that never ends (a handler that hangs, a body that stalls) holds its
     /// key for as long as the process lives, even once its caller has left. Bound runs inside

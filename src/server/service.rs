@@ -1048,7 +1048,7 @@ impl ClaimGuard {
             Some((_, Ok(Completion::Fenced))) => {
                 tracing::warn!(
                     key = %self.keyed.key,
-                    "idempotency: the claim's lease lapsed before the handler finished; its response was not stored (fenced)"
+                    "idempotency: the claim's lease lapsed before the handler finished, and another run took the key; this response was not stored (fenced)"
                 );
                 self.finish_with(|| Outcome::Released);
             }
@@ -1102,7 +1102,7 @@ impl ClaimGuard {
                         return;
                     }
                     Ok(Completion::Fenced) => {
-                        tracing::error!(key = %key, "idempotency: the claim lapsed before the response could be stored (fenced)");
+                        tracing::error!(key = %key, "idempotency: the claim lapsed before the response could be stored, and another run took the key (fenced)");
                         return;
                     }
                     Err(err @ StoreError::Corrupt(_)) => {

@@ -226,7 +226,8 @@ pub async fn lapsed_lease_is_taken_over_and_fenced(store: Arc<dyn KeyStore>) {
 }
 
 /// A lease that lapsed with no one taking over is the same as no claim: the key reads as
-/// free, and the lapsed token completes, extends and releases nothing.
+/// free, and the lapsed token extends and releases nothing. Its completion, finding nothing
+/// holding the key, stores the record: the run happened, and nothing is overwritten.
 pub async fn a_lapsed_claim_is_no_claim(store: Arc<dyn KeyStore>) {
     let key = fresh_key();
     let token = claimed(&*store, &key, fingerprint(1), Duration::from_millis(150)).await;
@@ -235,14 +236,6 @@ pub async fn a_lapsed_claim_is_no_claim(store: Arc<dyn KeyStore>) {
         store.read(&key).await.unwrap(),
         None,
         "a lapsed claim still reads as in flight"
-    );
-    assert_eq!(
-        store
-            .complete(&key, token, &record(fingerprint(1), "late"), RETENTION)
-            .await
-            .unwrap(),
-        Completion::Fenced,
-        "a lapsed token completed the key"
     );
     assert!(
         !store.extend(&key, token, LEASE).await.unwrap(),
@@ -254,6 +247,38 @@ pub async fn a_lapsed_claim_is_no_claim(store: Arc<dyn KeyStore>) {
     );
     assert_eq!(store.read(&key).await.unwrap(), None);
     claimed(&*store, &key, fingerprint(2), LEASE).await;
+}
+
+/// A run whose lease lapsed while nobody took the key over (a store that stalled past it, or
+/// lost the claim) still stores its record, and wakes the key's waiters: refusing it would
+/// make every retry run the operation again.
+pub async fn a_completion_after_a_lapse_nobody_took_over_is_stored(store: Arc<dyn KeyStore>) {
+    let key = fresh_key();
+    let token = claimed(&*store, &key, fingerprint(1), Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let rec = record(fingerprint(1), "late but whole");
+    assert_eq!(
+        store.complete(&key, token, &rec, RETENTION).await.unwrap(),
+        Completion::Stored,
+        "a run nobody else took over was refused its record"
+    );
+    assert_eq!(
+        store.claim(&key, &fingerprint(1), LEASE).await.unwrap(),
+        Claim::Held(Holder::Completed(rec.clone()))
+    );
+    // Completing again, as a retried command would, changes nothing.
+    assert_eq!(
+        store.complete(&key, token, &rec, RETENTION).await.unwrap(),
+        Completion::Stored
+    );
+    assert!(
+        !store.release(&key, token).await.unwrap(),
+        "a completed key was released"
+    );
+    assert_eq!(
+        store.read(&key).await.unwrap(),
+        Some(Holder::Completed(rec))
+    );
 }
 
 /// A record is kept for its retention, however short the lease of the claim it completed.
@@ -561,6 +586,7 @@ macro_rules! key_store_conformance {
                 the_longest_durations_are_accepted,
                 a_completed_key_is_neither_released_nor_extended,
                 a_lapsed_claim_is_no_claim,
+                a_completion_after_a_lapse_nobody_took_over_is_stored,
                 a_record_outlives_the_lease_of_its_claim,
                 bodies_of_any_bytes_round_trip,
             );

@@ -636,13 +636,22 @@ impl MemoryStore {
         let encoded = self.inner.encode(record, len);
         let now = Instant::now();
         let mut shard = self.shard(key);
-        let Some(claim) = shard.take_claim(key, token, now) else {
-            // Completing again with the token that completed the key is a success.
-            return Ok(match shard.record_of(key, now) {
-                Some(stored) if stored.token == token => Completion::Stored,
-                _ => Completion::Fenced,
-            });
-        };
+        let claim = shard.take_claim(key, token, now);
+        if claim.is_none() {
+            if shard.claim_of(key, now).is_some() {
+                return Ok(Completion::Fenced);
+            }
+            if let Some(stored) = shard.record_of(key, now) {
+                // Completing again with the token that completed the key is a success.
+                return Ok(if stored.token == token {
+                    Completion::Stored
+                } else {
+                    Completion::Fenced
+                });
+            }
+            // Nothing holds the key: the claim lapsed and no other run took the key over. The
+            // run happened, and its record overwrites nothing.
+        }
         let evicted = shard.make_room(
             now,
             len,
@@ -660,7 +669,9 @@ impl MemoryStore {
         );
         drop(shard);
         // Wakes this claim's waiters once the record is in place.
-        claim.end();
+        if let Some(claim) = claim {
+            claim.end();
+        }
         if evicted {
             self.inner.evicted_live();
         }

@@ -225,8 +225,10 @@ pub enum Claim {
 pub enum Completion {
     /// The record is stored (or was already stored under the same token).
     Stored,
-    /// The token no longer owns the key (its lease lapsed, it was released, or another run now
-    /// holds it). Nothing was written.
+    /// Another run holds the key: its claim, or its record. Nothing was written.
+    ///
+    /// A token whose claim lapsed (or was released) while nothing else took the key still
+    /// stores its record: the run happened, and the record overwrites nothing.
     Fenced,
 }
 
@@ -278,7 +280,10 @@ impl std::error::Error for StoreError {
 /// Every step must be atomic with respect to every other process sharing the backend, and safe
 /// to retry: a claim answered with the caller's own token counts as claimed, and completing twice
 /// with the same token stores once. A lapsed lease is the same as no claim: the next
-/// [`claim`](Self::claim) takes the key over, and the old token is fenced.
+/// [`claim`](Self::claim) takes the key over, and the old token is fenced. A completion that
+/// finds nothing holding the key (its lease lapsed, and no other run took the key) stores its
+/// record: it overwrites nothing, and refusing it would only make a retry run the operation
+/// again.
 ///
 /// # Implementing
 ///

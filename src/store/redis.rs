@@ -70,12 +70,19 @@ macro_rules! script {
 const _: () = assert!(HEADER_LEN == 50 && VALUE_VERSION == 1);
 
 /// KEYS: the key, its channel. ARGV: token, the completed value, retention in ms.
-const COMPLETE_SCRIPT: &str = script!(
-    "if string.sub(v, 3, 18) ~= ARGV[1] then return 0 end"
-    "if string.byte(v, 2) == 1 then return 1 end"
-    "redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])"
-    "redis.call('SPUBLISH', KEYS[2], 'completed')"
-    "return 1"
+///
+/// Unlike the others, it goes on where the key is missing: the claim lapsed (or Redis lost it)
+/// and no other run took the key over, so the run's record overwrites nothing.
+const COMPLETE_SCRIPT: &str = concat!(
+    "local v = redis.call('GET', KEYS[1])\n",
+    "if v then\n",
+    "if #v < 50 or string.byte(v, 1) ~= 1 then return -1 end\n",
+    "if string.sub(v, 3, 18) ~= ARGV[1] then return 0 end\n",
+    "if string.byte(v, 2) == 1 then return 1 end\n",
+    "end\n",
+    "redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])\n",
+    "redis.call('SPUBLISH', KEYS[2], 'completed')\n",
+    "return 1\n",
 );
 
 /// KEYS: the key, its channel. ARGV: token.

@@ -15,7 +15,7 @@ use tower_idempotency::{
     },
 };
 
-use support::{Monitor, RedisServer, median};
+use support::{Monitor, RedisServer, median, proxy::CuttingProxy};
 
 tower_idempotency::key_store_conformance!(
     standalone_conformance,
@@ -231,10 +231,14 @@ async fn a_killed_redis_gives_prompt_errors_and_the_store_recovers_after_a_resta
 
 /// A store on `server` that bounds connecting and each reply by `bound`.
 async fn store_bounded_by(server: &RedisServer, bound: Duration) -> RedisStore {
+    store_bounded_by_url(&server.url(), bound).await
+}
+
+async fn store_bounded_by_url(url: &str, bound: Duration) -> RedisStore {
     RedisStore::builder()
         .connection_timeout(bound)
         .response_timeout(bound)
-        .connect(&server.url())
+        .connect(url)
         .await
         .unwrap()
 }
@@ -305,6 +309,30 @@ async fn a_claim_its_caller_stopped_waiting_for_is_given_back_once_redis_goes_on
     tokio::time::sleep(Duration::from_millis(300)).await;
     server.resume();
     claimable_soon(&other, &key, "the abandoned claim").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_connection_was_cut_after_it_reached_redis_is_given_back() {
+    // The claim reaches Redis, and the connection breaks before its reply comes back (a
+    // proxy or a load balancer resetting it); for a second, no connection can be made, so
+    // resending the claim fails too. The claim ran, and is given back once Redis can be reached.
+    let server = RedisServer::start();
+    let proxy = CuttingProxy::start(server.port()).await;
+    let store = store_bounded_by_url(&proxy.url(), Duration::from_millis(300)).await;
+    let other = RedisStore::connect(&server.url()).await.unwrap();
+    let key = fresh_key();
+    proxy.cut_after(b"NX", Duration::from_secs(1));
+    let result = store.claim(&key, &fp(1), LEASE).await;
+    assert_eq!(proxy.cuts(), 1, "the claim's connection was not cut");
+    assert!(result.is_err(), "the cut claim answered: {result:?}");
+    assert!(
+        matches!(
+            other.read(&key).await.unwrap(),
+            Some(Holder::InFlight { .. })
+        ),
+        "the claim never reached Redis, so nothing was tested"
+    );
+    claimable_soon(&other, &key, "the claim whose connection was cut").await;
 }
 
 /// Waits until `store` can claim `key`, within 5 s: long before the 30 s lease of a claim

@@ -120,10 +120,10 @@ const EXTEND_SCRIPT: &str = script!(
 ///   noticed and the subscriptions are renewed.
 /// - **Failures**: every call fails within the connection timeout plus the response timeout,
 ///   with [`StoreError::Timeout`] or [`StoreError::Backend`]; the connections reconnect by
-///   themselves once Redis is back. A claim whose reply timed out, or whose caller stopped
-///   waiting for it, may still run (a stalled Redis runs what it was sent when it goes on): a
-///   task gives it back, so the key is not held for its lease (up to 10,000 such tasks at
-///   once). A value that does not decode is [`StoreError::Corrupt`].
+///   themselves once Redis is back. A claim that got no answer (its reply timed out, its
+///   connection broke, or its caller stopped waiting for it) may have run, or may still run (a
+///   stalled Redis runs what it was sent when it goes on): a task gives it back, so the key is
+///   not held for its lease (up to 10,000 such tasks at once). A value that does not decode is [`StoreError::Corrupt`].
 ///
 /// It needs Redis 7.0 or later (for `SET ... NX GET` and sharded pub/sub), or Valkey.
 ///
@@ -692,9 +692,11 @@ impl KeyStore for RedisStore {
                 .get(true),
         );
         // Until its answer comes, the claim may yet run (a stalled Redis runs what it was sent
-        // once it goes on), and nobody would give it back: the key would stay claimed for its
-        // lease. So a claim whose reply timed out, or whose caller stopped waiting for it, is
-        // given back.
+        // once it goes on), or may have run already (a connection cut after the claim went
+        // out), and nobody would give it back: the key would stay claimed for its lease. So a
+        // claim that got no answer, whether its reply timed out, its connection broke, or its
+        // caller stopped waiting for it, is given back. Releasing is token-checked: where the
+        // claim never ran, it changes nothing.
         let mut unanswered = Unanswered {
             store: self,
             key: *key,
@@ -703,8 +705,7 @@ impl KeyStore for RedisStore {
             answered: false,
         };
         let result: Result<Option<Vec<u8>>, StoreError> = self.query("claim", &cmd).await;
-        // A reply, or an error that says the claim did not go out: nothing to give back.
-        unanswered.answered = !matches!(result, Err(StoreError::Timeout(_)));
+        unanswered.answered = result.is_ok();
         let Some(previous) = result? else {
             return Ok(Claim::Claimed(token));
         };

@@ -17,6 +17,7 @@ use support::{
     Monitor, RedisServer,
     app::{Counter, TestServer, app, assert_one_answer, many_keys, serve, storm, two_servers},
     cluster, command,
+    proxy::CuttingProxy,
 };
 use tower_idempotency::{
     IdempotencyKey, IdempotencyServiceLayer, store::RedisStore, store::StoreKey,
@@ -190,6 +191,40 @@ async fn duplicates_in_the_process_of_a_run_whose_lease_lapsed_get_its_answer() 
     let retry = s.post("/orders?delay_ms=800", "k-lapsed", "tea").await;
     assert!(retry.replayed(), "the retry ran again: {}", retry.text());
     assert_eq!(s.runs.runs(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_release_that_met_a_broken_connection_is_made_again() {
+    // The handler answers 500, so its claim is released for a retry to run; the release meets
+    // a cut connection, and for a second no other can be made. It is made again once one can:
+    // a retry in another service runs within seconds, not at the end of the 60 s lease.
+    let server = RedisServer::start();
+    let proxy = CuttingProxy::start(server.port()).await;
+    let [a, b] = two_services(
+        standalone_store(&proxy.url()).await,
+        standalone_store(&server.url()).await,
+    )
+    .await;
+    proxy.cut_before(b"EVALSHA", Duration::from_secs(1));
+    let failed = a.post("/orders?status=500", "k-release", "tea").await;
+    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(proxy.cuts(), 1, "the release's connection was not cut");
+    let started = Instant::now();
+    let retry = b.post("/orders?status=500", "k-release", "tea").await;
+    // It ran again (a 500 is not stored), rather than waiting for the first claim's lease.
+    assert_eq!(
+        retry.status,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "{}",
+        retry.text()
+    );
+    assert!(!retry.replayed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the retry waited {:?} for the claim to be released",
+        started.elapsed()
+    );
+    assert_eq!(a.runs.runs(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

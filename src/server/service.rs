@@ -1081,12 +1081,10 @@ impl ClaimGuard {
         runtime.spawn(async move {
             let config = &shared.config;
             let window = config.lease.min(std::time::Duration::from_secs(5 * 60));
-            let give_up = clock::after(Instant::now(), window);
-            let mut pause = std::time::Duration::from_millis(100);
+            let mut backoff = Backoff::new(window, RETRY_PAUSE);
             loop {
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(std::time::Duration::from_secs(5));
-                let left = give_up.saturating_duration_since(Instant::now());
+                let last = backoff.wait().await;
+                let left = backoff.give_up.saturating_duration_since(Instant::now());
                 if config.keep_lease_alive && !left.is_zero() {
                     // Refused when the claim lapsed, or when an earlier try landed after all
                     // (its answer lost to a timeout): the completion below tells which.
@@ -1099,23 +1097,53 @@ impl ClaimGuard {
                 match store_call(config, complete).await {
                     Ok(Completion::Stored) => {
                         tracing::info!(key = %key, "idempotency: the response was stored after all");
-                        return;
                     }
                     Ok(Completion::Fenced) => {
                         tracing::error!(key = %key, "idempotency: the claim lapsed before the response could be stored, and another run took the key (fenced)");
-                        return;
                     }
                     Err(err @ StoreError::Corrupt(_)) => {
                         tracing::error!(key = %key, error = %err, "idempotency: the store refuses the response for good; the key frees itself when its lease lapses");
-                        return;
                     }
-                    Err(err) if Instant::now() >= give_up => {
+                    Err(err) if last => {
                         tracing::error!(key = %key, error = %err, "idempotency: gave up storing the response; the key frees itself when its lease lapses");
-                        return;
                     }
-                    Err(_) => {}
+                    Err(_) => continue,
+                }
+                return;
+            }
+        });
+    }
+
+    /// Releases `token`'s claim from a task of its own, after `pause`, trying again while the
+    /// store fails for as long as the lease would hold the key anyway; then drops `lead`,
+    /// telling this process's followers.
+    fn release_later(&self, token: FencingToken, pause: std::time::Duration, lead: Option<Lead>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (shared, store_key, key) = (
+            self.keyed.shared.clone(),
+            self.keyed.store_key,
+            self.keyed.key.clone(),
+        );
+        runtime.spawn(async move {
+            let config = &shared.config;
+            let mut backoff = Backoff::new(config.lease, pause);
+            loop {
+                let last = backoff.wait().await;
+                let released = config.store.release(&store_key, token);
+                match store_call(config, released).await {
+                    Ok(_) => break,
+                    Err(err) if last => {
+                        tracing::warn!(key = %key, error = %err, "idempotency: could not release the claim; it frees itself when its lease lapses");
+                        break;
+                    }
+                    Err(err) => {
+                        tracing::debug!(key = %key, error = %err, "idempotency: could not release the claim yet; trying again");
+                    }
                 }
             }
+            drop(lead);
         });
     }
 
@@ -1145,10 +1173,38 @@ impl ClaimGuard {
         if let Some(token) = self.token {
             let released = config.store.release(&self.keyed.store_key, token);
             if let Err(err) = store_call(config, released).await {
-                tracing::warn!(key = %self.keyed.key, error = %err, "idempotency: could not release the claim; it frees itself when its lease lapses");
+                // A retry would otherwise wait for the lease to lapse.
+                tracing::warn!(key = %self.keyed.key, error = %err, "idempotency: could not release the claim; trying again in the background");
+                self.release_later(token, RETRY_PAUSE, None);
             }
         }
         self.finish_with(|| Outcome::Released);
+    }
+}
+
+/// The first pause before a step that failed is tried again in the background.
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The pauses between tries of a step that failed, made in the background: `first`, then
+/// doubling up to 5 s, until the try made at or after `give_up`, which is the last.
+struct Backoff {
+    give_up: Instant,
+    pause: std::time::Duration,
+}
+
+impl Backoff {
+    fn new(window: std::time::Duration, first: std::time::Duration) -> Self {
+        Self {
+            give_up: clock::after(Instant::now(), window),
+            pause: first,
+        }
+    }
+
+    /// Waits for the next try; `true` when it is the last.
+    async fn wait(&mut self) -> bool {
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).clamp(RETRY_PAUSE, std::time::Duration::from_secs(5));
+        Instant::now() >= self.give_up
     }
 }
 
@@ -1166,7 +1222,7 @@ fn respond<B: Body>(
 }
 
 /// Renews a claim's lease every third of it, for as long as it is polled. A claim found lost
-/// is not renewed again: its response will not be stored, and the handler finishes on its own.
+/// is not renewed again, and the handler finishes on its own.
 async fn renew(shared: Arc<Shared>, key: LogKey, store_key: StoreKey, token: FencingToken) {
     let config = &shared.config;
     let period = (config.lease / 3).max(std::time::Duration::from_millis(1));
@@ -1180,7 +1236,7 @@ async fn renew(shared: Arc<Shared>, key: LogKey, store_key: StoreKey, token: Fen
             Ok(false) => {
                 tracing::warn!(
                     key = %key,
-                    "idempotency: the claim was lost while the handler ran; its response will not be stored"
+                    "idempotency: the claim was lost while the handler ran; its response is stored only if no other run took the key"
                 );
                 return std::future::pending().await;
             }
@@ -1197,15 +1253,8 @@ impl Drop for ClaimGuard {
             return;
         };
         let lead = self.lead.take();
-        let shared = self.keyed.shared.clone();
-        let key = self.keyed.store_key;
         tracing::debug!(key = %self.keyed.key, "idempotency: request dropped before it finished; releasing the key");
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                let _ = store_call(&shared.config, shared.config.store.release(&key, token)).await;
-                drop(lead);
-            });
-        }
+        self.release_later(token, std::time::Duration::ZERO, lead);
     }
 }
 

@@ -11,11 +11,17 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
+struct Cut {
+    pattern: Vec<u8>,
+    pass_on: bool,
+    down: Duration,
+}
+
 #[derive(Default)]
 struct Plan {
-    /// Cut the connection that next sends a command containing these bytes, then refuse
-    /// connections for this long.
-    cut: Option<(Vec<u8>, Duration)>,
+    /// Cut the connection that next sends a command containing these bytes (after passing
+    /// it on to Redis, or before), then refuse connections for this long.
+    cut: Option<Cut>,
     /// Refuse connections until then.
     refuse_until: Option<Instant>,
     /// Connections cut so far.
@@ -56,7 +62,21 @@ impl CuttingProxy {
     /// The next command containing `pattern` reaches Redis, but its connection is cut before
     /// the reply comes back, and new connections are refused for `down` after that.
     pub fn cut_after(&self, pattern: &[u8], down: Duration) {
-        self.plan.lock().unwrap().cut = Some((pattern.to_vec(), down));
+        self.cut(pattern, true, down);
+    }
+
+    /// The next command containing `pattern` never reaches Redis: its connection is cut, and
+    /// new connections are refused for `down`.
+    pub fn cut_before(&self, pattern: &[u8], down: Duration) {
+        self.cut(pattern, false, down);
+    }
+
+    fn cut(&self, pattern: &[u8], pass_on: bool, down: Duration) {
+        self.plan.lock().unwrap().cut = Some(Cut {
+            pattern: pattern.to_vec(),
+            pass_on,
+            down,
+        });
     }
 
     /// How many connections were cut.
@@ -81,23 +101,29 @@ async fn forward(client: TcpStream, upstream: u16, plan: Arc<Mutex<Plan>>) {
         }
         let cut = {
             let mut plan = plan.lock().unwrap();
-            match &plan.cut {
-                Some((pattern, down))
-                    if buf[..n].windows(pattern.len()).any(|w| w == &pattern[..]) =>
+            match plan.cut.take() {
+                Some(cut)
+                    if buf[..n]
+                        .windows(cut.pattern.len())
+                        .any(|w| w == cut.pattern) =>
                 {
-                    plan.refuse_until = Some(Instant::now() + *down);
-                    plan.cut = None;
+                    plan.refuse_until = Some(Instant::now() + cut.down);
                     plan.cuts += 1;
-                    true
+                    Some(cut.pass_on)
                 }
-                _ => false,
+                unmatched => {
+                    plan.cut = unmatched;
+                    None
+                }
             }
         };
-        if cut {
-            // No reply reaches the client from here on; the command still reaches Redis.
+        if let Some(pass_on) = cut {
+            // No reply reaches the client from here on.
             replies.abort();
-            let _ = to_server.write_all(&buf[..n]).await;
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            if pass_on {
+                let _ = to_server.write_all(&buf[..n]).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             return;
         }
         if to_server.write_all(&buf[..n]).await.is_err() {

@@ -127,6 +127,20 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String>
     Ok(opts)
 }
 
+/// `url` with the password in it, if any, left out: it is printed.
+fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, hosts)) if !userinfo.contains('/') => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            format!("{scheme}://{user}:***@{hosts}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
 async fn open_store(url: &str, max_entries: Option<usize>) -> Result<Arc<dyn KeyStore>, String> {
     match url {
         "memory" => Ok(Arc::new(MemoryStore::with_limits(
@@ -140,19 +154,20 @@ async fn open_store(url: &str, max_entries: Option<usize>) -> Result<Arc<dyn Key
                 .map(|node| format!("redis://{node}"));
             let store = tower_idempotency::store::RedisStore::connect_cluster(nodes)
                 .await
-                .map_err(|e| format!("cannot connect to the cluster {url}: {e}"))?;
+                .map_err(|e| format!("cannot connect to the cluster {}: {e}", redacted(url)))?;
             Ok(Arc::new(store))
         }
         #[cfg(feature = "redis")]
         url if url.starts_with("redis://") || url.starts_with("rediss://") => {
             let store = tower_idempotency::store::RedisStore::connect(url)
                 .await
-                .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+                .map_err(|e| format!("cannot connect to {}: {e}", redacted(url)))?;
             Ok(Arc::new(store))
         }
         #[cfg(not(feature = "redis"))]
         url if url.starts_with("redis") => Err(format!(
-            "{url}: this build has no Redis store; run with --features redis"
+            "{}: this build has no Redis store; run with --features redis",
+            redacted(url)
         )),
         other => Err(format!(
             "unknown store {other:?}: use memory, redis://HOST:PORT or redis+cluster://HOST:PORT,..."
@@ -298,7 +313,7 @@ async fn main() -> ExitCode {
         .expect("a bound listener has an address");
     println!(
         "listening on {addr} (store: {}{})",
-        opts.store,
+        redacted(&opts.store),
         if opts.bare {
             ", bare: no idempotency"
         } else if opts.store == "memory" {

@@ -228,6 +228,50 @@ async fn a_release_that_met_a_broken_connection_is_made_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_duplicate_is_answered_409_at_its_wait_timeout_while_redis_hangs() {
+    // Redis stops answering while a duplicate waits on another service's run; the store's
+    // calls would hang for 3 s. The duplicate still gets its 409 at its 1 s wait timeout, as
+    // it would from a store that answered.
+    let server = RedisServer::start();
+    let slow_store = || async {
+        RedisStore::builder()
+            .connection_timeout(Duration::from_secs(3))
+            .response_timeout(Duration::from_secs(3))
+            .connect(&server.url())
+            .await
+            .unwrap()
+    };
+    let [a, b] = two_servers(
+        IdempotencyServiceLayer::new(slow_store().await),
+        IdempotencyServiceLayer::new(slow_store().await)
+            .wait_timeout(Duration::from_secs(1))
+            .store_timeout(Duration::from_secs(3)),
+    )
+    .await;
+    let first = a.spawn_post("/orders?delay_ms=1500", "k-hang", "tea");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let duplicate = b.spawn_post("/orders?delay_ms=1500", "k-hang", "tea");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.pause();
+    let duplicate = duplicate.await.unwrap();
+    let took = started.elapsed();
+    server.resume();
+    assert_eq!(
+        duplicate.status,
+        StatusCode::CONFLICT,
+        "{}",
+        duplicate.text()
+    );
+    assert!(duplicate.headers.contains_key(header::RETRY_AFTER));
+    assert!(
+        took < Duration::from_millis(1800),
+        "the 409 came after {took:?}, past the 1 s wait timeout"
+    );
+    assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_first_seen_key_costs_two_commands_and_a_replay_one() {
     let server = RedisServer::start();
     let store = RedisStore::builder()

@@ -621,10 +621,13 @@ impl Keyed {
                 }
                 None => {
                     tracing::debug!(key = %self.key, "idempotency: waiting for the same request in another process");
-                    let bound = remaining.saturating_add(config.store_timeout);
-                    tokio::time::timeout(bound, config.store.wait(&self.store_key, remaining))
+                    // Answered by the deadline, as a store in this process does, even if a read
+                    // of the store's hangs past it: the key was last seen in flight.
+                    tokio::time::timeout(remaining, config.store.wait(&self.store_key, remaining))
                         .await
-                        .unwrap_or(Err(StoreError::Timeout(bound)))
+                        .unwrap_or(Ok(Some(Holder::InFlight {
+                            fingerprint: self.fingerprint,
+                        })))
                 }
             };
             claimed = match waited {

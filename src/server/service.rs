@@ -1203,9 +1203,11 @@ impl Backoff {
         }
     }
 
-    /// Waits for the next try; `true` when it is the last.
+    /// Waits for the next try (at once, for a first pause of zero); `true` when it is the last.
     async fn wait(&mut self) -> bool {
-        tokio::time::sleep(self.pause).await;
+        if !self.pause.is_zero() {
+            tokio::time::sleep(self.pause).await;
+        }
         self.pause = (self.pause * 2).clamp(RETRY_PAUSE, std::time::Duration::from_secs(5));
         Instant::now() >= self.give_up
     }
@@ -1257,7 +1259,14 @@ impl Drop for ClaimGuard {
         };
         let lead = self.lead.take();
         tracing::debug!(key = %self.keyed.key, "idempotency: request dropped before it finished; releasing the key");
-        self.release_later(token, std::time::Duration::ZERO, lead);
+        match &self.keyed.shared.config.local {
+            // At once: a retry that comes right after finds the key free.
+            Some(local) => {
+                local.release_now(&self.keyed.store_key, token);
+                drop(lead);
+            }
+            None => self.release_later(token, std::time::Duration::ZERO, lead),
+        }
     }
 }
 

@@ -1072,15 +1072,10 @@ impl ClaimGuard {
     /// store calls corrupt, ends the tries; after the last, the claim frees itself at the end
     /// of the window, and only then may a retry run the handler again.
     fn complete_later(&self, token: FencingToken, record: Arc<Record>) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        let Some((runtime, shared, store_key, key)) = self.detached() else {
             tracing::error!(key = %self.keyed.key, "idempotency: no runtime to store the response later; the key frees itself when its lease lapses");
             return;
         };
-        let (shared, store_key, key) = (
-            self.keyed.shared.clone(),
-            self.keyed.store_key,
-            self.keyed.key.clone(),
-        );
         runtime.spawn(async move {
             let config = &shared.config;
             let window = config.lease.min(std::time::Duration::from_secs(5 * 60));
@@ -1117,18 +1112,25 @@ impl ClaimGuard {
         });
     }
 
+    /// What a task of its own needs to finish this claim's business with the store, when there
+    /// is a runtime to run one.
+    fn detached(&self) -> Option<(tokio::runtime::Handle, Arc<Shared>, StoreKey, LogKey)> {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        Some((
+            runtime,
+            self.keyed.shared.clone(),
+            self.keyed.store_key,
+            self.keyed.key.clone(),
+        ))
+    }
+
     /// Releases `token`'s claim from a task of its own, after `pause`, trying again while the
     /// store fails for as long as the lease would hold the key anyway; then drops `lead`,
     /// telling this process's followers.
     fn release_later(&self, token: FencingToken, pause: std::time::Duration, lead: Option<Lead>) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        let Some((runtime, shared, store_key, key)) = self.detached() else {
             return;
         };
-        let (shared, store_key, key) = (
-            self.keyed.shared.clone(),
-            self.keyed.store_key,
-            self.keyed.key.clone(),
-        );
         runtime.spawn(async move {
             let config = &shared.config;
             let mut backoff = Backoff::new(config.lease, pause);

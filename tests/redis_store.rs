@@ -15,7 +15,7 @@ use tower_idempotency::{
     },
 };
 
-use support::{Monitor, RedisServer, median, proxy::CuttingProxy};
+use support::{Monitor, RedisServer, command, median, proxy::CuttingProxy};
 
 tower_idempotency::key_store_conformance!(
     standalone_conformance,
@@ -333,6 +333,35 @@ async fn a_claim_whose_connection_was_cut_after_it_reached_redis_is_given_back()
         "the claim never reached Redis, so nothing was tested"
     );
     claimable_soon(&other, &key, "the claim whose connection was cut").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_redis_refused_is_not_given_back() {
+    // Redis answers the claim with an error (out of memory): the claim did not run, and
+    // sending a release after it would only add to the load of a Redis already in trouble.
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    assert_eq!(
+        command(server.port(), "CONFIG SET maxmemory 1").trim(),
+        "+OK"
+    );
+    let mut monitor = Monitor::start(server.port());
+    for _ in 0..5 {
+        let refused = store.claim(&fresh_key(), &fp(1), LEASE).await;
+        assert!(
+            matches!(&refused, Err(StoreError::Backend(err)) if err.to_string().contains("OOM")),
+            "{refused:?}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let commands = monitor.commands_since_last_call();
+    assert_eq!(
+        command(server.port(), "CONFIG SET maxmemory 0").trim(),
+        "+OK"
+    );
+    // (Redis does not show the refused claims to a monitor.)
+    let releases = commands.iter().filter(|c| c.contains("EVAL")).count();
+    assert_eq!(releases, 0, "{commands:#?}");
 }
 
 /// Waits until `store` can claim `key`, within 5 s: long before the 30 s lease of a claim

@@ -696,7 +696,9 @@ impl KeyStore for RedisStore {
         // out), and nobody would give it back: the key would stay claimed for its lease. So a
         // claim that got no answer, whether its reply timed out, its connection broke, or its
         // caller stopped waiting for it, is given back. Releasing is token-checked: where the
-        // claim never ran, it changes nothing.
+        // claim never ran, it changes nothing. An error Redis answered with (OOM, READONLY and
+        // the like) says the claim did not run: giving it back would only add to the load of a
+        // Redis already in trouble.
         let mut unanswered = Unanswered {
             store: self,
             key: *key,
@@ -705,7 +707,13 @@ impl KeyStore for RedisStore {
             answered: false,
         };
         let result: Result<Option<Vec<u8>>, StoreError> = self.query("claim", &cmd).await;
-        unanswered.answered = result.is_ok();
+        unanswered.answered = match &result {
+            Ok(_) => true,
+            Err(StoreError::Backend(err)) => err
+                .downcast_ref::<redis::RedisError>()
+                .is_some_and(|err| err.code().is_some()),
+            Err(_) => false,
+        };
         let Some(previous) = result? else {
             return Ok(Claim::Claimed(token));
         };

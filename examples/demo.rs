@@ -129,9 +129,10 @@ async fn open_store() -> (Arc<dyn KeyStore>, String) {
     match std::env::var("REDIS_URL") {
         #[cfg(feature = "redis")]
         Ok(url) => match tower_idempotency::store::RedisStore::connect(&url).await {
-            Ok(store) => (Arc::new(store), format!("RedisStore at {url}")),
+            // The URL may hold a password: it is not printed.
+            Ok(store) => (Arc::new(store), "RedisStore at REDIS_URL".to_owned()),
             Err(err) => {
-                eprintln!("cannot connect to REDIS_URL={url}: {err}");
+                eprintln!("cannot connect to the Redis at REDIS_URL: {err}");
                 std::process::exit(1);
             }
         },

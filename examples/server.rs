@@ -127,18 +127,23 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String>
     Ok(opts)
 }
 
-/// `url` with the password in it, if any, left out: it is printed.
+/// `url` with the passwords in it, if any, left out: it is printed.
 fn redacted(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    match rest.split_once('@') {
-        Some((userinfo, hosts)) if !userinfo.contains('/') => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-            format!("{scheme}://{user}:***@{hosts}")
-        }
-        _ => url.to_owned(),
-    }
+    let (authority, path) = rest.find('/').map_or((rest, ""), |at| rest.split_at(at));
+    let nodes: Vec<String> = authority
+        .split(',')
+        .map(|node| match node.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+                format!("{user}:***@{host}")
+            }
+            None => node.to_owned(),
+        })
+        .collect();
+    format!("{scheme}://{}{path}", nodes.join(","))
 }
 
 async fn open_store(url: &str, max_entries: Option<usize>) -> Result<Arc<dyn KeyStore>, String> {
@@ -170,7 +175,8 @@ async fn open_store(url: &str, max_entries: Option<usize>) -> Result<Arc<dyn Key
             redacted(url)
         )),
         other => Err(format!(
-            "unknown store {other:?}: use memory, redis://HOST:PORT or redis+cluster://HOST:PORT,..."
+            "unknown store {:?}: use memory, redis://HOST:PORT or redis+cluster://HOST:PORT,...",
+            redacted(other)
         )),
     }
 }

@@ -156,7 +156,8 @@
 //!   this).
 //! - A claim carries a lease, renewed while the handler runs and while its response body is
 //!   read. If the process dies, the key is free again once the lease lapses; a run whose lease
-//!   lapsed cannot store its response.
+//!   lapsed cannot store its response once another run has taken the key (if none has, it is
+//!   stored).
 //! - A response the store refuses to record (a Redis out of memory, say) still reaches its
 //!   caller, and its key stays claimed while a task tries again, for up to one lease (five
 //!   minutes at most; without [`keep_lease_alive`](IdempotencyServiceLayer::keep_lease_alive)

@@ -39,8 +39,8 @@ use crate::{
 /// # Runtime
 ///
 /// The service needs a tokio runtime: a handler whose caller goes away finishes in a task of
-/// its own (see [`detach`](IdempotencyServiceLayer::detach)), and a request dropped before its
-/// handler finished gives up its claim from a task.
+/// its own (see [`detach`](IdempotencyServiceLayer::detach)), and a claim a remote store failed
+/// to complete or release is tried again from a task.
 #[derive(Clone, Debug)]
 pub struct IdempotencyService<S> {
     inner: S,
@@ -621,9 +621,14 @@ impl Keyed {
                 }
                 None => {
                     tracing::debug!(key = %self.key, "idempotency: waiting for the same request in another process");
-                    // Answered by the deadline, as a store in this process does, even if a read
-                    // of the store's hangs past it: the key was last seen in flight.
-                    tokio::time::timeout(remaining, config.store.wait(&self.store_key, remaining))
+                    // Answered by the deadline, even if a read of the store's hangs past it: the
+                    // key was last seen in flight. The store's own last look, at the deadline, is
+                    // given a moment to come back.
+                    let grace = config
+                        .store_timeout
+                        .min(std::time::Duration::from_millis(100));
+                    let bound = remaining.saturating_add(grace);
+                    tokio::time::timeout(bound, config.store.wait(&self.store_key, remaining))
                         .await
                         .unwrap_or(Ok(Some(Holder::InFlight {
                             fingerprint: self.fingerprint,
@@ -765,8 +770,9 @@ pub(super) struct Run<F> {
 }
 
 /// A claim being run. Dropped before it is completed or released (the handler panicked, or the
-/// caller went away), it releases the claim from a task at once and then tells this process's
-/// followers, so one of them can run.
+/// caller went away), it releases the claim at once (from a task, for a remote store, which
+/// tries again while the store fails) and tells this process's followers, so one of them can
+/// run.
 pub(super) struct ClaimGuard {
     keyed: Keyed,
     token: Option<FencingToken>,
@@ -1067,7 +1073,8 @@ impl ClaimGuard {
     }
 
     /// Stores `record` from a task once the store takes it: tried again after a pause that
-    /// doubles up to 5 s, for one lease (five minutes at most), the claim renewed before each
+    /// doubles up to 5 s, for one lease (five minutes at most, and no longer than the
+    /// retention), the claim renewed before each
     /// try to last until that window ends and no longer. A claim found fenced, or a record the
     /// store calls corrupt, ends the tries; after the last, the claim frees itself at the end
     /// of the window, and only then may a retry run the handler again.
@@ -1078,8 +1085,7 @@ impl ClaimGuard {
         };
         runtime.spawn(async move {
             let config = &shared.config;
-            let window = config.lease.min(std::time::Duration::from_secs(5 * 60));
-            let mut backoff = Backoff::new(window, RETRY_PAUSE);
+            let mut backoff = Backoff::new(background_window(config), RETRY_PAUSE);
             loop {
                 let last = backoff.wait().await;
                 let left = backoff.give_up.saturating_duration_since(Instant::now());
@@ -1125,30 +1131,37 @@ impl ClaimGuard {
     }
 
     /// Releases `token`'s claim from a task of its own, after `pause`, trying again while the
-    /// store fails for as long as the lease would hold the key anyway; then drops `lead`,
-    /// telling this process's followers.
+    /// store fails for as long as the lease would hold the key anyway (five minutes at most).
+    /// `lead` is dropped after the first try, telling this process's followers: while the store
+    /// fails, they are better answered by it than left to follow a run that ended.
     fn release_later(&self, token: FencingToken, pause: std::time::Duration, lead: Option<Lead>) {
         let Some((runtime, shared, store_key, key)) = self.detached() else {
             return;
         };
         runtime.spawn(async move {
             let config = &shared.config;
-            let mut backoff = Backoff::new(config.lease, pause);
+            let mut lead = lead;
+            let mut backoff = Backoff::new(background_window(config), pause);
             loop {
                 let last = backoff.wait().await;
                 let released = config.store.release(&store_key, token);
-                match store_call(config, released).await {
-                    Ok(_) => break,
+                let result = store_call(config, released).await;
+                drop(lead.take());
+                match result {
+                    Ok(_) => return,
+                    Err(err @ StoreError::Corrupt(_)) => {
+                        tracing::error!(key = %key, error = %err, "idempotency: the store cannot release the claim; it frees itself when its lease lapses");
+                        return;
+                    }
                     Err(err) if last => {
                         tracing::warn!(key = %key, error = %err, "idempotency: could not release the claim; it frees itself when its lease lapses");
-                        break;
+                        return;
                     }
                     Err(err) => {
                         tracing::debug!(key = %key, error = %err, "idempotency: could not release the claim yet; trying again");
                     }
                 }
             }
-            drop(lead);
         });
     }
 
@@ -1189,6 +1202,16 @@ impl ClaimGuard {
 
 /// The first pause before a step that failed is tried again in the background.
 const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// How long a step that failed is tried again in the background: for the lease, which holds
+/// the key meanwhile, and no longer than the retention (a record stored later could outlive
+/// the key's next use) or five minutes.
+fn background_window(config: &Config) -> std::time::Duration {
+    config
+        .lease
+        .min(config.retention)
+        .min(std::time::Duration::from_secs(5 * 60))
+}
 
 /// The pauses between tries of a step that failed, made in the background: `first`, then
 /// doubling up to 5 s, until the try made at or after `give_up`, which is the last.

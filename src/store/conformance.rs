@@ -250,8 +250,8 @@ pub async fn a_lapsed_claim_is_no_claim(store: Arc<dyn KeyStore>) {
 }
 
 /// A run whose lease lapsed while nobody took the key over (a store that stalled past it, or
-/// lost the claim) still stores its record, and wakes the key's waiters: refusing it would
-/// make every retry run the operation again.
+/// lost the claim) still stores its record: refusing it would make every retry run the
+/// operation again.
 pub async fn a_completion_after_a_lapse_nobody_took_over_is_stored(store: Arc<dyn KeyStore>) {
     let key = fresh_key();
     let token = claimed(&*store, &key, fingerprint(1), Duration::from_secs(1)).await;

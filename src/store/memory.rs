@@ -541,8 +541,8 @@ impl Shard {
         // stays while its position is in its queue, so the sweep reads the index alone (reading
         // each record to see whether it still lives would be a cache miss an entry); the entry
         // of a record that died in a queue (its retention ran out) goes once the record leaves
-        // the front. While the index holds no more entries than the queues hold records, none
-        // is stale.
+        // the front. The sweep waits until the index holds more entries than the queues hold
+        // records: below that, the stale entries are no more than the queues' dead records.
         if self.index.len() > self.queued() {
             let mut firsts = [u64::MAX; MAX_QUEUES];
             for (first, q) in firsts.iter_mut().zip(self.queues_mut()) {

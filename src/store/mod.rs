@@ -354,7 +354,8 @@ pub trait KeyStore: Any + Send + Sync + fmt::Debug {
         lease: Duration,
     ) -> Result<Claim, StoreError>;
 
-    /// Stores `record` under `key`, kept for `retention`, if `token` still owns the claim.
+    /// Stores `record` under `key`, kept for `retention`, if `token` still owns the claim or
+    /// nothing holds the key; [`Completion::Fenced`] when another claim or record holds it.
     async fn complete(
         &self,
         key: &StoreKey,

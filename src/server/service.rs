@@ -1074,10 +1074,10 @@ impl ClaimGuard {
 
     /// Stores `record` from a task once the store takes it: tried again after a pause that
     /// doubles up to 5 s, for one lease (five minutes at most, and no longer than the
-    /// retention), the claim renewed before each
-    /// try to last until that window ends and no longer. A claim found fenced, or a record the
-    /// store calls corrupt, ends the tries; after the last, the claim frees itself at the end
-    /// of the window, and only then may a retry run the handler again.
+    /// retention), the claim renewed before each try to last until that window ends and no
+    /// longer. A claim found fenced, or a record the store calls corrupt, ends the tries; after
+    /// the last, the claim frees itself at the end of the window, and only then may a retry run
+    /// the handler again.
     fn complete_later(&self, token: FencingToken, record: Arc<Record>) {
         let Some((runtime, shared, store_key, key)) = self.detached() else {
             tracing::error!(key = %self.keyed.key, "idempotency: no runtime to store the response later; the key frees itself when its lease lapses");

@@ -16,7 +16,7 @@ use axum::http::{StatusCode, header};
 use support::{
     Monitor, RedisServer,
     app::{Counter, TestServer, app, assert_one_answer, many_keys, serve, storm, two_servers},
-    cluster, command,
+    bounded_store, cluster, command,
     proxy::CuttingProxy,
 };
 use tower_idempotency::{
@@ -24,12 +24,7 @@ use tower_idempotency::{
 };
 
 async fn standalone_store(url: &str) -> RedisStore {
-    RedisStore::builder()
-        .connection_timeout(Duration::from_millis(500))
-        .response_timeout(Duration::from_millis(500))
-        .connect(url)
-        .await
-        .unwrap()
+    bounded_store(url, Duration::from_millis(500)).await
 }
 
 /// [`two_services`] on two standalone stores connected to `server`.
@@ -233,14 +228,8 @@ async fn a_duplicate_is_answered_409_at_its_wait_timeout_while_redis_hangs() {
     // calls would hang for 3 s. The duplicate still gets its 409 at its 1 s wait timeout, as
     // it would from a store that answered.
     let server = RedisServer::start();
-    let slow_store = || async {
-        RedisStore::builder()
-            .connection_timeout(Duration::from_secs(3))
-            .response_timeout(Duration::from_secs(3))
-            .connect(&server.url())
-            .await
-            .unwrap()
-    };
+    let url = server.url();
+    let slow_store = || bounded_store(&url, Duration::from_secs(3));
     let [a, b] = two_servers(
         IdempotencyServiceLayer::new(slow_store().await),
         IdempotencyServiceLayer::new(slow_store().await)

@@ -15,7 +15,7 @@ use tower_idempotency::{
     },
 };
 
-use support::{Monitor, RedisServer, command, median, proxy::CuttingProxy};
+use support::{Monitor, RedisServer, bounded_store, command, median, proxy::CuttingProxy};
 
 tower_idempotency::key_store_conformance!(
     standalone_conformance,
@@ -231,16 +231,7 @@ async fn a_killed_redis_gives_prompt_errors_and_the_store_recovers_after_a_resta
 
 /// A store on `server` that bounds connecting and each reply by `bound`.
 async fn store_bounded_by(server: &RedisServer, bound: Duration) -> RedisStore {
-    store_bounded_by_url(&server.url(), bound).await
-}
-
-async fn store_bounded_by_url(url: &str, bound: Duration) -> RedisStore {
-    RedisStore::builder()
-        .connection_timeout(bound)
-        .response_timeout(bound)
-        .connect(url)
-        .await
-        .unwrap()
+    bounded_store(&server.url(), bound).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -318,7 +309,7 @@ async fn a_claim_whose_connection_was_cut_after_it_reached_redis_is_given_back()
     // resending the claim fails too. The claim ran, and is given back once Redis can be reached.
     let server = RedisServer::start();
     let proxy = CuttingProxy::start(server.port()).await;
-    let store = store_bounded_by_url(&proxy.url(), Duration::from_millis(300)).await;
+    let store = bounded_store(&proxy.url(), Duration::from_millis(300)).await;
     let other = RedisStore::connect(&server.url()).await.unwrap();
     let key = fresh_key();
     proxy.cut_after(b"NX", Duration::from_secs(1));

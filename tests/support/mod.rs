@@ -414,3 +414,14 @@ impl Drop for Monitor {
         let _ = self.child.wait();
     }
 }
+
+/// A store on the Redis at `url` that bounds connecting and each reply by `bound`.
+#[cfg(feature = "redis")]
+pub async fn bounded_store(url: &str, bound: Duration) -> tower_idempotency::store::RedisStore {
+    tower_idempotency::store::RedisStore::builder()
+        .connection_timeout(bound)
+        .response_timeout(bound)
+        .connect(url)
+        .await
+        .unwrap()
+}

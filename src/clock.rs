@@ -14,6 +14,35 @@ pub(crate) fn after(now: Instant, d: Duration) -> Instant {
     now + d.min(FOREVER)
 }
 
+/// The pauses between tries of a step that failed, made in the background until a deadline:
+/// `first` (none, for zero), then doubling from at least `step` up to 5 s, the last pause cut
+/// short at the deadline; the try made at or after it is the last.
+pub(crate) struct Backoff {
+    pub(crate) give_up: Instant,
+    pause: Duration,
+    step: Duration,
+}
+
+impl Backoff {
+    /// Tries for `window` from now.
+    pub(crate) fn new(window: Duration, first: Duration, step: Duration) -> Self {
+        Self {
+            give_up: after(Instant::now(), window),
+            pause: first,
+            step,
+        }
+    }
+
+    /// Waits for the next try; `true` when it is the last.
+    pub(crate) async fn wait(&mut self) -> bool {
+        if !self.pause.is_zero() {
+            tokio::time::sleep_until((Instant::now() + self.pause).min(self.give_up)).await;
+        }
+        self.pause = (self.pause * 2).clamp(self.step, Duration::from_secs(5));
+        Instant::now() >= self.give_up
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

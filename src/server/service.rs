@@ -23,7 +23,9 @@ use super::{
     problem::Problem,
 };
 use crate::{
-    IDEMPOTENT_REPLAYED, InvalidKey, clock, key,
+    IDEMPOTENT_REPLAYED, InvalidKey,
+    clock::{self, Backoff},
+    key,
     store::{
         BoxError, Claim, Completion, FencingToken, Fingerprint, Holder, KeyStore, MemoryStore,
         Record, RecordView, StoreError, StoreKey,
@@ -1085,7 +1087,7 @@ impl ClaimGuard {
         };
         runtime.spawn(async move {
             let config = &shared.config;
-            let mut backoff = Backoff::new(background_window(config), RETRY_PAUSE);
+            let mut backoff = Backoff::new(background_window(config), RETRY_PAUSE, RETRY_PAUSE);
             loop {
                 let last = backoff.wait().await;
                 let left = backoff.give_up.saturating_duration_since(Instant::now());
@@ -1141,7 +1143,7 @@ impl ClaimGuard {
         runtime.spawn(async move {
             let config = &shared.config;
             let mut lead = lead;
-            let mut backoff = Backoff::new(background_window(config), pause);
+            let mut backoff = Backoff::new(background_window(config), pause, RETRY_PAUSE);
             loop {
                 let last = backoff.wait().await;
                 let released = config.store.release(&store_key, token);
@@ -1211,31 +1213,6 @@ fn background_window(config: &Config) -> std::time::Duration {
         .lease
         .min(config.retention)
         .min(std::time::Duration::from_secs(5 * 60))
-}
-
-/// The pauses between tries of a step that failed, made in the background: `first`, then
-/// doubling up to 5 s, until the try made at or after `give_up`, which is the last.
-struct Backoff {
-    give_up: Instant,
-    pause: std::time::Duration,
-}
-
-impl Backoff {
-    fn new(window: std::time::Duration, first: std::time::Duration) -> Self {
-        Self {
-            give_up: clock::after(Instant::now(), window),
-            pause: first,
-        }
-    }
-
-    /// Waits for the next try (at once, for a first pause of zero); `true` when it is the last.
-    async fn wait(&mut self) -> bool {
-        if !self.pause.is_zero() {
-            tokio::time::sleep(self.pause).await;
-        }
-        self.pause = (self.pause * 2).clamp(RETRY_PAUSE, std::time::Duration::from_secs(5));
-        Instant::now() >= self.give_up
-    }
 }
 
 /// A response answered with its stored `record`'s body; its headers come back from the record

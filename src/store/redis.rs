@@ -27,7 +27,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::clock;
+use crate::clock::{self, Backoff};
 
 use super::{
     Claim, Completion, FencingToken, Fingerprint, Holder, KeyStore, Record, StoreError, StoreKey,
@@ -416,10 +416,10 @@ impl RedisStore {
             return;
         }
         let inner = Arc::downgrade(&self.inner);
-        let until = clock::after(Instant::now(), lease);
+        let mut backoff = Backoff::new(lease, Duration::ZERO, DEFAULT_POLL_INTERVAL);
         runtime.spawn(async move {
-            let mut pause = DEFAULT_POLL_INTERVAL;
-            while Instant::now() < until {
+            loop {
+                let last = backoff.wait().await;
                 let Some(inner) = inner.upgrade() else { break };
                 match (RedisStore { inner }).release(&key, token).await {
                     Ok(released) => {
@@ -428,10 +428,12 @@ impl RedisStore {
                         }
                         break;
                     }
+                    Err(err) if last => {
+                        tracing::debug!(error = %err, "idempotency store: giving back a claim left unanswered failed; it lapses with its lease");
+                        break;
+                    }
                     Err(err) => {
                         tracing::debug!(error = %err, "idempotency store: giving back a claim left unanswered failed; trying again");
-                        tokio::time::sleep_until((Instant::now() + pause).min(until)).await;
-                        pause = (pause * 2).min(Duration::from_secs(5));
                     }
                 }
             }

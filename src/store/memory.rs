@@ -414,7 +414,7 @@ impl Shard {
     }
 
     fn queues_mut(&mut self) -> impl Iterator<Item = &mut Queue> {
-        std::iter::once(&mut self.queue).chain(self.others.iter_mut())
+        every(&mut self.queue, &mut self.others)
     }
 
     /// The queue for records kept for `retention`: its own, or a new one, or (a shard has
@@ -490,7 +490,7 @@ impl Shard {
             ..
         } = self;
         // Expired records go first, whatever the bounds; then every front lives.
-        for q in std::iter::once(&mut *queue).chain(others.iter_mut()) {
+        for q in every(queue, others) {
             q.drop_expired(now, usage);
         }
         if usage.records < max_entries && usage.bytes + incoming <= max_bytes {
@@ -502,8 +502,7 @@ impl Shard {
         while usage.records + slack_records >= max_entries
             || usage.bytes + incoming + slack_bytes > max_bytes
         {
-            let Some(soonest) = std::iter::once(&mut *queue)
-                .chain(others.iter_mut())
+            let Some(soonest) = every(queue, others)
                 .filter(|q| !q.records.is_empty())
                 .min_by_key(|q| q.records.front().map(|front| front.expires))
             else {
@@ -559,6 +558,11 @@ impl Shard {
     fn queued(&self) -> usize {
         self.queue.records.len() + self.others.iter().map(|q| q.records.len()).sum::<usize>()
     }
+}
+
+/// A shard's first queue and its others, in turn.
+fn every<'a>(first: &'a mut Queue, others: &'a mut [Queue]) -> impl Iterator<Item = &'a mut Queue> {
+    std::iter::once(first).chain(others)
 }
 
 /// Queue `n` of a shard's first queue and its others.

@@ -20,7 +20,7 @@ use axum::{
     response::Response,
 };
 use http_body_util::{BodyExt, Full};
-use support::app::{Counter, assert_one_answer, many_keys, server, storm, two_servers};
+use support::app::{Counter, assert_one_answer, many_keys, serve, server, storm, two_servers};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_idempotency::{
@@ -1345,6 +1345,67 @@ async fn headers_named_in_connection_are_not_replayed() {
     assert_eq!(replay.headers()["x-order"], "42");
     assert!(!replay.headers().contains_key("x-hop"));
     assert!(!replay.headers().contains_key(header::CONNECTION));
+}
+
+/// A response body that sends its chunks and gives no length, as a proxied chunked answer does.
+struct Streamed(std::collections::VecDeque<&'static str>);
+
+impl http_body::Body for Streamed {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Ready(
+            self.0
+                .pop_front()
+                .map(|chunk| Ok(http_body::Frame::data(Bytes::from(chunk)))),
+        )
+    }
+}
+
+#[tokio::test]
+async fn a_chunked_response_reaches_its_first_caller_and_is_replayed() {
+    // A handler that forwards an upstream's chunked answer keeps its `Transfer-Encoding`. The
+    // service reads the body whole to store it, and sends it framed by its length: under the
+    // old header hyper would drop the connection, and the caller of a run that happened would
+    // get nothing.
+    for stored_whole in [false, true] {
+        let runs = Counter::default();
+        let counted = runs.clone();
+        let handler = move || {
+            counted.count();
+            let body = if stored_whole {
+                axum::body::Body::from("order 42")
+            } else {
+                axum::body::Body::new(Streamed(["order ", "42"].into()))
+            };
+            async move {
+                Response::builder()
+                    .status(StatusCode::CREATED)
+                    .header(header::TRANSFER_ENCODING, "chunked")
+                    .body(body)
+                    .unwrap()
+            }
+        };
+        let router = axum::Router::new()
+            .route("/orders", axum::routing::post(handler))
+            .layer(IdempotencyServiceLayer::default());
+        let s = serve(router, runs).await;
+        let send = || s.send(Method::POST, "/orders", &[b"k"], &[], "tea");
+        let first = send().await;
+        assert_eq!(first.status, StatusCode::CREATED, "{stored_whole}");
+        assert_eq!(first.text(), "order 42");
+        assert_eq!(first.headers[header::CONTENT_LENGTH], "8");
+        assert!(!first.replayed());
+        let replay = send().await;
+        assert_eq!(replay.status, StatusCode::CREATED);
+        assert_eq!(replay.text(), "order 42");
+        assert!(replay.replayed());
+        assert_eq!(s.runs.runs(), 1);
+    }
 }
 
 #[tokio::test]

@@ -389,10 +389,10 @@ impl Keyed {
             }
         }
         headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
-        let mut response = Response::new(ResponseBody::full(record.body, record.trailers));
-        *response.status_mut() = record.status;
-        *response.headers_mut() = headers;
-        response
+        let (mut parts, ()) = Response::new(()).into_parts();
+        parts.status = record.status;
+        parts.headers = headers;
+        whole(parts, record.body, record.trailers)
     }
 
     /// Ends this process's flight with `problem`, and answers with it.
@@ -865,10 +865,7 @@ impl ClaimGuard {
         };
         match buffered {
             Buffered::Whole { data, trailers } if failed_in_passing(&trailers) => {
-                self.released(Ok(Response::from_parts(
-                    parts,
-                    ResponseBody::full(data, trailers),
-                )))
+                self.released(Ok(whole(parts, data, trailers)))
             }
             Buffered::Whole { data, trailers }
                 if data.len() <= shared.config.max_stored_response =>
@@ -885,10 +882,7 @@ impl ClaimGuard {
                     replayable: true,
                 };
                 self.complete_now(local, record);
-                Respond::Now(Ok(Response::from_parts(
-                    parts,
-                    ResponseBody::full(data, trailers),
-                )))
+                Respond::Now(Ok(whole(parts, data, trailers)))
             }
             // Rarer: a body that failed, or ran past the length it gave.
             buffered => Respond::Later(Box::pin(self.store(parts, buffered, None))),
@@ -981,10 +975,7 @@ impl ClaimGuard {
         let unstored = match buffered {
             Buffered::Whole { data, trailers } if failed_in_passing(&trailers) => {
                 self.release().await;
-                return Ok(Response::from_parts(
-                    parts,
-                    ResponseBody::full(data, trailers),
-                ));
+                return Ok(whole(parts, data, trailers));
             }
             Buffered::Whole { data, trailers } if data.len() <= limit => {
                 let (record, excluded) = self.record(&mut parts, data, trailers);
@@ -992,8 +983,10 @@ impl ClaimGuard {
                 return Ok(respond(parts, record, excluded));
             }
             // Only a body that ran past the length it gave arrives here whole.
-            Buffered::Whole { data, trailers } => ResponseBody::full(data, trailers),
-            Buffered::TooLarge { chunks } => ResponseBody::partial(chunks, rest, None),
+            Buffered::Whole { data, trailers } => whole(parts, data, trailers),
+            Buffered::TooLarge { chunks } => {
+                Response::from_parts(parts, ResponseBody::partial(chunks, rest, None))
+            }
             Buffered::Failed { chunks, error } => {
                 self.release().await;
                 return Ok(Response::from_parts(
@@ -1008,9 +1001,9 @@ impl ClaimGuard {
             "idempotency: response too large to store; duplicates will be told it cannot be replayed"
         );
         let fingerprint = self.keyed.fingerprint;
-        self.complete(&Record::not_replayable(fingerprint, parts.status))
+        self.complete(&Record::not_replayable(fingerprint, unstored.status()))
             .await;
-        Ok(Response::from_parts(parts, unstored))
+        Ok(unstored)
     }
 
     /// Stores the record, if the claim still holds, and hands it to the followers.
@@ -1225,7 +1218,20 @@ fn respond<B: Body>(
     if !excluded {
         parts.headers = record.headers;
     }
-    Response::from_parts(parts, ResponseBody::full(record.body, record.trailers))
+    whole(parts, record.body, record.trailers)
+}
+
+/// A response with a whole body in place of the one its head came with. A `Transfer-Encoding`
+/// goes: it framed the body the handler gave (a stream, such as a proxied chunked response),
+/// and the server frames a whole one by its length. hyper refuses to send a body of known
+/// length under that header, and drops the connection instead.
+fn whole<B: Body>(
+    mut parts: response::Parts,
+    data: Bytes,
+    trailers: Option<HeaderMap>,
+) -> Response<ResponseBody<B>> {
+    parts.headers.remove(header::TRANSFER_ENCODING);
+    Response::from_parts(parts, ResponseBody::full(data, trailers))
 }
 
 /// Renews a claim's lease every third of it, for as long as it is polled. A claim found lost

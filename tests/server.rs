@@ -100,6 +100,57 @@ async fn named_headers_count_towards_the_fingerprint() {
 }
 
 #[tokio::test]
+async fn a_retry_that_corrects_its_content_type_is_not_answered_the_stored_415() {
+    // axum's `Json` answers 415 to a body sent without its media type; the 415 is stored. The
+    // client fixes the header and retries with the same key: that is another request, told
+    // so, never handed the 415 it no longer deserves.
+    let runs = Counter::default();
+    let counted = runs.clone();
+    let router = axum::Router::new()
+        .route(
+            "/orders",
+            axum::routing::post(
+                move |axum::Json(order): axum::Json<serde_json::Value>| async move {
+                    counted.count();
+                    (StatusCode::CREATED, order.to_string())
+                },
+            ),
+        )
+        .layer(IdempotencyServiceLayer::default());
+    let s = serve(router, runs).await;
+    let send = async |content_type: &str| {
+        s.send(
+            Method::POST,
+            "/orders",
+            &[b"k"],
+            &[("content-type", content_type)],
+            r#"{"sku":"tea"}"#,
+        )
+        .await
+    };
+    let wrong = send("text/plain").await;
+    assert_eq!(wrong.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let corrected = send("application/json").await;
+    assert_eq!(corrected.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(!corrected.replayed());
+    assert_eq!(s.runs.runs(), 0);
+    // With a key of its own, the corrected request runs, and its retry is replayed.
+    let fresh = async || {
+        s.send(
+            Method::POST,
+            "/orders",
+            &[b"k2"],
+            &[("content-type", "application/json")],
+            r#"{"sku":"tea"}"#,
+        )
+        .await
+    };
+    assert_eq!(fresh().await.status, StatusCode::CREATED);
+    assert!(fresh().await.replayed());
+    assert_eq!(s.runs.runs(), 1);
+}
+
+#[tokio::test]
 async fn a_duplicate_in_flight_waits_and_gets_the_same_answer() {
     let s = Arc::new(server(IdempotencyServiceLayer::default()).await);
     let first = s.spawn_post("/orders?delay_ms=400", "slow", "tea");

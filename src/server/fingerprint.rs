@@ -2,13 +2,19 @@
 
 use std::sync::LazyLock;
 
-use http::{HeaderName, request::Parts};
+use http::{HeaderName, header, request::Parts};
 
 use crate::{digest, store::Fingerprint};
 
-/// A BLAKE3 digest of the method, the path and query, the values of `headers` (in the order
-/// given) and the body. Every field is length-prefixed, so no two different requests can
-/// run together into the same input.
+/// A BLAKE3 digest of the method, the path and query, the `Content-Type`, the values of
+/// `headers` (in the order given) and the body. Every field is length-prefixed, so no two
+/// different requests can run together into the same input.
+///
+/// The `Content-Type` always counts: the same bytes as JSON and as a form are different
+/// requests, and a retry that corrects a wrong one is not the request that was answered 415.
+/// A header's values count as one list, however they were split over lines and whatever the
+/// spaces around their commas (RFC 9110, section 5.3: a proxy may fold them); empty elements
+/// are left out.
 pub(crate) fn fingerprint(parts: &Parts, headers: &[HeaderName], body: &[u8]) -> Fingerprint {
     static KEY: LazyLock<[u8; 32]> =
         LazyLock::new(|| digest::purpose_key("tower-idempotency 2026 request fingerprint"));
@@ -25,12 +31,20 @@ pub(crate) fn fingerprint(parts: &Parts, headers: &[HeaderName], body: &[u8]) ->
                 .map_or("/", |pq| pq.as_str())
                 .as_bytes(),
         );
-        for name in headers {
+        for name in std::iter::once(&header::CONTENT_TYPE).chain(headers) {
             field(name.as_str().as_bytes());
-            let values = parts.headers.get_all(name);
-            field(&(values.iter().count() as u64).to_le_bytes());
-            for value in values {
-                field(value.as_bytes());
+            let elements = || {
+                parts
+                    .headers
+                    .get_all(name)
+                    .iter()
+                    .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+                    .map(|element| element.trim_ascii())
+                    .filter(|element| !element.is_empty())
+            };
+            field(&(elements().count() as u64).to_le_bytes());
+            for element in elements() {
+                field(element);
             }
         }
         field(body);
@@ -88,6 +102,61 @@ mod tests {
         assert_eq!(
             fp(Method::POST, "/o", Some("t"), &[], b""),
             fp(Method::POST, "/o", Some("u"), &[], b"")
+        );
+    }
+
+    fn with_headers(headers: &[(&str, &str)], named: &[HeaderName]) -> Fingerprint {
+        let mut req = Request::builder().method(Method::POST).uri("/orders");
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let (parts, ()) = req.body(()).unwrap().into_parts();
+        fingerprint(&parts, named, b"tea")
+    }
+
+    #[test]
+    fn the_content_type_counts_without_being_named() {
+        let json = with_headers(&[("content-type", "application/json")], &[]);
+        assert_eq!(
+            json,
+            with_headers(&[("content-type", "application/json")], &[])
+        );
+        assert_ne!(json, with_headers(&[("content-type", "text/plain")], &[]));
+        assert_ne!(json, with_headers(&[], &[]));
+        // Named as well, it still counts once per naming, the same way each time.
+        let named = [header::CONTENT_TYPE];
+        assert_eq!(
+            with_headers(&[("content-type", "application/json")], &named),
+            with_headers(&[("content-type", "application/json")], &named)
+        );
+    }
+
+    #[test]
+    fn a_list_counts_the_same_however_it_is_split_over_lines() {
+        let named = [HeaderName::from_static("accept-language")];
+        let two_lines = with_headers(
+            &[("accept-language", "en"), ("accept-language", "fr")],
+            &named,
+        );
+        for folded in ["en, fr", "en,fr", " en ,fr ", "en,,fr"] {
+            assert_eq!(
+                two_lines,
+                with_headers(&[("accept-language", folded)], &named),
+                "{folded:?}"
+            );
+        }
+        assert_ne!(
+            two_lines,
+            with_headers(&[("accept-language", "fr, en")], &named),
+            "the order of a list counts"
+        );
+        assert_ne!(
+            two_lines,
+            with_headers(&[("accept-language", "en fr")], &named)
+        );
+        assert_ne!(
+            two_lines,
+            with_headers(&[("accept-language", "en")], &named)
         );
     }
 }

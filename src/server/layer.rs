@@ -27,7 +27,7 @@ const MIN_TIME: Duration = Duration::from_millis(1);
 /// | [`methods`](Self::methods) | `POST`, `PATCH` |
 /// | [`require_key`](Self::require_key) | `false`: requests without a key pass through |
 /// | [`scope`](Self::scope) | none: one key space for every caller |
-/// | [`fingerprint_headers`](Self::fingerprint_headers) | none: method, path, query and body |
+/// | [`fingerprint_headers`](Self::fingerprint_headers) | none: method, path, query, `Content-Type` and body |
 /// | [`on_conflict`](Self::on_conflict) | [`OnConflict::Wait`] |
 /// | [`wait_timeout`](Self::wait_timeout) | 30 s |
 /// | [`retention`](Self::retention) | 24 h |
@@ -135,8 +135,9 @@ impl IdempotencyServiceLayer {
         layer
     }
 
-    /// Request headers that count towards the fingerprint, beside the method, path, query and
-    /// body: a request that reuses a key with other values for them gets 422.
+    /// Request headers that count towards the fingerprint, beside the method, path, query,
+    /// `Content-Type` and body: a request that reuses a key with other values for them gets
+    /// 422. Each counts as one list: `a, b` on one line and `a` and `b` on two are the same.
     pub fn fingerprint_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
         self.config().fingerprint_headers = names.into_iter().collect();
         self

@@ -12,7 +12,8 @@
 //! | a completed response | same | replay it |
 //! | a completed response | different | 422 |
 //!
-//! The fingerprint covers the method, the path and query, the body and any headers you name.
+//! The fingerprint covers the method, the path and query (as sent), the `Content-Type`, the body
+//! and any headers you name. A named header counts as one list, however it is split over lines.
 //!
 //! # The service's own answers
 //!

@@ -123,8 +123,8 @@ impl Problem {
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "idempotency-key-reused",
                 "Idempotency key reused",
-                "This idempotency key was already used for a different request (method, path, body or \
-                 headers differ). Use a new key for a new operation, or resend the original request \
+                "This idempotency key was already used for a different request (method, path, \
+                 content type, body or headers differ). Use a new key for a new operation, or resend the original request \
                  unchanged."
                     .into(),
             ),

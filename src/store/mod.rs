@@ -139,8 +139,8 @@ impl fmt::Debug for StoreKey {
 /// keys at one bucket.
 pub(crate) type KeyMap<V> = std::collections::HashMap<StoreKey, V, foldhash::fast::RandomState>;
 
-/// A digest of what makes two requests "the same": method, path and query, chosen headers and
-/// body. A key reused with a different fingerprint is answered 422.
+/// A digest of what makes two requests "the same": method, path and query, `Content-Type`,
+/// chosen headers and body. A key reused with a different fingerprint is answered 422.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fingerprint([u8; 32]);
 

@@ -50,8 +50,12 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
             "--url" => url = Some(value()?),
             "--key" => {
                 let value = value()?;
-                // `auto` gives a fresh UUID v4.
-                key = Some(IdempotencyKey::new(&value).map_err(|e| e.to_string())?);
+                // `auto` asks for a fresh UUID v4.
+                key = Some(if value.eq_ignore_ascii_case("auto") {
+                    IdempotencyKey::auto()
+                } else {
+                    IdempotencyKey::new(&value).map_err(|e| e.to_string())?
+                });
             }
             "--data" => data = value()?,
             "--max-attempts" => {

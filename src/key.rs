@@ -9,20 +9,21 @@
 //!
 //! ```
 //! use http::HeaderValue;
-//! use tower_idempotency::IdempotencyKey;
+//! use tower_idempotency::{IdempotencyKey, InvalidKey};
 //!
 //! let bare = IdempotencyKey::new("deploy-v1")?;
 //! let quoted = IdempotencyKey::from_header_value(&HeaderValue::from_static("\"deploy-v1\""))?;
 //! assert_eq!(bare, quoted);
 //! assert_eq!(quoted.as_str(), "deploy-v1");
 //!
-//! // `auto()` gives a fresh UUID v4, and so does `new("auto")`. (A server refuses a request
-//! // whose header says `auto`: its client should have put a fresh key there.)
+//! // `auto()` gives a fresh UUID v4 each time it is called.
 //! let auto = IdempotencyKey::auto();
 //! assert_eq!(auto.as_str().len(), 36);
-//! let also = IdempotencyKey::new("auto")?;
-//! assert_eq!(also.as_str().len(), 36);
-//! assert_ne!(also, auto);
+//! assert_ne!(IdempotencyKey::auto(), auto);
+//!
+//! // `auto` itself is the placeholder that asks for a fresh key, not a key: made once and
+//! // reused, it would be one key for every operation. (A server refuses it too.)
+//! assert_eq!(IdempotencyKey::new("auto"), Err(InvalidKey::Placeholder));
 //!
 //! // Bad keys say what is wrong with them.
 //! let err = IdempotencyKey::new("").unwrap_err();
@@ -55,13 +56,16 @@ impl IdempotencyKey {
     /// Checks `key` and wraps it: 1 to 255 characters of visible ASCII or spaces. The value is
     /// taken as it is, not unquoted.
     ///
-    /// The special value `auto` (in any case) asks for a fresh key, as in the SDKs that
-    /// use it: it gives [`auto()`](Self::auto), a UUID v4. A literal key `auto` would be shared
-    /// by every request that used it, and each would be answered with the first one's response.
+    /// The value `auto` (in any case) is refused with [`InvalidKey::Placeholder`]. In the SDKs
+    /// that use it, it asks for a fresh key on each call; a key made of it here would be one
+    /// value, and every operation that reused it would be answered with the first one's
+    /// response. Call [`auto()`](Self::auto) for each operation instead (or leave the key to
+    /// [`IdempotencyLayer`](crate::client::IdempotencyLayer), which puts a fresh one in place
+    /// of a header `auto` on each call).
     pub fn new(key: impl AsRef<str>) -> Result<Self, InvalidKey> {
         let key = key.as_ref();
         if is_auto(key.as_bytes()) {
-            return Ok(Self::auto());
+            return Err(InvalidKey::Placeholder);
         }
         validate(key.as_bytes(), true)?;
         Ok(Self(Arc::from(key)))
@@ -209,9 +213,10 @@ pub enum InvalidKey {
     InvalidEscape,
     /// The header was given more than once.
     Repeated,
-    /// The key is `auto` (in any case): the value a client library replaces with a fresh key,
-    /// sent as it is. A server that took it as a key would share it among every client that
-    /// sent it, and answer each with the first one's response.
+    /// The key is `auto` (in any case): the placeholder that asks a client library for a fresh
+    /// key, where a key belongs. A server that took it as a key would share it among every
+    /// client that sent it, and answer each with the first one's response; a client that made
+    /// one key of it would send that one key for every operation.
     Placeholder,
 }
 
@@ -247,9 +252,9 @@ impl fmt::Display for InvalidKey {
             ),
             Self::Placeholder => write!(
                 f,
-                "the idempotency key is \"auto\", the placeholder a client library replaces with \
-                 a fresh key, and it was sent as it is; send a key of your own for the operation \
-                 (a UUID v4 works), the same on every retry"
+                "the idempotency key is \"auto\", the placeholder that asks for a fresh key, not \
+                 a key; put a fresh key of your own in its place for each operation (a UUID v4 \
+                 works), the same on every retry of that operation"
             ),
         }
     }
@@ -419,6 +424,27 @@ mod tests {
         assert_ne!(a, b);
         let uuid = uuid::Uuid::parse_str(a.as_str()).unwrap();
         assert_eq!(uuid.get_version_num(), 4);
+    }
+
+    #[test]
+    fn the_placeholder_auto_is_not_a_key() {
+        // Made once and cloned onto every request, it would be one key for them all.
+        for placeholder in ["auto", "AUTO", "Auto"] {
+            assert_eq!(
+                IdempotencyKey::new(placeholder),
+                Err(InvalidKey::Placeholder)
+            );
+            assert_eq!(
+                placeholder.parse::<IdempotencyKey>(),
+                Err(InvalidKey::Placeholder)
+            );
+        }
+        assert!(
+            InvalidKey::Placeholder
+                .to_string()
+                .contains("a fresh key of your own in its place for each operation")
+        );
+        assert_eq!(IdempotencyKey::new("autos").unwrap().as_str(), "autos");
     }
 
     #[test]

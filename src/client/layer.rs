@@ -59,7 +59,7 @@ impl MakeIdempotencyKey for MakeUuidKey {
 ///
 /// A request's key comes from, in this order:
 /// 1. the key header it already carries (it is kept as it is, unless it is the special value
-///    `auto`: that is replaced with a fresh UUID v4, as [`IdempotencyKey::new`] does);
+///    `auto`: that is replaced with a fresh UUID v4 on each call);
 /// 2. an [`IdempotencyKey`] in its extensions;
 /// 3. the key maker, when [key generation](Self::generate_keys) is on for its method.
 ///
@@ -346,8 +346,7 @@ mod tests {
                 req.headers_mut()
                     .insert(IDEMPOTENCY_KEY, HeaderValue::from_static(value));
             } else {
-                req.extensions_mut()
-                    .insert(IdempotencyKey::new("AUTO").unwrap());
+                req.extensions_mut().insert(IdempotencyKey::auto());
             }
             let res = send(IdempotencyLayer::new(), req).await;
             let uuid = uuid::Uuid::parse_str(res.body()).unwrap();

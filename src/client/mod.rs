@@ -77,8 +77,10 @@
 //!
 //! Per request, put a key in the extensions: `IdempotencyKey::new("deploy-v1")?` for a key
 //! tied to the operation, which also protects a retry made later by another process, or
-//! `IdempotencyKey::auto()` for a fresh UUID v4 (`IdempotencyKey::new("auto")` is the same, as
-//! the special value `"auto"` is in other SDKs), which protects the retries of this one call.
+//! `IdempotencyKey::auto()` for a fresh UUID v4 (what the special value `"auto"` asks for in
+//! other SDKs), which protects the retries of this one call. Make it for each call:
+//! `IdempotencyKey::new("auto")` is refused, since one key made of it and reused would send the
+//! same key for every operation.
 //! With `.generate_keys()` every POST and PATCH that has no key gets an `auto` one. The key
 //! sent is in the response's extensions either way; to keep one for retrying after a call
 //! that failed, make it before the call and store it.
@@ -97,7 +99,8 @@
 //! `header_name` set on the layer needs no repeating.
 //! Put the key layer inside the retry by mistake and POSTs and PATCHes without a key of their
 //! own (or with `auto`) are simply not retried: the policy sees no key on its copy of the
-//! request and refuses. Keys generated for a method the policy retries without a key (PUT,
+//! request and refuses. One with an [`IdempotencyKey`](crate::IdempotencyKey) in its extensions
+//! is still retried, since the key layer writes that same key on every attempt. Keys generated for a method the policy retries without a key (PUT,
 //! with `generate_keys_for`) would change on every attempt in that order: keep it right.
 //!
 //! # Request bodies

@@ -159,7 +159,8 @@ impl<C> RetryPolicy<C> {
     ///
     /// # Panics
     ///
-    /// When `min` is greater than `max` or `max` is zero.
+    /// When `min` is zero (the wait doubles from it, so it would stay zero) or greater than
+    /// `max`.
     pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
         self.min_backoff = min;
         self.max_backoff = max;
@@ -239,8 +240,9 @@ impl<C> RetryPolicy<C> {
             self.max_backoff
         );
         assert!(
-            !self.max_backoff.is_zero(),
-            "RetryPolicy: the backoff's maximum must be greater than zero"
+            !self.min_backoff.is_zero(),
+            "RetryPolicy: the backoff's minimum must be greater than zero: each wait doubles \
+             the one before, starting from it"
         );
         assert!(
             (0.0..=100.0).contains(&self.jitter),
@@ -281,16 +283,22 @@ impl<C> RetryPolicy<C> {
             .map_or(&self.header, |written| &written.0)
     }
 
-    /// Whether the request carries a key of its own. An `auto` header is a request for one,
-    /// not a key: a key layer inside the retry (the wrong order) would put a fresh one on each
-    /// attempt, so such a request is treated as having none.
+    /// Whether the request carries a key of its own: in its key header, or else as an
+    /// [`IdempotencyKey`](crate::IdempotencyKey) in its extensions, which a key layer inside the
+    /// retry (the wrong order) writes the same on every attempt. An `auto` is a request for a
+    /// key, not one: such a layer would put a fresh one on each attempt, so a request with only
+    /// that is treated as having none.
     fn has_key<B>(&self, req: &Request<B>) -> bool {
-        req.headers()
-            .get(self.key_header(req))
-            .is_some_and(|value| {
-                !crate::IdempotencyKey::from_header_value(value)
-                    .is_ok_and(|key| crate::key::is_auto(key.as_str().as_bytes()))
-            })
+        let is_auto = |key: &crate::IdempotencyKey| crate::key::is_auto(key.as_str().as_bytes());
+        match req.headers().get(self.key_header(req)) {
+            Some(value) => {
+                !crate::IdempotencyKey::from_header_value(value).is_ok_and(|key| is_auto(&key))
+            }
+            None => req
+                .extensions()
+                .get::<crate::IdempotencyKey>()
+                .is_some_and(|key| !is_auto(key)),
+        }
     }
 }
 

@@ -67,9 +67,22 @@ impl<M, C> IdempotentClientLayer<M, C> {
         }
     }
 
-    /// The longest one attempt may take (default 30 s). A timed-out attempt counts as a
-    /// failure, and is retried like one.
+    /// The longest one attempt may wait for its response's head (default 30 s). A timed-out
+    /// attempt counts as a failure, and is retried like one.
+    ///
+    /// The response's body comes after the attempt ends, as it is read; a retry could not
+    /// replace it by then. To bound the reading too, wrap it in a timeout of its own (such as
+    /// `tokio::time::timeout` around `collect()`), or wrap the client this layer wraps in
+    /// tower-http's `ResponseBodyTimeoutLayer`, which bounds the wait for each piece of it.
+    ///
+    /// # Panics
+    ///
+    /// When `timeout` is zero: every attempt would time out before it was sent.
     pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        assert!(
+            !timeout.is_zero(),
+            "IdempotentClientLayer: the attempt timeout must be greater than zero"
+        );
         self.attempt_timeout = timeout;
         self
     }

@@ -495,6 +495,23 @@ async fn key_layer_inside_the_retry_does_not_retry_posts() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn key_layer_inside_the_retry_retries_a_caller_s_key_with_that_key() {
+    // The wrong order still, but the key is the caller's, in the extensions: the key layer
+    // writes that one on every attempt, so the retry is safe and is made.
+    let (mock, mut handle) = mock::pair::<Request<Body>, Res>();
+    let client = ServiceBuilder::new()
+        .retry(policy())
+        .layer(IdempotencyLayer::new())
+        .service(mock);
+    let call = tokio::spawn(client.oneshot(post(Some("order-1"))));
+    let (seen, _) = serve(&mut handle, vec![Some(status(503)), Some(status(201))]).await;
+
+    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::CREATED);
+    let keys: Vec<_> = seen.iter().map(|s| s.key.as_deref()).collect();
+    assert_eq!(keys, [Some("order-1"), Some("order-1")]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn key_layer_inside_the_retry_does_not_retry_an_auto_header_either() {
     // `auto` asks the key layer for a key; in the wrong order it would make a new one for each
     // attempt. The policy does not count it as a key.
@@ -562,4 +579,17 @@ async fn hand_composed_policy_finds_the_key_under_the_layers_header() {
     assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::CREATED);
     assert_eq!(keys.len(), 3);
     assert!(keys.iter().all(|k| *k == keys[0]), "{keys:?}");
+}
+
+#[test]
+#[should_panic(expected = "the backoff's minimum must be greater than zero")]
+fn a_backoff_from_zero_is_refused() {
+    // Doubling zero stays zero: every retry would go at once.
+    let _ = RetryPolicy::new().backoff(Duration::ZERO, Duration::from_secs(1));
+}
+
+#[test]
+#[should_panic(expected = "the attempt timeout must be greater than zero")]
+fn an_attempt_timeout_of_no_time_is_refused() {
+    let _ = IdempotentClientLayer::new().attempt_timeout(Duration::ZERO);
 }

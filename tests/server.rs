@@ -1459,6 +1459,115 @@ async fn a_chunked_response_reaches_its_first_caller_and_is_replayed() {
     }
 }
 
+/// A response body whose chunks come from a channel, as a handler's events do.
+struct Events(tokio::sync::mpsc::Receiver<&'static str>);
+
+impl http_body::Body for Events {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|event| event.map(|e| Ok(http_body::Frame::data(Bytes::from(e)))))
+    }
+}
+
+/// A server whose `POST /orders` answers server-sent events: those sent on the returned
+/// channel, for the first run (later runs get none).
+async fn events_server(
+    layer: IdempotencyServiceLayer,
+) -> (
+    support::app::TestServer,
+    tokio::sync::mpsc::Sender<&'static str>,
+) {
+    let (events, receiver) = tokio::sync::mpsc::channel(8);
+    let receiver = Arc::new(std::sync::Mutex::new(Some(receiver)));
+    let runs = Counter::default();
+    let counted = runs.clone();
+    let handler = move || {
+        counted.count();
+        let receiver = receiver.lock().unwrap().take();
+        async move {
+            let receiver = receiver.unwrap_or_else(|| tokio::sync::mpsc::channel(1).1);
+            Response::builder()
+                .header(header::CONTENT_TYPE, "text/event-stream")
+                .body(axum::body::Body::new(Events(receiver)))
+                .unwrap()
+        }
+    };
+    let router = axum::Router::new()
+        .route("/orders", axum::routing::post(handler))
+        .layer(layer);
+    (serve(router, runs).await, events)
+}
+
+#[tokio::test]
+async fn server_sent_events_go_out_as_they_are_made_and_never_run_twice() {
+    // With the store in this process, and with one the service reaches through `KeyStore`.
+    let store = Arc::new(CountingStore::default());
+    for layer in [
+        IdempotencyServiceLayer::default(),
+        IdempotencyServiceLayer::with_shared_store(store.clone()),
+    ] {
+        server_sent_events_stream(layer).await;
+    }
+    assert_eq!(store.completions.load(Ordering::SeqCst), 1);
+}
+
+async fn server_sent_events_stream(layer: IdempotencyServiceLayer) {
+    let (s, events) = events_server(layer).await;
+    let request = || {
+        Request::post(format!("http://{}/orders", s.addr))
+            .header("idempotency-key", "k")
+            .body(Full::new(Bytes::from("tea")))
+            .unwrap()
+    };
+    events.send("data: 1\n\n").await.unwrap();
+    // The first event arrives while the handler is still making the second.
+    let response = tokio::time::timeout(Duration::from_secs(5), s.client.request(request()))
+        .await
+        .expect("the answer began before the handler's last event")
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "data: 1\n\n");
+    events.send("data: 2\n\n").await.unwrap();
+    drop(events);
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, "data: 2\n\n");
+
+    // The key is done: a retry does not run the handler again, and is told why.
+    let retry = s.send(Method::POST, "/orders", &[b"k"], &[], "tea").await;
+    assert_eq!(retry.status, StatusCode::CONFLICT);
+    assert!(
+        retry.problem()["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("response-not-replayable")
+    );
+    assert_eq!(s.runs.runs(), 1);
+}
+
+#[tokio::test]
+async fn events_left_to_be_stored_are_read_whole_and_replayed() {
+    let (s, events) = events_server(IdempotencyServiceLayer::default().stream_if(|_| false)).await;
+    for event in ["data: 1\n\n", "data: 2\n\n"] {
+        events.send(event).await.unwrap();
+    }
+    drop(events);
+    let first = s.send(Method::POST, "/orders", &[b"k"], &[], "tea").await;
+    assert_eq!(first.text(), "data: 1\n\ndata: 2\n\n");
+    let replay = s.send(Method::POST, "/orders", &[b"k"], &[], "tea").await;
+    assert!(replay.replayed());
+    assert_eq!(replay.text(), "data: 1\n\ndata: 2\n\n");
+    assert_eq!(s.runs.runs(), 1);
+}
+
 #[tokio::test]
 async fn without_detach_a_caller_gone_while_its_response_is_stored_frees_the_key_at_once() {
     // The store takes 500 ms to complete; the caller leaves 100 ms in. The claim is given

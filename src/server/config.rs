@@ -62,6 +62,7 @@ pub(crate) struct Config {
     pub(crate) max_request_body: usize,
     pub(crate) max_stored_response: usize,
     pub(crate) store_if: Arc<StorePredicate>,
+    pub(crate) stream_if: Arc<StorePredicate>,
     pub(crate) replay_excluded: Vec<HeaderName>,
     pub(crate) on_store_error: OnStoreError,
     pub(crate) store_timeout: Duration,
@@ -83,6 +84,26 @@ pub fn default_store_if(parts: &response::Parts) -> bool {
         || status == StatusCode::TOO_MANY_REQUESTS
         // gRPC answers 200, whatever happened.
         || (status == StatusCode::OK && transient_grpc_status(&parts.headers)))
+}
+
+/// The responses an [`IdempotencyServiceLayer`](super::IdempotencyServiceLayer) lets through
+/// as they are made unless told otherwise: server-sent events (`Content-Type:
+/// text/event-stream`), whose caller wants each event as it comes. See
+/// [`stream_if`](super::IdempotencyServiceLayer::stream_if).
+pub fn default_stream_if(parts: &response::Parts) -> bool {
+    parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| {
+            let media_type = value
+                .as_bytes()
+                .split(|&b| b == b';')
+                .next()
+                .unwrap_or_default();
+            media_type
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"text/event-stream")
+        })
 }
 
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
@@ -160,6 +181,7 @@ impl Config {
             max_request_body: 1024 * 1024,
             max_stored_response: 1024 * 1024,
             store_if: Arc::new(default_store_if),
+            stream_if: Arc::new(default_stream_if),
             replay_excluded: DEFAULT_REPLAY_EXCLUDED.to_vec(),
             on_store_error: OnStoreError::FailClosed,
             store_timeout: Duration::from_secs(2),

@@ -35,6 +35,7 @@ const MIN_TIME: Duration = Duration::from_millis(1);
 /// | [`max_request_body`](Self::max_request_body) | 1 MiB (413 above) |
 /// | [`max_stored_response`](Self::max_stored_response) | 1 MiB |
 /// | [`store_if`](Self::store_if) | [`default_store_if`](super::default_store_if): every status but 1xx, 5xx, 408 and 429, and no gRPC failure that may pass |
+/// | [`stream_if`](Self::stream_if) | [`default_stream_if`](super::default_stream_if): server-sent events go out as they are made, unstored |
 /// | [`replay_excluded_headers`](Self::replay_excluded_headers) | [`DEFAULT_REPLAY_EXCLUDED`](super::DEFAULT_REPLAY_EXCLUDED): hop-by-hop headers, `Date`, `Set-Cookie` |
 /// | [`on_store_error`](Self::on_store_error) | [`OnStoreError::FailClosed`] (503) |
 /// | [`store_timeout`](Self::store_timeout) | 2 s per store call |
@@ -225,18 +226,17 @@ impl IdempotencyServiceLayer {
     /// before its trailers come.
     ///
     /// A stored response is read whole (up to [`max_stored_response`](Self::max_stored_response))
-    /// before its first byte goes out. For a keyed endpoint that streams its answer (server-sent
-    /// events, say), leave such responses out here, so they pass through as they are made, and
-    /// keep the default's rule for the rest:
+    /// before its first byte goes out; one that should go out as it is made is for
+    /// [`stream_if`](Self::stream_if). This rule is asked first: a response it leaves out is not
+    /// streamed either, but released.
     ///
     /// ```
-    /// use http::header::CONTENT_TYPE;
+    /// use http::StatusCode;
     /// use tower_idempotency::{IdempotencyServiceLayer, server::default_store_if};
     ///
-    /// let layer = IdempotencyServiceLayer::default().store_if(|parts| {
-    ///     let streamed = parts.headers.get(CONTENT_TYPE).is_some_and(|v| v == "text/event-stream");
-    ///     !streamed && default_store_if(parts)
-    /// });
+    /// // A 409 of the handler's own (a conflict with the current state) may pass: run it again.
+    /// let layer = IdempotencyServiceLayer::default()
+    ///     .store_if(|parts| parts.status != StatusCode::CONFLICT && default_store_if(parts));
     /// # let _ = layer;
     /// ```
     ///
@@ -247,6 +247,33 @@ impl IdempotencyServiceLayer {
         F: Fn(&response::Parts) -> bool + Send + Sync + 'static,
     {
         self.config().store_if = Arc::new(predicate);
+        self
+    }
+
+    /// Which stored responses go out as they are made, rather than read whole first: their key
+    /// is marked done as they start, without them, so the request still runs once, and a retry
+    /// with the key is answered 409 (the response cannot be replayed). The default,
+    /// [`default_stream_if`], streams server-sent events (`text/event-stream`). A failure later
+    /// in such a body (an error, or a gRPC status in its trailers) does not free the key.
+    ///
+    /// ```
+    /// use http::header::CONTENT_TYPE;
+    /// use tower_idempotency::{IdempotencyServiceLayer, server::default_stream_if};
+    ///
+    /// // Newline-delimited JSON streams too.
+    /// let layer = IdempotencyServiceLayer::default().stream_if(|parts| {
+    ///     let ndjson = parts.headers.get(CONTENT_TYPE).is_some_and(|v| v == "application/x-ndjson");
+    ///     ndjson || default_stream_if(parts)
+    /// });
+    /// # let _ = layer;
+    /// ```
+    ///
+    /// [`default_stream_if`]: super::default_stream_if
+    pub fn stream_if<F>(mut self, predicate: F) -> Self
+    where
+        F: Fn(&response::Parts) -> bool + Send + Sync + 'static,
+    {
+        self.config().stream_if = Arc::new(predicate);
         self
     }
 

@@ -30,7 +30,7 @@
 //! | 413 | `request-too-large` | the body is over [`max_request_body`](IdempotencyServiceLayer::max_request_body), or a limit outside the service cut it off | |
 //! | 422 | `idempotency-key-reused` | the key was used for a different request | |
 //! | 409 | `request-in-progress` | the first request with the key is still running (reject mode, or the wait timed out) | 1 s |
-//! | 409 | `response-not-replayable` | the first request ran, but its response was too large to store | |
+//! | 409 | `response-not-replayable` | the first request ran, but its response was not stored: too large, or [streamed](IdempotencyServiceLayer::stream_if) | |
 //! | 503 | `idempotency-store-unavailable` | the store cannot be reached, and the service fails closed | 1 s |
 //!
 //! None of them runs the handler.
@@ -131,6 +131,14 @@
 //! [scope](IdempotencyServiceLayer::scope)** (a tenant id, an API key, a user id), or a caller
 //! who reuses another's key is answered with the other's response.
 //!
+//! # Streamed responses
+//!
+//! A response is stored whole, so it is read whole (up to
+//! [`max_stored_response`](IdempotencyServiceLayer::max_stored_response)) before its first byte
+//! goes out. Server-sent events are not: they go out as they are made, and their key is marked
+//! done without them, so the request still runs once and a retry is told it cannot be replayed
+//! (409). [`stream_if`](IdempotencyServiceLayer::stream_if) says which responses stream.
+//!
 //! # Duplicates wait for the first request
 //!
 //! A duplicate that arrives while the first request runs waits for it and gets the same
@@ -181,7 +189,8 @@ mod service;
 
 pub use body::{RequestBody, ResponseBody};
 pub use config::{
-    DEFAULT_REPLAY_EXCLUDED, OnConflict, OnStoreError, default_store_if, transient_grpc_status,
+    DEFAULT_REPLAY_EXCLUDED, OnConflict, OnStoreError, default_store_if, default_stream_if,
+    transient_grpc_status,
 };
 pub use future::ResponseFuture;
 pub use layer::IdempotencyServiceLayer;

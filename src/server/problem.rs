@@ -150,8 +150,9 @@ impl Problem {
                 "Response cannot be replayed",
                 format!(
                     "A request with this idempotency key already completed with status {}, but its \
-                     response was too large to store, so it cannot be sent again. The operation ran \
-                     once; fetch its result another way, or use a new key for a new operation.",
+                     response was not stored (it was too large, or streamed as it was made), so it \
+                     cannot be sent again. The operation ran once; fetch its result another way, \
+                     or use a new key for a new operation.",
                     status.as_u16()
                 ),
             ),

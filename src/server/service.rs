@@ -836,6 +836,9 @@ impl ClaimGuard {
             tracing::debug!(key = %self.keyed.key, status = parts.status.as_u16(), "idempotency: response not stored; releasing the key");
             return self.released(Ok(Response::from_parts(parts, ResponseBody::inner(body))));
         }
+        if (config.stream_if)(&parts) {
+            return self.streamed(Response::from_parts(parts, ResponseBody::inner(body)));
+        }
         let limit = config.max_stored_response;
         // A body that gives its length, within the limit, is read where it lies; any other
         // is boxed, so that what is left of it can stream on if it is too large to store.
@@ -886,6 +889,28 @@ impl ClaimGuard {
             }
             // Rarer: a body that failed, or ran past the length it gave.
             buffered => Respond::Later(Box::pin(self.store(parts, buffered, None))),
+        }
+    }
+
+    /// Marks the key done without storing `response`, which goes out as it is made: the request
+    /// never runs again, and a retry is told its response cannot be replayed.
+    fn streamed<B, E>(mut self, response: Response<ResponseBody<B>>) -> Respond<B, E>
+    where
+        B: SendBody,
+        E: Send + 'static,
+    {
+        tracing::debug!(key = %self.keyed.key, status = response.status().as_u16(), "idempotency: response streamed as it is made; the key is done, and cannot be replayed");
+        let record = Record::not_replayable(self.keyed.fingerprint, response.status());
+        let shared = self.keyed.shared.clone();
+        match &shared.config.local {
+            Some(local) => {
+                self.complete_now(local, record.view());
+                Respond::Now(Ok(response))
+            }
+            None => Respond::Later(Box::pin(async move {
+                self.complete(&record).await;
+                Ok(response)
+            })),
         }
     }
 

@@ -7,31 +7,33 @@ use http::{HeaderName, header, request::Parts};
 use crate::{digest, store::Fingerprint};
 
 /// A BLAKE3 digest of the method, the path and query, the `Content-Type`, the values of
-/// `headers` (in the order given) and the body. Every field is length-prefixed, so no two
-/// different requests can run together into the same input.
+/// `headers` (in the order given) and the body. Every field but the body, which comes last, is
+/// prefixed with its length (32 bits: a path or a header value is far shorter), so no two
+/// different requests can run together into the same input; a small request stays within one
+/// BLAKE3 block.
 ///
 /// The `Content-Type` always counts: the same bytes as JSON and as a form are different
 /// requests, and a retry that corrects a wrong one is not the request that was answered 415.
-/// A header's values count as one list, however they were split over lines and whatever the
-/// spaces around their commas (RFC 9110, section 5.3: a proxy may fold them); empty elements
-/// are left out.
+/// A named header's values count as one list, however they were split over lines and whatever
+/// the spaces around their commas (RFC 9110, section 5.3: a proxy may fold them); empty
+/// elements are left out.
 pub(crate) fn fingerprint(parts: &Parts, headers: &[HeaderName], body: &[u8]) -> Fingerprint {
     static KEY: LazyLock<[u8; 32]> =
         LazyLock::new(|| digest::purpose_key("tower-idempotency 2026 request fingerprint"));
+    let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .map_or(&[][..], |value| value.as_bytes());
     Fingerprint::from_bytes(digest::keyed_digest(&KEY, |sink| {
         let mut field = |bytes: &[u8]| {
-            sink(&(bytes.len() as u64).to_le_bytes());
+            sink(&(bytes.len() as u32).to_le_bytes());
             sink(bytes);
         };
         field(parts.method.as_str().as_bytes());
-        field(
-            parts
-                .uri
-                .path_and_query()
-                .map_or("/", |pq| pq.as_str())
-                .as_bytes(),
-        );
-        for name in std::iter::once(&header::CONTENT_TYPE).chain(headers) {
+        field(path.as_bytes());
+        field(content_type);
+        for name in headers {
             field(name.as_str().as_bytes());
             let elements = || {
                 parts
@@ -39,15 +41,15 @@ pub(crate) fn fingerprint(parts: &Parts, headers: &[HeaderName], body: &[u8]) ->
                     .get_all(name)
                     .iter()
                     .flat_map(|value| value.as_bytes().split(|&b| b == b','))
-                    .map(|element| element.trim_ascii())
+                    .map(<[u8]>::trim_ascii)
                     .filter(|element| !element.is_empty())
             };
-            field(&(elements().count() as u64).to_le_bytes());
+            field(&(elements().count() as u32).to_le_bytes());
             for element in elements() {
                 field(element);
             }
         }
-        field(body);
+        sink(body);
     }))
 }
 
@@ -123,6 +125,15 @@ mod tests {
         );
         assert_ne!(json, with_headers(&[("content-type", "text/plain")], &[]));
         assert_ne!(json, with_headers(&[], &[]));
+        assert_ne!(
+            json,
+            with_headers(&[("content-type", "application/json; charset=utf-8")], &[])
+        );
+        // Absent is no media type, as is empty.
+        assert_eq!(
+            with_headers(&[], &[]),
+            with_headers(&[("content-type", "")], &[])
+        );
         // Named as well, it still counts once per naming, the same way each time.
         let named = [header::CONTENT_TYPE];
         assert_eq!(

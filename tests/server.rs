@@ -603,6 +603,9 @@ struct CountingStore {
     failing_completions: usize,
     /// Whether those failures call the record corrupt, as a store that will never take it.
     refuse_as_corrupt: bool,
+    releases: AtomicUsize,
+    /// How many releases fail first, as they would over a broken connection.
+    failing_releases: usize,
 }
 
 impl CountingStore {
@@ -650,6 +653,9 @@ impl KeyStore for CountingStore {
         self.inner.complete(key, token, record, retention).await
     }
     async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<bool, StoreError> {
+        if self.releases.fetch_add(1, Ordering::SeqCst) < self.failing_releases {
+            return Err(StoreError::backend("connection reset by peer"));
+        }
         self.inner.release(key, token).await
     }
     async fn extend(
@@ -1643,27 +1649,93 @@ fn counted_orders(calls: &Counter) -> impl Orders {
 
 #[tokio::test]
 async fn a_caller_gone_before_its_claim_was_answered_does_not_leave_the_key_claimed() {
+    // The claim is given back once its answer is in, and tried again if the store fails that,
+    // as any release is.
+    for failing_releases in [0, 1] {
+        let store = Arc::new(CountingStore {
+            slow_claims: 1,
+            claim_reply: Duration::from_millis(200),
+            failing_releases,
+            ..CountingStore::default()
+        });
+        let calls = Counter::default();
+        // A claim left behind would hold the key for its 60 s lease: the retry would wait its
+        // 1 s and be answered 409.
+        let svc = IdempotencyServiceLayer::with_shared_store(store.clone())
+            .wait_timeout(Duration::from_secs(1))
+            .layer(counted_orders(&calls));
+        let first = tokio::time::timeout(Duration::from_millis(50), svc.clone().oneshot(order()));
+        assert!(
+            first.await.is_err(),
+            "the caller left while the claim was on its way back"
+        );
+        let retry = svc.clone().oneshot(order()).await.unwrap();
+        assert_eq!(retry.status(), StatusCode::OK, "{failing_releases}");
+        assert!(!retry.headers().contains_key("idempotent-replayed"));
+        assert_eq!(
+            retry.into_body().collect().await.unwrap().to_bytes(),
+            "run=1"
+        );
+        assert_eq!(calls.runs(), 1, "only the retry ran");
+        assert!(store.claims.load(Ordering::SeqCst) >= 2);
+        assert_eq!(store.releases.load(Ordering::SeqCst), failing_releases + 1);
+    }
+}
+
+#[tokio::test]
+async fn a_claim_on_its_way_back_is_given_back_when_its_task_panics_elsewhere() {
+    // The request is dropped as its task unwinds from a panic in another future of the task:
+    // its claim did not panic, and is given back once its answer is in.
     let store = CountingStore::first_claim_answered_after(Duration::from_millis(200));
     let calls = Counter::default();
-    // A claim left behind would hold the key for its 60 s lease: the retry would wait its 1 s
-    // and be answered 409.
     let svc = IdempotencyServiceLayer::with_shared_store(store.clone())
         .wait_timeout(Duration::from_secs(1))
         .layer(counted_orders(&calls));
-    let first = tokio::time::timeout(Duration::from_millis(50), svc.clone().oneshot(order()));
-    assert!(
-        first.await.is_err(),
-        "the caller left while the claim was on its way back"
-    );
-    let retry = svc.clone().oneshot(order()).await.unwrap();
+    let service = svc.clone();
+    let task = tokio::spawn(async move {
+        tokio::select! {
+            _ = service.oneshot(order()) => {}
+            () = async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                panic!("another future of the task panicked");
+            } => {}
+        }
+    });
+    assert!(task.await.unwrap_err().is_panic());
+    let retry = svc.oneshot(order()).await.unwrap();
     assert_eq!(retry.status(), StatusCode::OK);
-    assert!(!retry.headers().contains_key("idempotent-replayed"));
-    assert_eq!(
-        retry.into_body().collect().await.unwrap().to_bytes(),
-        "run=1"
-    );
     assert_eq!(calls.runs(), 1, "only the retry ran");
-    assert!(store.claims.load(Ordering::SeqCst) >= 2);
+    assert_eq!(store.releases.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn in_reject_mode_a_duplicate_of_a_request_gone_before_the_store_answered_asks_the_store() {
+    // Every claim takes 100 ms to come back. The key is done; a retry leads, and its caller
+    // leaves before the store answers; a duplicate was following it. The store says the key is
+    // done, so the duplicate is replayed, not told the key is in progress.
+    let store = Arc::new(CountingStore {
+        slow_claims: usize::MAX,
+        claim_reply: Duration::from_millis(100),
+        ..CountingStore::default()
+    });
+    let calls = Counter::default();
+    let svc = IdempotencyServiceLayer::with_shared_store(store.clone())
+        .on_conflict(OnConflict::Reject)
+        .layer(counted_orders(&calls));
+    assert_eq!(
+        svc.clone().oneshot(order()).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let leaving = tokio::spawn(tokio::time::timeout(
+        Duration::from_millis(20),
+        svc.clone().oneshot(order()),
+    ));
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let duplicate = svc.clone().oneshot(order()).await.unwrap();
+    assert!(leaving.await.unwrap().is_err(), "the retry's caller left");
+    assert_eq!(duplicate.status(), StatusCode::OK);
+    assert!(duplicate.headers().contains_key("idempotent-replayed"));
+    assert_eq!(calls.runs(), 1);
 }
 
 #[tokio::test]

@@ -21,6 +21,9 @@ pub(crate) enum Outcome {
     Completed(Arc<Record>),
     /// The claim was given up (the handler failed, or its answer is not stored): try again.
     Released,
+    /// The request leading ended before the store told it what the key holds (its caller went
+    /// away, or its wait ran out): ask the store.
+    Unanswered,
     /// Every request with this key and fingerprint gets this answer.
     Respond(Problem),
 }
@@ -135,7 +138,7 @@ impl Lead {
 
 impl Drop for Lead {
     fn drop(&mut self) {
-        self.end(|| Outcome::Released);
+        self.end(|| Outcome::Unanswered);
     }
 }
 
@@ -146,8 +149,8 @@ pub(crate) async fn follow(
 ) -> Option<Outcome> {
     match tokio::time::timeout_at(deadline, receiver.wait_for(Option::is_some)).await {
         Ok(Ok(slot)) => slot.clone(),
-        // The leader vanished without a word: treat it as released.
-        Ok(Err(_)) => Some(Outcome::Released),
+        // The leader vanished without a word.
+        Ok(Err(_)) => Some(Outcome::Unanswered),
         Err(_) => None,
     }
 }
@@ -190,7 +193,7 @@ mod tests {
         drop(lead);
         assert!(matches!(
             follow(follower, deadline).await,
-            Some(Outcome::Released)
+            Some(Outcome::Unanswered)
         ));
         assert_eq!(flights.len(), 0);
 

@@ -419,7 +419,7 @@ impl Keyed {
     /// This request's wait is over: it answers 409, and this process's followers, each with
     /// its own deadline, take over the flight rather than share this one's.
     fn timed_out<B: Body>(&self, lead: Lead) -> Response<ResponseBody<B>> {
-        lead.finish(Outcome::Released);
+        lead.finish(Outcome::Unanswered);
         reject(Problem::WaitTimedOut)
     }
 
@@ -529,7 +529,9 @@ impl Keyed {
                         {
                             return rejected(Problem::InFlight);
                         }
-                        Some(Outcome::Released) => {
+                        // It ran and gave its claim back, or it ended before the store said
+                        // what the key holds: the store knows, and this one asks it.
+                        Some(Outcome::Released | Outcome::Unanswered) => {
                             joined = shared.flights.join(self.store_key, self.fingerprint);
                             continue;
                         }
@@ -559,7 +561,13 @@ impl Keyed {
         if let Some(local) = &config.local {
             return local.claim_now(&self.store_key, &self.fingerprint, config.lease);
         }
-        RemoteClaim::send(self.shared.clone(), self.store_key, self.fingerprint).await
+        RemoteClaim::send(
+            self.shared.clone(),
+            self.store_key,
+            self.key.clone(),
+            self.fingerprint,
+        )
+        .await
     }
 
     /// Acts on a claim that did not simply succeed: replays what the store holds, fails open
@@ -694,7 +702,8 @@ impl Keyed {
 /// grant it after its caller stopped waiting (the caller went away, or the timeout passed), and
 /// then nobody would run the request or give the claim back: the key would stay claimed until
 /// the lease lapsed, and retries would wait for it. So a claim dropped before its answer is
-/// finished in a task of its own, and given back if granted. That task waits at most another
+/// finished in a task of its own, and given back if granted (tried again while the store fails,
+/// as any release is). That task waits at most another
 /// store timeout, so a store that hangs cannot pile them up for longer: a claim granted later
 /// still than that lapses with its lease.
 struct RemoteClaim {
@@ -702,10 +711,14 @@ struct RemoteClaim {
     timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     shared: Arc<Shared>,
     key: StoreKey,
+    log_key: LogKey,
+    // Set while the call is polled: a drop that finds it set comes from a panic in the call,
+    // which cannot be polled again. (A panic elsewhere in the task does not stop the hand-off.)
+    polling: bool,
 }
 
 impl RemoteClaim {
-    fn send(shared: Arc<Shared>, key: StoreKey, fingerprint: Fingerprint) -> Self {
+    fn send(shared: Arc<Shared>, key: StoreKey, log_key: LogKey, fingerprint: Fingerprint) -> Self {
         let sender = shared.clone();
         let call = Box::pin(async move {
             let config = &sender.config;
@@ -716,6 +729,8 @@ impl RemoteClaim {
             timer: None,
             shared,
             key,
+            log_key,
+            polling: false,
         }
     }
 }
@@ -729,7 +744,10 @@ impl Future for RemoteClaim {
             .call
             .as_mut()
             .expect("RemoteClaim polled after completion");
-        if let Poll::Ready(claimed) = call.as_mut().poll(cx) {
+        this.polling = true;
+        let polled = call.as_mut().poll(cx);
+        this.polling = false;
+        if let Poll::Ready(claimed) = polled {
             this.call = None;
             return Poll::Ready(claimed);
         }
@@ -747,19 +765,19 @@ impl Future for RemoteClaim {
 impl Drop for RemoteClaim {
     fn drop(&mut self) {
         // A call that panicked cannot be polled again.
-        let Some(call) = self.call.take().filter(|_| !std::thread::panicking()) else {
+        let Some(call) = self.call.take().filter(|_| !self.polling) else {
             return;
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (shared, key) = (self.shared.clone(), self.key);
+        let (shared, key, log_key) = (self.shared.clone(), self.key, self.log_key.clone());
         tracing::debug!("idempotency: a claim was left unanswered; giving it back if granted");
         runtime.spawn(async move {
-            let config = &shared.config;
-            let answered = tokio::time::timeout(config.store_timeout, call).await;
+            let answered = tokio::time::timeout(shared.config.store_timeout, call).await;
             if let Ok(Ok(Claim::Claimed(token))) = answered {
-                let _ = store_call(config, config.store.release(&key, token)).await;
+                release_retrying(shared, key, log_key, token, std::time::Duration::ZERO, None)
+                    .await;
             }
         });
     }
@@ -1150,39 +1168,12 @@ impl ClaimGuard {
         ))
     }
 
-    /// Releases `token`'s claim from a task of its own, after `pause`, trying again while the
-    /// store fails for as long as the lease would hold the key anyway (five minutes at most).
-    /// `lead` is dropped after the first try, telling this process's followers: while the store
-    /// fails, they are better answered by it than left to follow a run that ended.
+    /// [`release_retrying`], from a task of its own.
     fn release_later(&self, token: FencingToken, pause: std::time::Duration, lead: Option<Lead>) {
         let Some((runtime, shared, store_key, key)) = self.detached() else {
             return;
         };
-        runtime.spawn(async move {
-            let config = &shared.config;
-            let mut lead = lead;
-            let mut backoff = Backoff::new(background_window(config), pause, RETRY_PAUSE);
-            loop {
-                let last = backoff.wait().await;
-                let released = config.store.release(&store_key, token);
-                let result = store_call(config, released).await;
-                drop(lead.take());
-                match result {
-                    Ok(_) => return,
-                    Err(err @ StoreError::Corrupt(_)) => {
-                        tracing::error!(key = %key, error = %err, "idempotency: the store cannot release the claim; it frees itself when its lease lapses");
-                        return;
-                    }
-                    Err(err) if last => {
-                        tracing::warn!(key = %key, error = %err, "idempotency: could not release the claim; it frees itself when its lease lapses");
-                        return;
-                    }
-                    Err(err) => {
-                        tracing::debug!(key = %key, error = %err, "idempotency: could not release the claim yet; trying again");
-                    }
-                }
-            }
-        });
+        runtime.spawn(release_retrying(shared, store_key, key, token, pause, lead));
     }
 
     fn finish_with(&mut self, outcome: impl FnOnce() -> Outcome) {
@@ -1231,6 +1222,44 @@ fn background_window(config: &Config) -> std::time::Duration {
         .lease
         .min(config.retention)
         .min(std::time::Duration::from_secs(5 * 60))
+}
+
+/// Releases `token`'s claim on `store_key` after `pause`, trying again while the store fails
+/// for as long as the lease would hold the key anyway (see [`background_window`]). `lead` is
+/// dropped after the first try, telling this process's followers: while the store fails, they
+/// are better answered by it than left to follow a run that ended.
+async fn release_retrying(
+    shared: Arc<Shared>,
+    store_key: StoreKey,
+    key: LogKey,
+    token: FencingToken,
+    pause: std::time::Duration,
+    mut lead: Option<Lead>,
+) {
+    let config = &shared.config;
+    let mut backoff = Backoff::new(background_window(config), pause, RETRY_PAUSE);
+    loop {
+        let last = backoff.wait().await;
+        let released = config.store.release(&store_key, token);
+        let result = store_call(config, released).await;
+        if let Some(lead) = lead.take() {
+            lead.finish(Outcome::Released);
+        }
+        match result {
+            Ok(_) => return,
+            Err(err @ StoreError::Corrupt(_)) => {
+                tracing::error!(key = %key, error = %err, "idempotency: the store cannot release the claim; it frees itself when its lease lapses");
+                return;
+            }
+            Err(err) if last => {
+                tracing::warn!(key = %key, error = %err, "idempotency: could not release the claim; it frees itself when its lease lapses");
+                return;
+            }
+            Err(err) => {
+                tracing::debug!(key = %key, error = %err, "idempotency: could not release the claim yet; trying again");
+            }
+        }
+    }
 }
 
 /// A response answered with its stored `record`'s body; its headers come back from the record
@@ -1296,7 +1325,9 @@ impl Drop for ClaimGuard {
             // At once: a retry that comes right after finds the key free.
             Some(local) => {
                 local.release_now(&self.keyed.store_key, token);
-                drop(lead);
+                if let Some(lead) = lead {
+                    lead.finish(Outcome::Released);
+                }
             }
             None => self.release_later(token, std::time::Duration::ZERO, lead),
         }

@@ -703,9 +703,9 @@ impl Keyed {
 /// then nobody would run the request or give the claim back: the key would stay claimed until
 /// the lease lapsed, and retries would wait for it. So a claim dropped before its answer is
 /// finished in a task of its own, and given back if granted (tried again while the store fails,
-/// as any release is). That task waits at most another
-/// store timeout, so a store that hangs cannot pile them up for longer: a claim granted later
-/// still than that lapses with its lease.
+/// as any release is). That task waits at most another store timeout for the answer, so a
+/// store that hangs cannot pile them up for longer: a claim granted later still than that
+/// lapses with its lease.
 struct RemoteClaim {
     call: Option<BoxFuture<Result<Claim, StoreError>>>,
     timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,

@@ -1738,6 +1738,56 @@ async fn in_reject_mode_a_duplicate_of_a_request_gone_before_the_store_answered_
     assert_eq!(calls.runs(), 1);
 }
 
+/// Polls `future` to its end on this thread, with no tokio runtime.
+fn block_on_without_a_runtime<F: std::future::Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let std::task::Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return out;
+        }
+        std::thread::park();
+    }
+}
+
+#[test]
+fn without_a_tokio_runtime_a_handler_that_waits_runs_once() {
+    // The lease is not renewed (there are no timers), but the run goes on, and is stored.
+    let calls = Counter::default();
+    let counted = calls.clone();
+    let svc = IdempotencyServiceLayer::default().layer(service_fn(
+        move |_req: Request<RequestBody<Full<Bytes>>>| {
+            let run = counted.count();
+            async move {
+                // Not ready when first polled, as a handler waiting on I/O is not.
+                let mut waited = false;
+                std::future::poll_fn(|cx| {
+                    if std::mem::replace(&mut waited, true) {
+                        return std::task::Poll::Ready(());
+                    }
+                    cx.waker().wake_by_ref();
+                    std::task::Poll::Pending
+                })
+                .await;
+                let body = Full::new(Bytes::from(format!("run={run}")));
+                Ok::<_, Infallible>(Response::new(body))
+            }
+        },
+    ));
+    let first = block_on_without_a_runtime(svc.clone().oneshot(order())).unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    let replay = block_on_without_a_runtime(svc.oneshot(order())).unwrap();
+    assert!(replay.headers().contains_key("idempotent-replayed"));
+    assert_eq!(calls.runs(), 1);
+}
+
 #[tokio::test]
 async fn a_claim_answered_after_the_store_timeout_is_given_back() {
     let store = CountingStore::first_claim_answered_after(Duration::from_millis(150));

@@ -196,6 +196,9 @@ impl IdempotencyServiceLayer {
     /// key for as long as the process lives, even once its caller has left. Bound runs inside
     /// this layer: tower's `TimeoutLayer` around the handler, and a body timeout such as
     /// tower-http's `ResponseBodyTimeoutLayer`; a run that times out gives its key back.
+    ///
+    /// Renewal needs a tokio runtime (with its timers): polled outside one, a run is not
+    /// renewed, and says so in a warning.
     pub fn keep_lease_alive(mut self, keep_alive: bool) -> Self {
         self.config().keep_lease_alive = keep_alive;
         self

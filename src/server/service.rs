@@ -811,6 +811,10 @@ impl ClaimGuard {
             return;
         };
         let renewal = self.renewal.get_or_insert_with(|| {
+            if tokio::runtime::Handle::try_current().is_err() {
+                tracing::warn!(key = %keyed.key, "idempotency: no tokio runtime to renew the lease with; a run that outlives its lease may run again beside a retry");
+                return Box::pin(std::future::pending());
+            }
             Box::pin(renew(
                 keyed.shared.clone(),
                 keyed.key.clone(),

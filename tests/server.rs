@@ -617,6 +617,15 @@ impl CountingStore {
             ..Self::default()
         })
     }
+
+    /// A shared store whose every claim is answered `reply` after it was made.
+    fn claims_answered_after(reply: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            slow_claims: usize::MAX,
+            claim_reply: reply,
+            ..Self::default()
+        })
+    }
 }
 
 #[async_trait]
@@ -1713,11 +1722,7 @@ async fn in_reject_mode_a_duplicate_of_a_request_gone_before_the_store_answered_
     // Every claim takes 100 ms to come back. The key is done; a retry leads, and its caller
     // leaves before the store answers; a duplicate was following it. The store says the key is
     // done, so the duplicate is replayed, not told the key is in progress.
-    let store = Arc::new(CountingStore {
-        slow_claims: usize::MAX,
-        claim_reply: Duration::from_millis(100),
-        ..CountingStore::default()
-    });
+    let store = CountingStore::claims_answered_after(Duration::from_millis(100));
     let calls = Counter::default();
     let svc = IdempotencyServiceLayer::with_shared_store(store.clone())
         .on_conflict(OnConflict::Reject)
@@ -2024,11 +2029,7 @@ fn slow_orders(calls: &Counter, delay: Duration) -> impl Orders {
 #[tokio::test(start_paused = true)]
 async fn in_reject_mode_retries_of_a_done_key_arriving_together_are_both_replayed() {
     // Every claim takes 50 ms to come back, as a remote store's does.
-    let store = Arc::new(CountingStore {
-        slow_claims: usize::MAX,
-        claim_reply: Duration::from_millis(50),
-        ..CountingStore::default()
-    });
+    let store = CountingStore::claims_answered_after(Duration::from_millis(50));
     let calls = Counter::default();
     let svc = IdempotencyServiceLayer::with_shared_store(store)
         .on_conflict(OnConflict::Reject)
@@ -2252,11 +2253,7 @@ async fn a_response_too_large_to_store_that_fails_later_keeps_its_key_done() {
 #[tokio::test]
 async fn duplicates_in_one_process_ask_a_remote_store_once() {
     // Claims take 50 ms to come back, as a remote store's do; 100 duplicates arrive together.
-    let store = Arc::new(CountingStore {
-        slow_claims: usize::MAX,
-        claim_reply: Duration::from_millis(50),
-        ..CountingStore::default()
-    });
+    let store = CountingStore::claims_answered_after(Duration::from_millis(50));
     let calls = Counter::default();
     let svc = IdempotencyServiceLayer::with_shared_store(store.clone())
         .layer(slow_orders(&calls, Duration::from_millis(100)));

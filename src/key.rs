@@ -83,13 +83,16 @@ impl IdempotencyKey {
         &self.0
     }
 
-    /// Parses one header value, in the bare form or as a structured-field string.
+    /// Parses one header value, in the bare form or as a structured-field string. Like
+    /// [`new`](Self::new), it refuses `auto`, the placeholder for a fresh key.
     pub fn from_header_value(value: &HeaderValue) -> Result<Self, InvalidKey> {
-        parse(value).map(|key| {
-            Self(Arc::from(
-                std::str::from_utf8(&key).expect("parse admits only ASCII"),
-            ))
-        })
+        let key = parse(value)?;
+        if is_auto(&key) {
+            return Err(InvalidKey::Placeholder);
+        }
+        Ok(Self(Arc::from(
+            std::str::from_utf8(&key).expect("parse admits only ASCII"),
+        )))
     }
 
     /// Reads the key from `headers[name]`: `Ok(None)` when the header is absent, an error when it
@@ -438,6 +441,13 @@ mod tests {
                 placeholder.parse::<IdempotencyKey>(),
                 Err(InvalidKey::Placeholder)
             );
+            for sent in [placeholder.to_owned(), format!("\"{placeholder}\"")] {
+                let value = HeaderValue::from_str(&sent).unwrap();
+                assert_eq!(
+                    IdempotencyKey::from_header_value(&value),
+                    Err(InvalidKey::Placeholder)
+                );
+            }
         }
         assert!(
             InvalidKey::Placeholder

@@ -211,10 +211,10 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let header = &self.layer.header;
         // Quoted or bare, as the server reads it.
-        let asks_auto = req.headers().get(header).is_some_and(|value| {
-            IdempotencyKey::from_header_value(value)
-                .is_ok_and(|key| key::is_auto(key.as_str().as_bytes()))
-        });
+        let asks_auto = req
+            .headers()
+            .get(header)
+            .is_some_and(|value| key::parse(value).is_ok_and(|key| key::is_auto(&key)));
         let key = if asks_auto {
             let key = IdempotencyKey::auto();
             req.headers_mut()

@@ -99,8 +99,8 @@
 //! `header_name` set on the layer needs no repeating.
 //! Put the key layer inside the retry by mistake and POSTs and PATCHes without a key of their
 //! own (or with `auto`) are simply not retried: the policy sees no key on its copy of the
-//! request and refuses. One with an [`IdempotencyKey`](crate::IdempotencyKey) in its extensions
-//! is still retried, since the key layer writes that same key on every attempt. Keys generated for a method the policy retries without a key (PUT,
+//! request and refuses, even one with an [`IdempotencyKey`](crate::IdempotencyKey) in its
+//! extensions (the policy cannot tell whether a key layer below it will send that key). Keys generated for a method the policy retries without a key (PUT,
 //! with `generate_keys_for`) would change on every attempt in that order: keep it right.
 //!
 //! # Request bodies

@@ -283,22 +283,17 @@ impl<C> RetryPolicy<C> {
             .map_or(&self.header, |written| &written.0)
     }
 
-    /// Whether the request carries a key of its own: in its key header, or else as an
-    /// [`IdempotencyKey`](crate::IdempotencyKey) in its extensions, which a key layer inside the
-    /// retry (the wrong order) writes the same on every attempt. An `auto` is a request for a
-    /// key, not one: such a layer would put a fresh one on each attempt, so a request with only
-    /// that is treated as having none.
+    /// Whether the request carries a key of its own, in its key header: the one thing the
+    /// policy can be sure goes out on every attempt. An `auto` header is a request for a key,
+    /// not one: a key layer inside the retry (the wrong order) would put a fresh one on each
+    /// attempt, so such a request is treated as having none. So is a key in the extensions
+    /// alone: with no key layer inside the retry, it would never be sent.
     fn has_key<B>(&self, req: &Request<B>) -> bool {
-        let is_auto = |key: &crate::IdempotencyKey| crate::key::is_auto(key.as_str().as_bytes());
-        match req.headers().get(self.key_header(req)) {
-            Some(value) => {
-                !crate::IdempotencyKey::from_header_value(value).is_ok_and(|key| is_auto(&key))
-            }
-            None => req
-                .extensions()
-                .get::<crate::IdempotencyKey>()
-                .is_some_and(|key| !is_auto(key)),
-        }
+        req.headers()
+            .get(self.key_header(req))
+            .is_some_and(|value| {
+                !crate::key::parse(value).is_ok_and(|key| crate::key::is_auto(&key))
+            })
     }
 }
 

@@ -495,20 +495,20 @@ async fn key_layer_inside_the_retry_does_not_retry_posts() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn key_layer_inside_the_retry_retries_a_caller_s_key_with_that_key() {
-    // The wrong order still, but the key is the caller's, in the extensions: the key layer
-    // writes that one on every attempt, so the retry is safe and is made.
+async fn a_key_only_in_the_extensions_is_not_enough_for_the_policy() {
+    // Without a key layer below it, the key in the extensions never goes out: retrying would
+    // send the POST twice with no key at all. The policy cannot tell, so it does not retry.
     let (mock, mut handle) = mock::pair::<Request<Body>, Res>();
-    let client = ServiceBuilder::new()
-        .retry(policy())
-        .layer(IdempotencyLayer::new())
-        .service(mock);
+    let client = ServiceBuilder::new().retry(policy()).service(mock);
     let call = tokio::spawn(client.oneshot(post(Some("order-1"))));
-    let (seen, _) = serve(&mut handle, vec![Some(status(503)), Some(status(201))]).await;
+    let (seen, _) = serve(&mut handle, vec![Some(status(503))]).await;
 
-    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::CREATED);
-    let keys: Vec<_> = seen.iter().map(|s| s.key.as_deref()).collect();
-    assert_eq!(keys, [Some("order-1"), Some("order-1")]);
+    assert_no_more_attempts(handle).await;
+    assert_eq!(
+        call.await.unwrap().unwrap().status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(seen[0].key, None, "no key went out");
 }
 
 #[tokio::test(start_paused = true)]

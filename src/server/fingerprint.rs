@@ -2,7 +2,7 @@
 
 use std::sync::LazyLock;
 
-use http::{HeaderName, header, request::Parts};
+use http::{HeaderName, HeaderValue, header, request::Parts};
 
 use crate::{digest, store::Fingerprint};
 
@@ -16,15 +16,25 @@ use crate::{digest, store::Fingerprint};
 /// requests, and a retry that corrects a wrong one is not the request that was answered 415.
 /// A named header's values count as one list, however they were split over lines and whatever
 /// the spaces around their commas (RFC 9110, section 5.3: a proxy may fold them); empty
-/// elements are left out.
+/// elements are left out, and a comma or a space inside a quoted string is part of it. A
+/// header that is absent differs from one that is present but empty.
 pub(crate) fn fingerprint(parts: &Parts, headers: &[HeaderName], body: &[u8]) -> Fingerprint {
     static KEY: LazyLock<[u8; 32]> =
         LazyLock::new(|| digest::purpose_key("tower-idempotency 2026 request fingerprint"));
     let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let content_type = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .map_or(&[][..], |value| value.as_bytes());
+    let mut content_types = parts.headers.get_all(header::CONTENT_TYPE).iter();
+    let first_type = content_types.next().map_or(&[][..], HeaderValue::as_bytes);
+    // Given on more than one line (which it should not be), every line counts.
+    let all_types = content_types.next().map(|_| {
+        let lines: Vec<&[u8]> = parts
+            .headers
+            .get_all(header::CONTENT_TYPE)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        lines.join(&b"\n"[..])
+    });
+    let content_type = all_types.as_deref().unwrap_or(first_type);
     Fingerprint::from_bytes(digest::keyed_digest(&KEY, |sink| {
         let mut field = |bytes: &[u8]| {
             sink(&(bytes.len() as u32).to_le_bytes());
@@ -35,22 +45,46 @@ pub(crate) fn fingerprint(parts: &Parts, headers: &[HeaderName], body: &[u8]) ->
         field(content_type);
         for name in headers {
             field(name.as_str().as_bytes());
-            let elements = || {
-                parts
-                    .headers
-                    .get_all(name)
-                    .iter()
-                    .flat_map(|value| value.as_bytes().split(|&b| b == b','))
-                    .map(<[u8]>::trim_ascii)
-                    .filter(|element| !element.is_empty())
+            let values = parts.headers.get_all(name);
+            let listed = || values.iter().flat_map(|value| elements(value.as_bytes()));
+            let count = match values.iter().next() {
+                None => u32::MAX,
+                Some(_) => listed().count() as u32,
             };
-            field(&(elements().count() as u32).to_le_bytes());
-            for element in elements() {
+            field(&count.to_le_bytes());
+            for element in listed() {
                 field(element);
             }
         }
         sink(body);
     }))
+}
+
+/// The elements of a list header's value: split at the commas outside quoted strings, trimmed
+/// of the spaces around them, the empty ones left out.
+fn elements(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = Some(value);
+    std::iter::from_fn(move || {
+        let value = rest?;
+        let (mut quoted, mut escaped) = (false, false);
+        let end = value.iter().position(|&b| {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' if quoted => escaped = true,
+                b'"' => quoted = !quoted,
+                b',' if !quoted => return true,
+                _ => {}
+            }
+            false
+        });
+        let (element, next) = match end {
+            Some(at) => (&value[..at], Some(&value[at + 1..])),
+            None => (value, None),
+        };
+        rest = next;
+        Some(element.trim_ascii())
+    })
+    .filter(|element| !element.is_empty())
 }
 
 #[cfg(test)]
@@ -134,12 +168,12 @@ mod tests {
             with_headers(&[], &[]),
             with_headers(&[("content-type", "")], &[])
         );
-        // Named as well, it still counts once per naming, the same way each time.
-        let named = [header::CONTENT_TYPE];
-        assert_eq!(
-            with_headers(&[("content-type", "application/json")], &named),
-            with_headers(&[("content-type", "application/json")], &named)
-        );
+        // Every line counts, should there be more than one.
+        let two = [
+            ("content-type", "application/json"),
+            ("content-type", "text/plain"),
+        ];
+        assert_ne!(json, with_headers(&two, &[]));
     }
 
     #[test]
@@ -168,6 +202,32 @@ mod tests {
         assert_ne!(
             two_lines,
             with_headers(&[("accept-language", "en")], &named)
+        );
+    }
+
+    #[test]
+    fn a_quoted_string_is_one_element_with_its_commas_and_spaces() {
+        let named = [HeaderName::from_static("x-filter")];
+        let fp = |value: &str| with_headers(&[("x-filter", value)], &named);
+        assert_ne!(fp(r#"name="a, b""#), fp(r#"name="a,b""#));
+        assert_ne!(fp(r#"name="a, b""#), fp(r#"name="a", b"#));
+        assert_eq!(fp(r#"name="a, b", c"#), fp(r#"name="a, b",c"#));
+        assert_ne!(fp(r#""a\", b", c"#), fp(r#""a\"", b, c"#));
+        assert_eq!(
+            elements(br#"a, "b, \"c\"", d"#).collect::<Vec<_>>(),
+            [&b"a"[..], br#""b, \"c\"""#, b"d"]
+        );
+    }
+
+    #[test]
+    fn a_named_header_present_but_empty_is_not_an_absent_one() {
+        let named = [HeaderName::from_static("x-filter")];
+        let absent = with_headers(&[], &named);
+        assert_ne!(absent, with_headers(&[("x-filter", "")], &named));
+        assert_ne!(absent, with_headers(&[("x-filter", ",")], &named));
+        assert_eq!(
+            with_headers(&[("x-filter", "")], &named),
+            with_headers(&[("x-filter", ", ")], &named)
         );
     }
 }

@@ -50,8 +50,8 @@ pub(crate) enum Join {
 }
 
 /// What the leading request holds: its flight, until the flight ends (none at all for a lead
-/// outside the map). Dropping it without [`finish`](Lead::finish) tells the followers the
-/// flight was released.
+/// outside the map). Dropping it without [`finish`](Lead::finish) tells the followers it ended
+/// unanswered ([`Outcome::Unanswered`]): they ask the store.
 #[derive(Debug)]
 pub(crate) struct Lead(Option<(Arc<Flights>, StoreKey)>);
 

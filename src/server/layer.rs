@@ -197,8 +197,9 @@ impl IdempotencyServiceLayer {
     /// this layer: tower's `TimeoutLayer` around the handler, and a body timeout such as
     /// tower-http's `ResponseBodyTimeoutLayer`; a run that times out gives its key back.
     ///
-    /// Renewal needs a tokio runtime (with its timers): polled outside one, a run is not
-    /// renewed, and says so in a warning.
+    /// Renewal takes a tokio runtime with its timers, as the service's waits do. A run polled
+    /// outside any tokio runtime goes on without renewal, and says so in a warning; on a
+    /// runtime built without timers it panics, as tokio's timers do.
     pub fn keep_lease_alive(mut self, keep_alive: bool) -> Self {
         self.config().keep_lease_alive = keep_alive;
         self

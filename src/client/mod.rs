@@ -97,11 +97,12 @@
 //! `ServiceBuilder::new().layer(IdempotencyLayer::new()).retry(RetryPolicy::new()).timeout(d)`.
 //! The policy looks for each request's key under the header the key layer wrote it to, so a
 //! `header_name` set on the layer needs no repeating.
-//! Put the key layer inside the retry by mistake and POSTs and PATCHes without a key of their
-//! own (or with `auto`) are simply not retried: the policy sees no key on its copy of the
-//! request and refuses, even one with an [`IdempotencyKey`](crate::IdempotencyKey) in its
-//! extensions (the policy cannot tell whether a key layer below it will send that key). Keys generated for a method the policy retries without a key (PUT,
-//! with `generate_keys_for`) would change on every attempt in that order: keep it right.
+//! Put the key layer inside the retry by mistake and POSTs and PATCHes without a key header of
+//! their own (or with `auto`) are simply not retried: the policy sees no key on its copy of the
+//! request and refuses, even for one with an [`IdempotencyKey`](crate::IdempotencyKey) in its
+//! extensions (the policy cannot tell whether a key layer below it will send that key). Keys
+//! generated for a method the policy retries without a key (PUT, with `generate_keys_for`)
+//! would change on every attempt in that order: keep it right.
 //!
 //! # Request bodies
 //!

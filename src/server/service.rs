@@ -1229,9 +1229,9 @@ fn background_window(config: &Config) -> std::time::Duration {
 }
 
 /// Releases `token`'s claim on `store_key` after `pause`, trying again while the store fails
-/// for as long as the lease would hold the key anyway (see [`background_window`]). `lead` is
-/// dropped after the first try, telling this process's followers: while the store fails, they
-/// are better answered by it than left to follow a run that ended.
+/// for as long as the lease would hold the key anyway (see [`background_window`]). `lead`'s
+/// followers in this process are told after the first try that the claim was released: while
+/// the store fails, they are better answered by it than left to follow a run that ended.
 async fn release_retrying(
     shared: Arc<Shared>,
     store_key: StoreKey,

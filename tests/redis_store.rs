@@ -327,6 +327,49 @@ async fn a_claim_whose_connection_was_cut_after_it_reached_redis_is_given_back()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_ran_then_was_refused_when_sent_again_is_given_back() {
+    // The claim reaches Redis and runs; its connection is cut before the reply, and for 300 ms
+    // no connection can be made. Meanwhile Redis runs out of memory, so the claim sent again
+    // is refused (OOM). That refusal is the second send's: the first one ran, and is given
+    // back once Redis takes writes again.
+    let server = RedisServer::start();
+    let proxy = CuttingProxy::start(server.port()).await;
+    let store = RedisStore::connect(&proxy.url()).await.unwrap();
+    let other = RedisStore::connect(&server.url()).await.unwrap();
+    let key = fresh_key();
+    proxy.cut_after(b"NX", Duration::from_millis(300));
+    // A clone claims: the give-back lives only as long as the store does.
+    let claiming = store.clone();
+    let claim = tokio::spawn(async move { claiming.claim(&key, &fp(1), LEASE).await });
+    let started = Instant::now();
+    while proxy.cuts() == 0 {
+        assert!(started.elapsed() < Duration::from_secs(5), "no cut");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(
+        command(server.port(), "CONFIG SET maxmemory 1").trim(),
+        "+OK"
+    );
+    assert!(
+        matches!(
+            other.read(&key).await.unwrap(),
+            Some(Holder::InFlight { .. })
+        ),
+        "the claim never reached Redis, so nothing was tested"
+    );
+    let refused = claim.await.unwrap();
+    assert!(
+        matches!(&refused, Err(StoreError::Backend(err)) if err.to_string().contains("OOM")),
+        "the claim sent again was not refused, so nothing was tested: {refused:?}"
+    );
+    assert_eq!(
+        command(server.port(), "CONFIG SET maxmemory 0").trim(),
+        "+OK"
+    );
+    claimable_soon(&other, &key, "the claim that ran before it was refused").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_redis_refused_is_not_given_back() {
     // Redis answers the claim with an error (out of memory): the claim did not run, and
     // sending a release after it would only add to the load of a Redis already in trouble.

@@ -7,7 +7,7 @@ use std::{
     future::Future,
     sync::{
         Arc, Mutex, MutexGuard, Weak,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -187,7 +187,7 @@ impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
             .field("prefix", &self.inner.prefix)
-            .field("cluster", &matches!(self.inner.conn, Conn::Cluster(_)))
+            .field("cluster", &self.is_cluster())
             .field("call_timeout", &self.inner.call_timeout)
             .finish_non_exhaustive()
     }
@@ -382,6 +382,10 @@ impl RedisStore {
         S: AsRef<str>,
     {
         Self::builder().connect_cluster(nodes).await
+    }
+
+    fn is_cluster(&self) -> bool {
+        matches!(self.inner.conn, Conn::Cluster(_))
     }
 
     /// The Redis key that holds `key`: the prefix, then the hex digest in a hash tag.
@@ -699,8 +703,10 @@ impl KeyStore for RedisStore {
         // claim that got no answer, whether its reply timed out, its connection broke, or its
         // caller stopped waiting for it, is given back. Releasing is token-checked: where the
         // claim never ran, it changes nothing. An error Redis answered with (OOM, READONLY and
-        // the like) says the claim did not run: giving it back would only add to the load of a
-        // Redis already in trouble.
+        // the like) says that the claim did not run, and giving it back would only add to the
+        // load of a Redis already in trouble; but only of a claim sent once. A claim sent
+        // again after a broken connection may have run the first time, and a cluster's client
+        // sends commands again on its own, unseen.
         let mut unanswered = Unanswered {
             store: self,
             key: *key,
@@ -708,12 +714,23 @@ impl KeyStore for RedisStore {
             lease,
             answered: false,
         };
-        let result: Result<Option<Vec<u8>>, StoreError> = self.query("claim", &cmd).await;
+        let sends = AtomicU32::new(0);
+        let result: Result<Option<Vec<u8>>, StoreError> = self
+            .call("claim", |mut conn| {
+                sends.fetch_add(1, Ordering::Relaxed);
+                let cmd = &cmd;
+                async move { cmd.query_async(&mut conn).await }
+            })
+            .await;
+        let sent_once = sends.load(Ordering::Relaxed) == 1 && !self.is_cluster();
         unanswered.answered = match &result {
             Ok(_) => true,
-            Err(StoreError::Backend(err)) => err
-                .downcast_ref::<redis::RedisError>()
-                .is_some_and(|err| err.code().is_some()),
+            Err(StoreError::Backend(err)) => {
+                sent_once
+                    && err
+                        .downcast_ref::<redis::RedisError>()
+                        .is_some_and(|err| err.code().is_some())
+            }
             Err(_) => false,
         };
         let Some(previous) = result? else {

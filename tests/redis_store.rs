@@ -370,6 +370,41 @@ async fn a_claim_that_ran_then_was_refused_when_sent_again_is_given_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_follows_its_key_to_the_node_it_moved_to() {
+    // A cluster is resharded while a key is claimed: a store that knew the key's old node is
+    // redirected, and reads and waits on the key as before, rather than failing.
+    let cluster = support::cluster();
+    let claimer = RedisStore::connect_cluster(cluster.urls()).await.unwrap();
+    let reader = RedisStore::connect_cluster(cluster.urls()).await.unwrap();
+    let key = fresh_key();
+    assert!(matches!(
+        claimer.claim(&key, &fp(1), LEASE).await.unwrap(),
+        Claim::Claimed(_)
+    ));
+    // Both know where the key is.
+    assert!(matches!(
+        reader.read(&key).await.unwrap(),
+        Some(Holder::InFlight { .. })
+    ));
+    let in_flight = async |when: &str| {
+        let read = reader.read(&key).await;
+        assert!(
+            matches!(read, Ok(Some(Holder::InFlight { .. }))),
+            "{when}: {read:?}"
+        );
+        let waited = reader.wait(&key, Duration::from_millis(50)).await;
+        assert!(
+            matches!(waited, Ok(Some(Holder::InFlight { .. }))),
+            "{when}: {waited:?}"
+        );
+    };
+    let moving = cluster.move_slot_of(&reader.redis_key(&key));
+    in_flight("while the slot moves (the old node answers ASK)").await;
+    moving.finish();
+    in_flight("once it moved (the old node answers MOVED)").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_redis_refused_is_not_given_back() {
     // Redis answers the claim with an error (out of memory): the claim did not run, and
     // sending a release after it would only add to the load of a Redis already in trouble.

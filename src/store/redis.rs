@@ -100,6 +100,13 @@ const EXTEND_SCRIPT: &str = script!(
     "return 1"
 );
 
+/// KEYS: the key. The key's value and its time to live in ms, in one command: a pipeline of
+/// the two is not followed to another node when a cluster's slot moves, a single command is.
+const READ_SCRIPT: &str = concat!(
+    "#!lua flags=no-writes\n",
+    "return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}\n",
+);
+
 /// A [`KeyStore`] in Redis, Redis Cluster or Valkey, shared by every process that points at it.
 ///
 /// - **One Redis key per scoped key**: `{prefix}{<hex digest>}`. The digest sits in a hash tag,
@@ -173,6 +180,7 @@ struct Inner {
     complete: Script,
     release: Script,
     extend: Script,
+    read: Script,
     /// Claims left unanswered being given back (see [`RedisStore::give_back`]).
     giving_back: Arc<AtomicUsize>,
 }
@@ -357,6 +365,7 @@ impl RedisStoreBuilder {
                 complete: Script::new(COMPLETE_SCRIPT),
                 release: Script::new(RELEASE_SCRIPT),
                 extend: Script::new(EXTEND_SCRIPT),
+                read: Script::new(READ_SCRIPT),
                 giving_back: Arc::default(),
             }),
         }
@@ -514,13 +523,12 @@ impl RedisStore {
         &self,
         key: &StoreKey,
     ) -> Result<(Option<Holder>, Option<Duration>), StoreError> {
-        let redis_key = self.redis_key(key);
-        let mut pipe = redis::pipe();
-        pipe.get(&redis_key).pttl(&redis_key);
-        let pipe = &pipe;
+        let mut invocation = self.inner.read.prepare_invoke();
+        invocation.key(self.redis_key(key));
+        let invocation = &invocation;
         let (value, pttl): (Option<Vec<u8>>, i64) = self
             .call("read", |mut conn| async move {
-                pipe.query_async(&mut conn).await
+                invocation.invoke_async(&mut conn).await
             })
             .await?;
         let ttl = u64::try_from(pttl).ok().map(Duration::from_millis);

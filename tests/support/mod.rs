@@ -203,6 +203,51 @@ impl Cluster {
         self.nodes.iter().map(RedisServer::url).collect()
     }
 
+    /// Starts moving the slot that holds `redis_key` to another node, as resharding does: the
+    /// key goes to its new node, and the old one redirects to it (`ASK`) until
+    /// [`SlotMove::finish`] hands the slot over.
+    pub fn move_slot_of(&self, redis_key: &str) -> SlotMove<'_> {
+        let any = self.nodes[0].port();
+        let reply = command(any, &format!("CLUSTER KEYSLOT {redis_key}"));
+        let slot: u16 = reply.trim().trim_start_matches(':').parse().unwrap();
+        // `<id> <ip:port@cport> <flags> <master> <ping> <pong> <epoch> <state> <slots>...`
+        let nodes = command(any, "CLUSTER NODES");
+        let owns = |line: &str| {
+            line.split_whitespace().skip(8).any(|range| {
+                let (first, last) = range.split_once('-').unwrap_or((range, range));
+                first.parse().is_ok_and(|first: u16| first <= slot)
+                    && last.parse().is_ok_and(|last: u16| slot <= last)
+            })
+        };
+        let node = |line: &str| {
+            let mut fields = line.split_whitespace();
+            let id = fields.next().unwrap().to_owned();
+            let address = fields.next().unwrap();
+            let port = address.split(['@', ':']).nth(1).unwrap().parse().unwrap();
+            (id, port)
+        };
+        let lines: Vec<&str> = nodes.lines().filter(|l| l.contains("master")).collect();
+        let (from_id, from): (String, u16) = node(lines.iter().find(|l| owns(l)).unwrap());
+        let (to_id, to) = node(lines.iter().find(|l| !owns(l)).unwrap());
+        ok(command(
+            to,
+            &format!("CLUSTER SETSLOT {slot} IMPORTING {from_id}"),
+        ));
+        ok(command(
+            from,
+            &format!("CLUSTER SETSLOT {slot} MIGRATING {to_id}"),
+        ));
+        ok(command(
+            from,
+            &format!("MIGRATE 127.0.0.1 {to} {redis_key} 0 5000"),
+        ));
+        SlotMove {
+            cluster: self,
+            slot,
+            to_id,
+        }
+    }
+
     /// Every node's log, for a failing test's message.
     pub fn logs(&self) -> String {
         self.nodes
@@ -210,6 +255,27 @@ impl Cluster {
             .map(|n| format!("--- node {} ---\n{}", n.port(), n.log()))
             .collect()
     }
+}
+
+/// A slot on its way from one node of a cluster to another.
+pub struct SlotMove<'a> {
+    cluster: &'a Cluster,
+    slot: u16,
+    to_id: String,
+}
+
+impl SlotMove<'_> {
+    /// Hands the slot to its new node, on every node.
+    pub fn finish(self) {
+        for node in &self.cluster.nodes {
+            let line = format!("CLUSTER SETSLOT {} NODE {}", self.slot, self.to_id);
+            ok(command(node.port(), &line));
+        }
+    }
+}
+
+fn ok(reply: String) {
+    assert!(reply.starts_with("+OK"), "{reply}");
 }
 
 /// The cluster of this test binary, created on first use.

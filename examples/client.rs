@@ -11,7 +11,7 @@
 //! on stderr). `RUST_LOG=tower_idempotency::client=debug` logs each attempt on stderr.
 
 use std::{
-    io::Write,
+    io::{IsTerminal, Write},
     process::ExitCode,
     time::{Duration, Instant},
 };
@@ -70,18 +70,23 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
                 let ms = value()?
                     .parse()
                     .map_err(|_| "--timeout-ms takes a whole number of milliseconds".to_owned())?;
+                if ms == 0 {
+                    return Err("--timeout-ms must be at least 1".to_owned());
+                }
                 timeout = Duration::from_millis(ms);
             }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other}")),
         }
     }
+    const URL_FORM: &str = "--url takes http://HOST[:PORT]/PATH, such as http://127.0.0.1:3000/orders (this client \
+         speaks plain HTTP)";
     let url: http::Uri = url
         .ok_or("--url is required")?
         .parse()
-        .map_err(|err| format!("--url: {err}"))?;
-    if url.scheme().is_none() || url.host().is_none() {
-        return Err("--url needs a scheme and a host, such as http://127.0.0.1:3000/orders".into());
+        .map_err(|err| format!("{URL_FORM}; {err}"))?;
+    if url.scheme_str() != Some("http") || url.host().is_none() {
+        return Err(URL_FORM.into());
     }
     Ok(Args {
         url,
@@ -109,6 +114,7 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 
     match run(args).await {

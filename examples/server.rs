@@ -13,8 +13,9 @@
 //!
 //! `--max-entries N` bounds the memory store (default a million records).
 //! `--store` takes `memory` (the default), or with the `redis` feature `redis://HOST:PORT` and
-//! `redis+cluster://HOST:PORT[,HOST:PORT...]`. `--bare` serves the same handlers without the
-//! idempotency layer, as a baseline for benchmarks.
+//! `redis+cluster://HOST:PORT[,HOST:PORT...]` (a password as `redis://:PASSWORD@HOST:PORT`; a
+//! cluster's first node's serves the others). `--bare` serves the same handlers without the
+//! idempotency layer, as a baseline for benchmarks, and takes no other flag but `--addr`.
 //!
 //! ```text
 //! curl -i -X POST localhost:3000/orders -H 'Idempotency-Key: order-1' -d '{"sku":"tea"}'
@@ -24,6 +25,7 @@
 
 use std::{
     collections::HashMap,
+    io::IsTerminal,
     process::ExitCode,
     sync::{
         Arc,
@@ -54,7 +56,10 @@ const USAGE: &str = "usage: server [--addr 127.0.0.1:3000] [--store memory|redis
 
   POST /orders[?delay_ms=N][&status=CODE]   sleeps N ms, runs once per key, answers CODE (201)
   PATCH /orders/ID                          the same, answering 200
-  GET /stats                                how many times the handlers ran";
+  GET /stats                                how many times the handlers ran
+
+  A Redis password goes in the URL: redis://:PASSWORD@HOST:PORT (a cluster's first node's
+  serves the others). --bare serves the handlers without idempotency, with no other flag.";
 
 #[derive(Debug)]
 struct Options {
@@ -83,7 +88,12 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String>
         require_key: false,
         bare: false,
     };
+    // The flags that set the idempotency layer, which --bare leaves out.
+    let mut layer_flags = Vec::new();
     while let Some(arg) = args.next() {
+        if !["--addr", "--bare", "-h", "--help"].contains(&arg.as_str()) {
+            layer_flags.push(arg.clone());
+        }
         let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
         let number = |v: String| {
             v.parse::<u64>()
@@ -110,7 +120,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String>
                 opts.wait_timeout = Some(Duration::from_millis(number(value()?)?))
             }
             "--lease-ms" => opts.lease = Some(Duration::from_millis(positive(value()?)?)),
-            "--max-entries" => opts.max_entries = Some(number(value()?)? as usize),
+            "--max-entries" => opts.max_entries = Some(positive(value()?)? as usize),
             "--scope-header" => {
                 let name = value()?;
                 opts.scope_header = Some(
@@ -124,27 +134,45 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String>
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
+    if opts.bare && !layer_flags.is_empty() {
+        return Err(format!(
+            "{} set the idempotency layer, which --bare leaves out",
+            layer_flags.join(", ")
+        ));
+    }
+    if opts.max_entries.is_some() && opts.store != "memory" {
+        return Err("--max-entries bounds the memory store; bound Redis with its maxmemory".into());
+    }
     Ok(opts)
 }
 
-/// `url` with the passwords in it, if any, left out: it is printed.
+/// `url` with the passwords in it, if any, left out: it is printed. Everything in a node before
+/// its last `@` is taken for credentials, whatever else the URL holds (a password may hold a
+/// `/`, and a URL given by mistake may be malformed); only a user name before a `:` is kept.
 fn redacted(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (authority, path) = rest.find('/').map_or((rest, ""), |at| rest.split_at(at));
-    let nodes: Vec<String> = authority
+    let (scheme, rest) = url.split_once("://").map_or(("", url), |(s, r)| (s, r));
+    let nodes: Vec<String> = rest
         .split(',')
         .map(|node| match node.rsplit_once('@') {
-            Some((userinfo, host)) => {
-                let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-                format!("{user}:***@{host}")
-            }
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:***@{host}"),
+                None => format!("***@{host}"),
+            },
             None => node.to_owned(),
         })
         .collect();
-    format!("{scheme}://{}{path}", nodes.join(","))
+    let nodes = nodes.join(",");
+    if scheme.is_empty() {
+        nodes
+    } else {
+        format!("{scheme}://{nodes}")
+    }
 }
+
+/// What to check when a Redis store cannot be reached.
+#[cfg(feature = "redis")]
+const REDIS_HINT: &str = "is Redis (7 or later, or Valkey) listening there? A password goes in \
+                          the URL: redis://:PASSWORD@HOST:PORT";
 
 async fn open_store(url: &str, max_entries: Option<usize>) -> Result<Arc<dyn KeyStore>, String> {
     match url {
@@ -154,19 +182,28 @@ async fn open_store(url: &str, max_entries: Option<usize>) -> Result<Arc<dyn Key
         ))),
         #[cfg(feature = "redis")]
         url if url.starts_with("redis+cluster://") => {
-            let nodes = url["redis+cluster://".len()..]
-                .split(',')
-                .map(|node| format!("redis://{node}"));
+            let mut nodes: Vec<&str> = url["redis+cluster://".len()..].split(',').collect();
+            // The first node's credentials serve the others that give none.
+            let credentials = nodes[0].rsplit_once('@').map(|(userinfo, _)| userinfo);
+            let nodes = nodes.drain(..).map(|node| match credentials {
+                Some(userinfo) if !node.contains('@') => format!("redis://{userinfo}@{node}"),
+                _ => format!("redis://{node}"),
+            });
             let store = tower_idempotency::store::RedisStore::connect_cluster(nodes)
                 .await
-                .map_err(|e| format!("cannot connect to the cluster {}: {e}", redacted(url)))?;
+                .map_err(|e| {
+                    format!(
+                        "cannot connect to the cluster {}: {e}\n{REDIS_HINT}",
+                        redacted(url)
+                    )
+                })?;
             Ok(Arc::new(store))
         }
         #[cfg(feature = "redis")]
         url if url.starts_with("redis://") || url.starts_with("rediss://") => {
             let store = tower_idempotency::store::RedisStore::connect(url)
                 .await
-                .map_err(|e| format!("cannot connect to {}: {e}", redacted(url)))?;
+                .map_err(|e| format!("cannot connect to {}: {e}\n{REDIS_HINT}", redacted(url)))?;
             Ok(Arc::new(store))
         }
         #[cfg(not(feature = "redis"))]
@@ -179,6 +216,26 @@ async fn open_store(url: &str, max_entries: Option<usize>) -> Result<Arc<dyn Key
             redacted(other)
         )),
     }
+}
+
+/// The idempotency layer over `store`, as the options set it.
+fn layer(store: Arc<dyn KeyStore>, opts: &Options) -> IdempotencyServiceLayer {
+    let mut layer = IdempotencyServiceLayer::with_shared_store(store)
+        .on_conflict(opts.on_conflict)
+        .require_key(opts.require_key);
+    if let Some(ttl) = opts.ttl {
+        layer = layer.retention(ttl);
+    }
+    if let Some(timeout) = opts.wait_timeout {
+        layer = layer.wait_timeout(timeout);
+    }
+    if let Some(lease) = opts.lease {
+        layer = layer.lease(lease);
+    }
+    if let Some(name) = opts.scope_header.clone() {
+        layer = layer.scope_by_header(name);
+    }
+    layer
 }
 
 #[derive(Clone, Default)]
@@ -269,6 +326,8 @@ async fn main() -> ExitCode {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let opts = match parse_args(std::env::args().skip(1)) {
         Ok(opts) => opts,
@@ -282,29 +341,17 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let store = match open_store(&opts.store, opts.max_entries).await {
-        Ok(store) => store,
-        Err(err) => {
-            eprintln!("error: {err}");
-            return ExitCode::FAILURE;
-        }
+    // The bare server has no store to open.
+    let layer = match opts.bare {
+        true => None,
+        false => match open_store(&opts.store, opts.max_entries).await {
+            Ok(store) => Some(layer(store, &opts)),
+            Err(err) => {
+                eprintln!("error: {err}");
+                return ExitCode::FAILURE;
+            }
+        },
     };
-
-    let mut layer = IdempotencyServiceLayer::with_shared_store(store)
-        .on_conflict(opts.on_conflict)
-        .require_key(opts.require_key);
-    if let Some(ttl) = opts.ttl {
-        layer = layer.retention(ttl);
-    }
-    if let Some(timeout) = opts.wait_timeout {
-        layer = layer.wait_timeout(timeout);
-    }
-    if let Some(lease) = opts.lease {
-        layer = layer.lease(lease);
-    }
-    if let Some(name) = opts.scope_header {
-        layer = layer.scope_by_header(name);
-    }
     let app = app(AppState::default());
 
     let listener = match tokio::net::TcpListener::bind(&opts.addr).await {
@@ -317,32 +364,73 @@ async fn main() -> ExitCode {
     let addr = listener
         .local_addr()
         .expect("a bound listener has an address");
-    println!(
-        "listening on {addr} (store: {}{})",
-        redacted(&opts.store),
-        if opts.bare {
-            ", bare: no idempotency"
-        } else if opts.store == "memory" {
-            ", in this process: its records are gone when it stops"
-        } else {
-            ""
+    let served = match layer {
+        None => {
+            println!("listening on {addr} (bare: no idempotency)");
+            axum::serve(listener, app).await
         }
-    );
-    let served = if opts.bare {
-        axum::serve(listener, app).await
-    } else {
-        // The layer wraps the whole router rather than each route (`Router::layer`): a replay
-        // is answered before routing, and no request pays for a clone and a box of the layer
-        // per route. axum serves its own response type, so the body is mapped back to it.
-        let service = ServiceBuilder::new()
-            .map_response(|response: Response<_>| response.map(Body::new))
-            .layer(layer)
-            .service(app);
-        axum::serve(listener, ServiceExt::<Request>::into_make_service(service)).await
+        Some(layer) => {
+            let in_process = match opts.store.as_str() {
+                "memory" => ", in this process: its records are gone when it stops",
+                _ => "",
+            };
+            println!(
+                "listening on {addr} (store: {}{in_process})",
+                redacted(&opts.store)
+            );
+            // The layer wraps the whole router rather than each route (`Router::layer`): a
+            // replay is answered before routing, and no request pays for a clone and a box of
+            // the layer per route. axum serves its own response type, so the body is mapped
+            // back to it.
+            let service = ServiceBuilder::new()
+                .map_response(|response: Response<_>| response.map(Body::new))
+                .layer(layer)
+                .service(app);
+            axum::serve(listener, ServiceExt::<Request>::into_make_service(service)).await
+        }
     };
     if let Err(err) = served {
         eprintln!("error: {err}");
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_password_is_printed_however_the_url_is_written() {
+        for url in [
+            "redis://:s3cret@127.0.0.1:6379",
+            "redis://default:s3cret@127.0.0.1:6379/0",
+            "redis://:s3cret/with@signs@127.0.0.1:6379",
+            "redis:/:s3cret@127.0.0.1:6379",
+            "redis+cluster://:s3cret@127.0.0.1:1,:s3cret@127.0.0.1:2",
+            "s3cret@127.0.0.1",
+        ] {
+            let shown = redacted(url);
+            assert!(!shown.contains("s3cret"), "{url} shown as {shown}");
+            assert!(shown.contains("127.0.0.1"), "{url} shown as {shown}");
+        }
+        assert_eq!(
+            redacted("redis://default:s3cret@h:1/0"),
+            "redis://default:***@h:1/0"
+        );
+        assert_eq!(redacted("redis://h:1"), "redis://h:1");
+    }
+
+    #[test]
+    fn flags_that_would_be_ignored_are_refused() {
+        let parse = |args: &[&str]| parse_args(args.iter().map(|a| (*a).to_owned()));
+        assert!(parse(&["--bare", "--addr", "127.0.0.1:0"]).is_ok());
+        let err = parse(&["--bare", "--require-key"]).err().unwrap();
+        assert!(err.contains("--require-key"), "{err}");
+        let err = parse(&["--store", "redis://h:1", "--max-entries", "5"])
+            .err()
+            .unwrap();
+        assert!(err.contains("maxmemory"), "{err}");
+        assert!(parse(&["--max-entries", "0"]).is_err());
+    }
 }

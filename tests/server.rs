@@ -88,6 +88,55 @@ async fn a_key_reused_with_another_request_is_422_and_does_not_run() {
 }
 
 #[tokio::test]
+async fn a_grpc_call_is_answered_with_a_grpc_status_a_grpc_client_can_read() {
+    // A gRPC client reads a problem+json body as gRPC frames, and reports a protocol error.
+    // The service answers a gRPC call with a gRPC status, and its detail in `grpc-message`.
+    let calls = Counter::default();
+    let svc = IdempotencyServiceLayer::default().layer(counted_orders(&calls));
+    let call = |key: &str, message: &'static [u8]| {
+        Request::post("/svc.Orders/Create")
+            .header("idempotency-key", key)
+            .header(header::CONTENT_TYPE, "application/grpc")
+            .body(Full::new(Bytes::from_static(message)))
+            .unwrap()
+    };
+    let first = svc
+        .clone()
+        .oneshot(call("k", b"\0\0\0\0\x01a"))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    let reused = svc
+        .clone()
+        .oneshot(call("k", b"\0\0\0\0\x01b"))
+        .await
+        .unwrap();
+    let invalid = svc
+        .clone()
+        .oneshot(call("", b"\0\0\0\0\x01a"))
+        .await
+        .unwrap();
+    for (answer, what) in [(reused, "already used"), (invalid, "is empty")] {
+        assert_eq!(answer.status(), StatusCode::OK, "trailers-only");
+        let headers = answer.headers();
+        assert_eq!(headers[header::CONTENT_TYPE], "application/grpc");
+        assert_eq!(headers["grpc-status"], "3", "INVALID_ARGUMENT");
+        let message = headers["grpc-message"].to_str().unwrap();
+        assert!(message.contains(what), "{message}");
+        assert!(
+            answer
+                .into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+                .is_empty()
+        );
+    }
+    assert_eq!(calls.runs(), 1);
+}
+
+#[tokio::test]
 async fn named_headers_count_towards_the_fingerprint() {
     let layer = IdempotencyServiceLayer::default()
         .fingerprint_headers([header::HeaderName::from_static("x-account")]);

@@ -34,7 +34,11 @@ pub(crate) fn fingerprint(parts: &Parts, headers: &[HeaderName], body: &[u8]) ->
             .collect();
         lines.join(&b"\n"[..])
     });
-    let content_type = all_types.as_deref().unwrap_or(first_type);
+    let content_type = match all_types.as_deref().unwrap_or(first_type) {
+        // gRPC's default message format, named or not: the same call either way.
+        b"application/grpc+proto" => b"application/grpc",
+        content_type => content_type,
+    };
     Fingerprint::from_bytes(digest::keyed_digest(&KEY, |sink| {
         let mut field = |bytes: &[u8]| {
             sink(&(bytes.len() as u32).to_le_bytes());
@@ -167,6 +171,15 @@ mod tests {
         assert_eq!(
             with_headers(&[], &[]),
             with_headers(&[("content-type", "")], &[])
+        );
+        // A gRPC call's messages are protobuf whether the type says so or not.
+        assert_eq!(
+            with_headers(&[("content-type", "application/grpc")], &[]),
+            with_headers(&[("content-type", "application/grpc+proto")], &[])
+        );
+        assert_ne!(
+            with_headers(&[("content-type", "application/grpc")], &[]),
+            with_headers(&[("content-type", "application/grpc+json")], &[])
         );
         // Every line counts, should there be more than one.
         let two = [

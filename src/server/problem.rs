@@ -1,9 +1,10 @@
-//! The service's own answers: `application/problem+json` bodies (RFC 9457).
+//! The service's own answers: `application/problem+json` bodies (RFC 9457), or for a gRPC
+//! call, a gRPC status.
 
 use std::fmt::Write as _;
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header};
 use http_body::Body;
 
 use super::body::ResponseBody;
@@ -11,6 +12,29 @@ use crate::{IDEMPOTENCY_KEY, InvalidKey};
 
 /// Seconds a client is asked to wait before retrying a 409 or 503.
 const RETRY_AFTER_SECS: u64 = 1;
+
+/// How a request is answered by the service itself: a gRPC client reads only a gRPC status
+/// (it takes any other body for gRPC frames, and reports a protocol error).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    Http,
+    Grpc,
+}
+
+impl Dialect {
+    /// A request whose `Content-Type` is `application/grpc` (or `application/grpc+...`) is a
+    /// gRPC call.
+    pub(crate) fn of(headers: &HeaderMap) -> Self {
+        match headers.get(header::CONTENT_TYPE) {
+            Some(value) if value.as_bytes().starts_with(b"application/grpc") => Self::Grpc,
+            _ => Self::Http,
+        }
+    }
+}
+
+/// The bytes `grpc-message` carries as they are; the others are percent-encoded (the gRPC
+/// over HTTP/2 protocol).
+const GRPC_MESSAGE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
 
 /// Why the service answered a request itself.
 #[derive(Clone, Debug, PartialEq)]
@@ -172,7 +196,37 @@ impl Problem {
         self.parts().0
     }
 
-    pub(crate) fn into_response<B: Body>(self) -> Response<ResponseBody<B>> {
+    /// The gRPC status code answering this problem: what a gRPC client does with it matches
+    /// what an HTTP client does with the status (UNAVAILABLE is the one gRPC clients retry).
+    fn grpc_code(&self) -> u8 {
+        const INVALID_ARGUMENT: u8 = 3;
+        const RESOURCE_EXHAUSTED: u8 = 8;
+        const FAILED_PRECONDITION: u8 = 9;
+        const UNAVAILABLE: u8 = 14;
+        match self {
+            Self::MissingKey { .. }
+            | Self::InvalidKey { .. }
+            | Self::MissingScope { .. }
+            | Self::BodyUnreadable
+            | Self::KeyReused => INVALID_ARGUMENT,
+            Self::BodyTooLarge { .. } | Self::BodyOverOuterLimit => RESOURCE_EXHAUSTED,
+            Self::NotReplayable { .. } => FAILED_PRECONDITION,
+            Self::InFlight | Self::WaitTimedOut | Self::StoreUnavailable => UNAVAILABLE,
+        }
+    }
+
+    /// Whether a client is asked to come back after [`RETRY_AFTER_SECS`].
+    fn retry_after(&self) -> bool {
+        matches!(
+            self,
+            Self::InFlight | Self::WaitTimedOut | Self::StoreUnavailable
+        )
+    }
+
+    pub(crate) fn into_response<B: Body>(self, dialect: Dialect) -> Response<ResponseBody<B>> {
+        if dialect == Dialect::Grpc {
+            return self.into_grpc_response();
+        }
         let (status, slug, title, detail) = self.parts();
         let mut json = String::with_capacity(160 + detail.len());
         json.push_str("{\"type\":\"tag:tower-idempotency,2026:");
@@ -190,11 +244,32 @@ impl Problem {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if matches!(
-            status,
-            StatusCode::CONFLICT | StatusCode::SERVICE_UNAVAILABLE
-        ) && !matches!(self, Self::NotReplayable { .. })
-        {
+        if self.retry_after() {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        response
+    }
+
+    /// A gRPC "trailers-only" answer: HTTP 200, no messages, and the status with the detail in
+    /// `grpc-message` (and `retry-after` among the metadata where HTTP would have it).
+    fn into_grpc_response<B: Body>(self) -> Response<ResponseBody<B>> {
+        let detail = self.parts().3;
+        let message = percent_encoding::utf8_percent_encode(&detail, GRPC_MESSAGE).to_string();
+        let mut response = Response::new(ResponseBody::full(Bytes::new(), None));
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert(
+            "grpc-status",
+            HeaderValue::from(u16::from(self.grpc_code())),
+        );
+        headers.insert(
+            "grpc-message",
+            HeaderValue::try_from(message).expect("percent-encoded text is a header value"),
+        );
+        if self.retry_after() {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
         response
@@ -245,7 +320,7 @@ mod tests {
             err: InvalidKey::InvalidEscape,
             header: IDEMPOTENCY_KEY,
         }
-        .into_response::<Full<Bytes>>();
+        .into_response::<Full<Bytes>>(Dialect::Http);
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
         assert_eq!(
             response.headers()[header::CONTENT_TYPE],
@@ -274,14 +349,54 @@ mod tests {
             Problem::WaitTimedOut,
             Problem::StoreUnavailable,
         ] {
-            let response = problem.into_response::<Full<Bytes>>();
+            let response = problem.into_response::<Full<Bytes>>(Dialect::Http);
             assert_eq!(response.headers()[header::RETRY_AFTER], "1");
         }
         let response = Problem::NotReplayable {
             status: StatusCode::OK,
         }
-        .into_response::<Full<Bytes>>();
+        .into_response::<Full<Bytes>>(Dialect::Http);
         assert_eq!(response.status(), StatusCode::CONFLICT);
         assert!(response.headers().get(header::RETRY_AFTER).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_grpc_call_is_answered_with_a_grpc_status_and_its_detail() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc+proto"),
+        );
+        assert_eq!(Dialect::of(&headers), Dialect::Grpc);
+        assert_eq!(Dialect::of(&HeaderMap::new()), Dialect::Http);
+        for (problem, code, retry) in [
+            (Problem::KeyReused, "3", false),
+            (Problem::BodyTooLarge { limit: 8 }, "8", false),
+            (
+                Problem::NotReplayable {
+                    status: StatusCode::OK,
+                },
+                "9",
+                false,
+            ),
+            (Problem::InFlight, "14", true),
+            (Problem::StoreUnavailable, "14", true),
+        ] {
+            let detail = problem.parts().3;
+            let response = problem.into_response::<Full<Bytes>>(Dialect::Grpc);
+            assert_eq!(response.status(), StatusCode::OK);
+            let headers = response.headers();
+            assert_eq!(headers[header::CONTENT_TYPE], "application/grpc");
+            assert_eq!(headers["grpc-status"], code);
+            assert_eq!(headers.contains_key(header::RETRY_AFTER), retry);
+            let message = headers["grpc-message"].to_str().unwrap();
+            let decoded = percent_encoding::percent_decode_str(message)
+                .decode_utf8()
+                .unwrap();
+            assert_eq!(decoded, detail);
+            // Trailers-only: no messages follow.
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert!(body.is_empty());
+        }
     }
 }

@@ -20,7 +20,7 @@ use super::{
     fingerprint::fingerprint,
     flight::{Join, Lead, Outcome, follow},
     future::{Answer, BoxFuture, Respond, Step, Work},
-    problem::Problem,
+    problem::{Dialect, Problem},
 };
 use crate::{
     IDEMPOTENT_REPLAYED, InvalidKey,
@@ -186,14 +186,18 @@ where
             // A copy of a header value shares its bytes.
             Ok(Some(value)) => value.clone(),
             Ok(None) if config.require_key => {
-                return ResponseFuture::ready(reject(Problem::MissingKey {
+                let problem = Problem::MissingKey {
                     header: config.header.clone(),
-                }));
+                };
+                return ResponseFuture::ready(reject(problem, Dialect::of(req.headers())));
             }
             Ok(None) => {
                 return ResponseFuture::passthrough(self.inner.call(req.map(RequestBody::inner)));
             }
-            Err(err) => return ResponseFuture::ready(reject(invalid_key(config, err))),
+            Err(err) => {
+                let problem = invalid_key(config, err);
+                return ResponseFuture::ready(reject(problem, Dialect::of(req.headers())));
+            }
         };
         let (parts, body) = req.into_parts();
         let store_key = match key::parse(&value)
@@ -208,7 +212,9 @@ where
             .and_then(|key| admit(config, &parts, &key))
         {
             Ok(store_key) => store_key,
-            Err(problem) => return ResponseFuture::ready(reject(problem)),
+            Err(problem) => {
+                return ResponseFuture::ready(reject(problem, Dialect::of(&parts.headers)));
+            }
         };
         let (limit, detach) = (config.max_request_body, config.detach);
         // The ready service handles this request; a clone takes its place for the next one.
@@ -232,17 +238,17 @@ fn invalid_key(config: &Config, err: InvalidKey) -> Problem {
 }
 
 /// Ends a keyed request with `problem`'s answer, without running it.
-fn rejected<A, B: Body, E>(problem: Problem) -> Step<A, Answer<B, E>> {
-    Step::Answered(Ok(reject(problem)))
+fn rejected<A, B: Body, E>(problem: Problem, dialect: Dialect) -> Step<A, Answer<B, E>> {
+    Step::Answered(Ok(reject(problem, dialect)))
 }
 
-fn reject<B: Body>(problem: Problem) -> Response<ResponseBody<B>> {
+fn reject<B: Body>(problem: Problem, dialect: Dialect) -> Response<ResponseBody<B>> {
     tracing::debug!(
         status = problem.status().as_u16(),
         ?problem,
         "idempotency: answered without running"
     );
-    problem.into_response()
+    problem.into_response(dialect)
 }
 
 /// Everything about a keyed request once its body is read.
@@ -253,6 +259,8 @@ struct Keyed {
     fingerprint: Fingerprint,
     /// When waiting for the same request gives up: set when this request first waits.
     deadline: Option<Instant>,
+    /// How the service answers this request itself.
+    dialect: Dialect,
 }
 
 /// What can be checked of a keyed request before its body is read: its scope and declared
@@ -312,10 +320,15 @@ impl<S> Start<S> {
     {
         let config = &self.shared.config;
         let limit = config.max_request_body;
+        let dialect = Dialect::of(&self.parts.headers);
         let (bytes, trailers) = match buffered {
             Buffered::Whole { data, trailers } => (data, trailers),
-            Buffered::TooLarge { .. } => return rejected(Problem::BodyTooLarge { limit }),
-            Buffered::Failed { error, .. } => return rejected(Problem::body_failed(error.into())),
+            Buffered::TooLarge { .. } => {
+                return rejected(Problem::BodyTooLarge { limit }, dialect);
+            }
+            Buffered::Failed { error, .. } => {
+                return rejected(Problem::body_failed(error.into()), dialect);
+            }
         };
         let fingerprint = fingerprint(&self.parts, &config.fingerprint_headers, &bytes);
         let request = Request::from_parts(self.parts, RequestBody::buffered(bytes, trailers));
@@ -325,6 +338,7 @@ impl<S> Start<S> {
             store_key: self.store_key,
             fingerprint,
             deadline: None,
+            dialect,
         };
         keyed.begin(self.inner, request)
     }
@@ -351,6 +365,14 @@ async fn poll_once<F: Future>(mut future: std::pin::Pin<&mut F>) -> Poll<F::Outp
 }
 
 impl Keyed {
+    fn reject<B: Body>(&self, problem: Problem) -> Response<ResponseBody<B>> {
+        reject(problem, self.dialect)
+    }
+
+    fn rejected<A, B: Body, E>(&self, problem: Problem) -> Step<A, Answer<B, E>> {
+        rejected(problem, self.dialect)
+    }
+
     fn config(&self) -> &Config {
         &self.shared.config
     }
@@ -365,10 +387,10 @@ impl Keyed {
     /// The stored response, marked as replayed; or why it cannot be.
     fn replay<B: Body>(&self, record: Record) -> Response<ResponseBody<B>> {
         if record.fingerprint != self.fingerprint {
-            return reject(Problem::KeyReused);
+            return self.reject(Problem::KeyReused);
         }
         if !record.replayable {
-            return reject(Problem::NotReplayable {
+            return self.reject(Problem::NotReplayable {
                 status: record.status,
             });
         }
@@ -398,7 +420,7 @@ impl Keyed {
     /// Ends this process's flight with `problem`, and answers with it.
     fn give_up<B: Body>(&self, lead: Lead, problem: Problem) -> Response<ResponseBody<B>> {
         lead.finish(Outcome::Respond(problem.clone()));
-        reject(problem)
+        self.reject(problem)
     }
 
     /// Gets `inner` ready to claim and run. A request that gave its service up to wait gets a
@@ -420,7 +442,7 @@ impl Keyed {
     /// its own deadline, take over the flight rather than share this one's.
     fn timed_out<B: Body>(&self, lead: Lead) -> Response<ResponseBody<B>> {
         lead.finish(Outcome::Unanswered);
-        reject(Problem::WaitTimedOut)
+        self.reject(Problem::WaitTimedOut)
     }
 
     /// Replays `record` and hands it to this process's followers.
@@ -521,13 +543,13 @@ impl Keyed {
                     tracing::debug!(key = %self.key, "idempotency: waiting for the same request in this process");
                     inner = inner.release();
                     match follow(receiver, self.deadline()).await {
-                        None => return rejected(Problem::WaitTimedOut),
+                        None => return self.rejected(Problem::WaitTimedOut),
                         // In reject mode, the request it followed was in progress: 409, as
                         // for any duplicate of a request in progress.
                         Some(Outcome::Released)
                             if shared.config.on_conflict == OnConflict::Reject =>
                         {
-                            return rejected(Problem::InFlight);
+                            return self.rejected(Problem::InFlight);
                         }
                         // It ran and gave its claim back, or it ended before the store said
                         // what the key holds: the store knows, and this one asks it.
@@ -538,7 +560,7 @@ impl Keyed {
                         Some(Outcome::Completed(record)) => {
                             return Step::Answered(Ok(self.replay(Record::clone(&record))));
                         }
-                        Some(Outcome::Respond(problem)) => return rejected(problem),
+                        Some(Outcome::Respond(problem)) => return self.rejected(problem),
                     }
                 }
             };
@@ -605,7 +627,7 @@ impl Keyed {
                             None => Step::Answered(Ok(self.timed_out(lead))),
                         };
                     }
-                    Err(problem) => return rejected(problem),
+                    Err(problem) => return self.rejected(problem),
                 },
             };
             match held {

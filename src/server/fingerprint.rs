@@ -4,6 +4,7 @@ use std::sync::LazyLock;
 
 use http::{HeaderName, HeaderValue, header, request::Parts};
 
+use super::problem::Dialect;
 use crate::{digest, store::Fingerprint};
 
 /// A BLAKE3 digest of the method, the path and query, the `Content-Type`, the values of
@@ -18,7 +19,13 @@ use crate::{digest, store::Fingerprint};
 /// the spaces around their commas (RFC 9110, section 5.3: a proxy may fold them); empty
 /// elements are left out, and a comma or a space inside a quoted string is part of it. A
 /// header that is absent differs from one that is present but empty.
-pub(crate) fn fingerprint(parts: &Parts, headers: &[HeaderName], body: &[u8]) -> Fingerprint {
+///
+/// Also says, from the same `Content-Type`, how the service answers the request itself.
+pub(crate) fn fingerprint(
+    parts: &Parts,
+    headers: &[HeaderName],
+    body: &[u8],
+) -> (Fingerprint, Dialect) {
     static KEY: LazyLock<[u8; 32]> =
         LazyLock::new(|| digest::purpose_key("tower-idempotency 2026 request fingerprint"));
     let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
@@ -34,12 +41,13 @@ pub(crate) fn fingerprint(parts: &Parts, headers: &[HeaderName], body: &[u8]) ->
             .collect();
         lines.join(&b"\n"[..])
     });
+    let dialect = Dialect::of_content_type(first_type);
     let content_type = match all_types.as_deref().unwrap_or(first_type) {
         // gRPC's default message format, named or not: the same call either way.
         b"application/grpc+proto" => b"application/grpc",
         content_type => content_type,
     };
-    Fingerprint::from_bytes(digest::keyed_digest(&KEY, |sink| {
+    let digest = digest::keyed_digest(&KEY, |sink| {
         let mut field = |bytes: &[u8]| {
             sink(&(bytes.len() as u32).to_le_bytes());
             sink(bytes);
@@ -61,7 +69,8 @@ pub(crate) fn fingerprint(parts: &Parts, headers: &[HeaderName], body: &[u8]) ->
             }
         }
         sink(body);
-    }))
+    });
+    (Fingerprint::from_bytes(digest), dialect)
 }
 
 /// The elements of a list header's value: split at the commas outside quoted strings, trimmed
@@ -109,7 +118,7 @@ mod tests {
             req = req.header("x-tenant", t);
         }
         let (parts, ()) = req.body(()).unwrap().into_parts();
-        fingerprint(&parts, extra, body)
+        fingerprint(&parts, extra, body).0
     }
 
     #[test]
@@ -151,7 +160,7 @@ mod tests {
             req = req.header(*name, *value);
         }
         let (parts, ()) = req.body(()).unwrap().into_parts();
-        fingerprint(&parts, named, b"tea")
+        fingerprint(&parts, named, b"tea").0
     }
 
     #[test]

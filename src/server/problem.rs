@@ -25,9 +25,18 @@ impl Dialect {
     /// A request whose `Content-Type` is `application/grpc` (or `application/grpc+...`) is a
     /// gRPC call.
     pub(crate) fn of(headers: &HeaderMap) -> Self {
-        match headers.get(header::CONTENT_TYPE) {
-            Some(value) if value.as_bytes().starts_with(b"application/grpc") => Self::Grpc,
-            _ => Self::Http,
+        Self::of_content_type(
+            headers
+                .get(header::CONTENT_TYPE)
+                .map_or(&[][..], HeaderValue::as_bytes),
+        )
+    }
+
+    /// [`of`](Self::of) a request whose `Content-Type` is `content_type`.
+    pub(crate) fn of_content_type(content_type: &[u8]) -> Self {
+        match content_type.starts_with(b"application/grpc") {
+            true => Self::Grpc,
+            false => Self::Http,
         }
     }
 }

@@ -320,17 +320,18 @@ impl<S> Start<S> {
     {
         let config = &self.shared.config;
         let limit = config.max_request_body;
-        let dialect = Dialect::of(&self.parts.headers);
         let (bytes, trailers) = match buffered {
             Buffered::Whole { data, trailers } => (data, trailers),
             Buffered::TooLarge { .. } => {
+                let dialect = Dialect::of(&self.parts.headers);
                 return rejected(Problem::BodyTooLarge { limit }, dialect);
             }
             Buffered::Failed { error, .. } => {
+                let dialect = Dialect::of(&self.parts.headers);
                 return rejected(Problem::body_failed(error.into()), dialect);
             }
         };
-        let fingerprint = fingerprint(&self.parts, &config.fingerprint_headers, &bytes);
+        let (fingerprint, dialect) = fingerprint(&self.parts, &config.fingerprint_headers, &bytes);
         let request = Request::from_parts(self.parts, RequestBody::buffered(bytes, trailers));
         let keyed = Keyed {
             shared: self.shared,

@@ -136,6 +136,56 @@ async fn a_grpc_call_is_answered_with_a_grpc_status_a_grpc_client_can_read() {
     assert_eq!(calls.runs(), 1);
 }
 
+/// A request body that never ends, as a streaming call's does while it waits for replies.
+struct Endless;
+
+impl http_body::Body for Endless {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Pending
+    }
+}
+
+#[tokio::test]
+async fn requests_picked_to_pass_through_are_neither_read_first_nor_stored() {
+    // A streaming call sends its first message and waits for a reply: read whole first, its
+    // body would never end, and its handler never run.
+    let calls = Counter::default();
+    let counted = calls.clone();
+    let svc = IdempotencyServiceLayer::default()
+        .pass_through_if(|parts| parts.uri.path() == "/svc.Orders/Watch")
+        .layer(service_fn(move |_req: Request<RequestBody<Endless>>| {
+            let run = counted.count();
+            async move {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("run={run}")))))
+            }
+        }));
+    let call = |path: &str| {
+        Request::post(path)
+            .header("idempotency-key", "k")
+            .body(Endless)
+            .unwrap()
+    };
+    let within = Duration::from_secs(1);
+    for run in ["run=1", "run=2"] {
+        let answer = tokio::time::timeout(within, svc.clone().oneshot(call("/svc.Orders/Watch")))
+            .await
+            .expect("the streaming call was answered")
+            .unwrap();
+        assert!(!answer.headers().contains_key("idempotent-replayed"));
+        assert_eq!(answer.into_body().collect().await.unwrap().to_bytes(), run);
+    }
+    // Any other call is read whole first, as it is to be fingerprinted.
+    let other = tokio::time::timeout(within, svc.oneshot(call("/svc.Orders/Create"))).await;
+    assert!(other.is_err(), "the other call was not read first");
+    assert_eq!(calls.runs(), 2);
+}
+
 #[tokio::test]
 async fn named_headers_count_towards_the_fingerprint() {
     let layer = IdempotencyServiceLayer::default()

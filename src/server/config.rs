@@ -39,6 +39,7 @@ pub enum OnStoreError {
 }
 
 pub(crate) type ScopeFn = dyn Fn(&request::Parts) -> Option<String> + Send + Sync;
+pub(crate) type RequestPredicate = dyn Fn(&request::Parts) -> bool + Send + Sync;
 pub(crate) type StorePredicate = dyn Fn(&response::Parts) -> bool + Send + Sync;
 
 /// The settings shared by every service a layer makes.
@@ -51,6 +52,7 @@ pub(crate) struct Config {
     pub(crate) methods: Vec<Method>,
     pub(crate) require_key: bool,
     pub(crate) scope: Option<Arc<ScopeFn>>,
+    pub(crate) pass_through_if: Option<Arc<RequestPredicate>>,
     /// The header `scope` reads, when it was set by `scope_by_header`: error messages name it.
     pub(crate) scope_header: Option<HeaderName>,
     pub(crate) fingerprint_headers: Vec<HeaderName>,
@@ -171,6 +173,7 @@ impl Config {
             methods: vec![Method::POST, Method::PATCH],
             require_key: false,
             scope: None,
+            pass_through_if: None,
             scope_header: None,
             fingerprint_headers: Vec::new(),
             on_conflict: OnConflict::Wait,

@@ -25,6 +25,7 @@ const MIN_TIME: Duration = Duration::from_millis(1);
 /// | --- | --- |
 /// | [`header_name`](Self::header_name) | `Idempotency-Key` |
 /// | [`methods`](Self::methods) | `POST`, `PATCH` |
+/// | [`pass_through_if`](Self::pass_through_if) | none: every request of those methods |
 /// | [`require_key`](Self::require_key) | `false`: requests without a key pass through |
 /// | [`scope`](Self::scope) | none: one key space for every caller |
 /// | [`fingerprint_headers`](Self::fingerprint_headers) | none: method, path, query, `Content-Type` and body |
@@ -86,6 +87,27 @@ impl IdempotencyServiceLayer {
     /// untouched, with or without a key.
     pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
         self.config().methods = methods.into_iter().collect();
+        self
+    }
+
+    /// Lets the requests `predicate` picks pass through untouched, with or without a key: their
+    /// bodies are not read first, nor their responses before they go out. For the endpoints of
+    /// a method the service handles that must stream both ways, such as a gRPC service's
+    /// streaming calls (every gRPC call is a `POST`).
+    ///
+    /// ```
+    /// use tower_idempotency::IdempotencyServiceLayer;
+    ///
+    /// // The `Watch` call of the `orders.v1.Orders` gRPC service streams; its other calls don't.
+    /// let layer = IdempotencyServiceLayer::default()
+    ///     .pass_through_if(|parts| parts.uri.path() == "/orders.v1.Orders/Watch");
+    /// # let _ = layer;
+    /// ```
+    pub fn pass_through_if<F>(mut self, predicate: F) -> Self
+    where
+        F: Fn(&request::Parts) -> bool + Send + Sync + 'static,
+    {
+        self.config().pass_through_if = Some(Arc::new(predicate));
         self
     }
 

@@ -40,10 +40,11 @@
 //! INVALID_ARGUMENT for the 400s and the 422, RESOURCE_EXHAUSTED for the 413,
 //! FAILED_PRECONDITION for the 409 that cannot be replayed, and UNAVAILABLE (the status gRPC
 //! clients retry, with `retry-after` among the metadata) for the other 409 and the 503, the
-//! detail in `grpc-message`. Send keys on unary calls only: a keyed request is read whole
-//! before its handler runs, and a keyed response read whole before it goes out, so a keyed
-//! client-streaming or bidirectional call waits for its whole request stream, and a keyed
-//! server-streaming call sends nothing until its stream ends.
+//! detail in `grpc-message`. A keyed request is read whole before its handler runs, and a keyed
+//! response read whole before it goes out, so a keyed client-streaming or bidirectional call
+//! would wait for its whole request stream, and a keyed server-streaming call would send
+//! nothing until its stream ends: send keys on unary calls only, or leave the streaming calls
+//! out with [`pass_through_if`](IdempotencyServiceLayer::pass_through_if).
 //!
 //! # Example
 //!

@@ -182,6 +182,17 @@ where
         if !config.methods.contains(req.method()) {
             return ResponseFuture::passthrough(self.inner.call(req.map(RequestBody::inner)));
         }
+        let req = match &config.pass_through_if {
+            Some(pass) => {
+                let (parts, body) = req.into_parts();
+                if pass(&parts) {
+                    let req = Request::from_parts(parts, RequestBody::inner(body));
+                    return ResponseFuture::passthrough(self.inner.call(req));
+                }
+                Request::from_parts(parts, body)
+            }
+            None => req,
+        };
         let value = match key::single_value(req.headers(), &config.header) {
             // A copy of a header value shares its bytes.
             Ok(Some(value)) => value.clone(),

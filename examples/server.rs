@@ -146,13 +146,18 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String>
     Ok(opts)
 }
 
-/// `url` with the passwords in it, if any, left out: it is printed. Everything in a node before
-/// its last `@` is taken for credentials, whatever else the URL holds (a password may hold a
-/// `/`, and a URL given by mistake may be malformed); only a user name before a `:` is kept.
+/// `url` with the passwords in it, if any, left out: it is printed. Everything before the last
+/// `@` is taken for credentials (of each node, in a cluster's list), whatever else the URL holds:
+/// a password may hold a `/` or a `,`, and a URL given by mistake may be malformed. Only a user
+/// name before a `:` is kept.
 fn redacted(url: &str) -> String {
     let (scheme, rest) = url.split_once("://").map_or(("", url), |(s, r)| (s, r));
-    let nodes: Vec<String> = rest
-        .split(',')
+    let nodes: Vec<&str> = match scheme {
+        "redis+cluster" => rest.split(',').collect(),
+        _ => vec![rest],
+    };
+    let nodes: Vec<String> = nodes
+        .into_iter()
         .map(|node| match node.rsplit_once('@') {
             Some((userinfo, host)) => match userinfo.split_once(':') {
                 Some((user, _)) => format!("{user}:***@{host}"),
@@ -406,6 +411,7 @@ mod tests {
             "redis://:s3cret@127.0.0.1:6379",
             "redis://default:s3cret@127.0.0.1:6379/0",
             "redis://:s3cret/with@signs@127.0.0.1:6379",
+            "redis://:s3cret,with,commas@127.0.0.1:6379",
             "redis:/:s3cret@127.0.0.1:6379",
             "redis+cluster://:s3cret@127.0.0.1:1,:s3cret@127.0.0.1:2",
             "s3cret@127.0.0.1",

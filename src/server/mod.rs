@@ -38,9 +38,10 @@
 //! A gRPC call (`Content-Type: application/grpc...`) would read such a body as gRPC frames, so
 //! it gets the same answers as gRPC statuses instead: HTTP 200 with no message, `grpc-status`
 //! INVALID_ARGUMENT for the 400s and the 422, RESOURCE_EXHAUSTED for the 413,
-//! FAILED_PRECONDITION for the 409 that cannot be replayed, and UNAVAILABLE (the status gRPC
-//! clients retry, with `retry-after` among the metadata) for the other 409 and the 503, the
-//! detail in `grpc-message`. A keyed request is read whole before its handler runs, and a keyed
+//! FAILED_PRECONDITION for the 409 that cannot be replayed, and UNAVAILABLE (the status a gRPC
+//! client with a retry policy retries, with `grpc-retry-pushback-ms` for how long to wait) for
+//! the other 409 and the 503, the detail in `grpc-message`. A gRPC-Web call is answered in its
+//! own content type. A keyed request is read whole before its handler runs, and a keyed
 //! response read whole before it goes out, so a keyed client-streaming or bidirectional call
 //! would wait for its whole request stream, and a keyed server-streaming call would send
 //! nothing until its stream ends: send keys on unary calls only, or leave the streaming calls

@@ -18,7 +18,8 @@ const RETRY_AFTER_SECS: u64 = 1;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Dialect {
     Http,
-    Grpc,
+    /// A gRPC call, or a gRPC-Web one: answered in the content type of its family.
+    Grpc(&'static str),
 }
 
 impl Dialect {
@@ -34,9 +35,15 @@ impl Dialect {
 
     /// [`of`](Self::of) a request whose `Content-Type` is `content_type`.
     pub(crate) fn of_content_type(content_type: &[u8]) -> Self {
-        match content_type.starts_with(b"application/grpc") {
-            true => Self::Grpc,
-            false => Self::Http,
+        let Some(rest) = content_type.strip_prefix(b"application/grpc") else {
+            return Self::Http;
+        };
+        if rest.starts_with(b"-web-text") {
+            Self::Grpc("application/grpc-web-text")
+        } else if rest.starts_with(b"-web") {
+            Self::Grpc("application/grpc-web")
+        } else {
+            Self::Grpc("application/grpc")
         }
     }
 }
@@ -233,8 +240,8 @@ impl Problem {
     }
 
     pub(crate) fn into_response<B: Body>(self, dialect: Dialect) -> Response<ResponseBody<B>> {
-        if dialect == Dialect::Grpc {
-            return self.into_grpc_response();
+        if let Dialect::Grpc(content_type) = dialect {
+            return self.into_grpc_response(content_type);
         }
         let (status, slug, title, detail) = self.parts();
         let mut json = String::with_capacity(160 + detail.len());
@@ -260,16 +267,15 @@ impl Problem {
     }
 
     /// A gRPC "trailers-only" answer: HTTP 200, no messages, and the status with the detail in
-    /// `grpc-message` (and `retry-after` among the metadata where HTTP would have it).
-    fn into_grpc_response<B: Body>(self) -> Response<ResponseBody<B>> {
+    /// `grpc-message`. Where HTTP would have `Retry-After`, `grpc-retry-pushback-ms` (what a
+    /// gRPC client with a retry policy waits by) says the same, and `retry-after` stays among
+    /// the metadata.
+    fn into_grpc_response<B: Body>(self, content_type: &'static str) -> Response<ResponseBody<B>> {
         let detail = self.parts().3;
         let message = percent_encoding::utf8_percent_encode(&detail, GRPC_MESSAGE).to_string();
         let mut response = Response::new(ResponseBody::full(Bytes::new(), None));
         let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
         headers.insert(
             "grpc-status",
             HeaderValue::from(u16::from(self.grpc_code())),
@@ -280,6 +286,10 @@ impl Problem {
         );
         if self.retry_after() {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+            headers.insert(
+                "grpc-retry-pushback-ms",
+                HeaderValue::from(RETRY_AFTER_SECS * 1000),
+            );
         }
         response
     }
@@ -376,8 +386,17 @@ mod tests {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/grpc+proto"),
         );
-        assert_eq!(Dialect::of(&headers), Dialect::Grpc);
+        assert_eq!(Dialect::of(&headers), Dialect::Grpc("application/grpc"));
         assert_eq!(Dialect::of(&HeaderMap::new()), Dialect::Http);
+        assert_eq!(
+            Dialect::of_content_type(b"application/grpc-web+proto"),
+            Dialect::Grpc("application/grpc-web")
+        );
+        assert_eq!(
+            Dialect::of_content_type(b"application/grpc-web-text"),
+            Dialect::Grpc("application/grpc-web-text")
+        );
+        assert_eq!(Dialect::of_content_type(b"application/json"), Dialect::Http);
         for (problem, code, retry) in [
             (Problem::KeyReused, "3", false),
             (Problem::BodyTooLarge { limit: 8 }, "8", false),
@@ -392,12 +411,14 @@ mod tests {
             (Problem::StoreUnavailable, "14", true),
         ] {
             let detail = problem.parts().3;
-            let response = problem.into_response::<Full<Bytes>>(Dialect::Grpc);
+            let grpc = Dialect::Grpc("application/grpc");
+            let response = problem.into_response::<Full<Bytes>>(grpc);
             assert_eq!(response.status(), StatusCode::OK);
             let headers = response.headers();
             assert_eq!(headers[header::CONTENT_TYPE], "application/grpc");
             assert_eq!(headers["grpc-status"], code);
             assert_eq!(headers.contains_key(header::RETRY_AFTER), retry);
+            assert_eq!(headers.contains_key("grpc-retry-pushback-ms"), retry);
             let message = headers["grpc-message"].to_str().unwrap();
             let decoded = percent_encoding::percent_decode_str(message)
                 .decode_utf8()

@@ -151,6 +151,17 @@
 //! done without them, so the request still runs once and a retry is told it cannot be replayed
 //! (409). [`stream_if`](IdempotencyServiceLayer::stream_if) says which responses stream.
 //!
+//! # Compression goes outside
+//!
+//! A replay is the stored response, encoded as it was for the first request. Put a layer that
+//! compresses responses (tower-http's `CompressionLayer`) outside this one, so that the record
+//! is the plain response and each replay is compressed for the `Accept-Encoding` of its own
+//! request; inside, a retry whose client does not accept the first one's encoding would get a
+//! body it cannot read. A gRPC server compresses messages itself: give the calls one
+//! `grpc-accept-encoding`, or name that header in
+//! [`fingerprint_headers`](IdempotencyServiceLayer::fingerprint_headers) to answer a retry that
+//! differs 422 (INVALID_ARGUMENT) rather than a replay it cannot decode.
+//!
 //! # Duplicates wait for the first request
 //!
 //! A duplicate that arrives while the first request runs waits for it and gets the same

@@ -462,16 +462,24 @@ impl RedisStore {
         key: &StoreKey,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<bool, StoreError> {
-        let outcome: i64 = self
-            .call(what, |mut conn| async move {
-                invocation.invoke_async(&mut conn).await
-            })
-            .await?;
+        let outcome: i64 = self.invoke(what, invocation).await?;
         match outcome {
             1 => Ok(true),
             0 => Ok(false),
             _ => Err(self.corrupt_in_script(key)),
         }
+    }
+
+    /// Runs a script as one step (see [`call`](Self::call)).
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        what: &str,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        self.call(what, |mut conn| async move {
+            invocation.invoke_async(&mut conn).await
+        })
+        .await
     }
 
     /// Sends `cmd` as one step (see [`call`](Self::call)).
@@ -525,12 +533,7 @@ impl RedisStore {
     ) -> Result<(Option<Holder>, Option<Duration>), StoreError> {
         let mut invocation = self.inner.read.prepare_invoke();
         invocation.key(self.redis_key(key));
-        let invocation = &invocation;
-        let (value, pttl): (Option<Vec<u8>>, i64) = self
-            .call("read", |mut conn| async move {
-                invocation.invoke_async(&mut conn).await
-            })
-            .await?;
+        let (value, pttl): (Option<Vec<u8>>, i64) = self.invoke("read", &invocation).await?;
         let ttl = u64::try_from(pttl).ok().map(Duration::from_millis);
         match value {
             None => Ok((None, None)),

@@ -957,17 +957,12 @@ impl ClaimGuard {
     {
         tracing::debug!(key = %self.keyed.key, status = response.status().as_u16(), "idempotency: response streamed as it is made; the key is done, and cannot be replayed");
         let record = Record::not_replayable(self.keyed.fingerprint, response.status());
-        let shared = self.keyed.shared.clone();
-        match &shared.config.local {
-            Some(local) => {
-                self.complete_now(local, record.view());
-                Respond::Now(Ok(response))
-            }
-            None => Respond::Later(Box::pin(async move {
-                self.complete(&record).await;
-                Ok(response)
-            })),
-        }
+        // `complete` stores at once in a store in this process; a stream is rare enough that
+        // the box costs nothing worth a path of its own.
+        Respond::Later(Box::pin(async move {
+            self.complete(&record).await;
+            Ok(response)
+        }))
     }
 
     /// Releases the claim, and answers with `answer`: at once with a store in this process.

@@ -136,21 +136,6 @@ async fn a_grpc_call_is_answered_with_a_grpc_status_a_grpc_client_can_read() {
     assert_eq!(calls.runs(), 1);
 }
 
-/// A request body that never ends, as a streaming call's does while it waits for replies.
-struct Endless;
-
-impl http_body::Body for Endless {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
-        std::task::Poll::Pending
-    }
-}
-
 #[tokio::test]
 async fn requests_picked_to_pass_through_are_neither_read_first_nor_stored() {
     // A streaming call sends its first message and waits for a reply: read whole first, its
@@ -159,16 +144,20 @@ async fn requests_picked_to_pass_through_are_neither_read_first_nor_stored() {
     let counted = calls.clone();
     let svc = IdempotencyServiceLayer::default()
         .pass_through_if(|parts| parts.uri.path() == "/svc.Orders/Watch")
-        .layer(service_fn(move |_req: Request<RequestBody<Endless>>| {
+        .layer(service_fn(move |_req: Request<RequestBody<Events>>| {
             let run = counted.count();
             async move {
                 Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("run={run}")))))
             }
         }));
-    let call = |path: &str| {
+    // Request bodies that never end: their senders are kept, and send nothing.
+    let mut senders = Vec::new();
+    let mut call = |path: &str| {
+        let (sender, events) = tokio::sync::mpsc::channel(1);
+        senders.push(sender);
         Request::post(path)
             .header("idempotency-key", "k")
-            .body(Endless)
+            .body(Events(events))
             .unwrap()
     };
     let within = Duration::from_secs(1);
@@ -1559,7 +1548,8 @@ async fn a_chunked_response_reaches_its_first_caller_and_is_replayed() {
     }
 }
 
-/// A response body whose chunks come from a channel, as a handler's events do.
+/// A body whose chunks come from a channel, as a handler's events or a streaming call's
+/// messages do; it ends when its sender is dropped.
 struct Events(tokio::sync::mpsc::Receiver<&'static str>);
 
 impl http_body::Body for Events {

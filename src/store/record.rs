@@ -297,12 +297,14 @@ impl Reader {
 
     fn headers(&mut self) -> Result<HeaderMap, StoreError> {
         let count = self.len()?;
-        // With room for one more: a replay adds `Idempotent-Replayed`. A count that a map cannot
-        // hold is an error, never a panic.
+        // With room for one more: a replay adds `Idempotent-Replayed`. The count is of values,
+        // and a map holds any number of values under one name but only so many names: the
+        // room made up front is capped, and the map grows past it as names come. A record with
+        // more names than a map can hold is an error, never a panic.
+        const ROOM: usize = 1024;
         let too_many = |_| corrupt(format!("{count} headers are more than a response can hold"));
         let mut headers =
-            HeaderMap::try_with_capacity(count.saturating_add(1).min(self.bytes.len()))
-                .map_err(too_many)?;
+            HeaderMap::try_with_capacity(count.saturating_add(1).min(ROOM)).map_err(too_many)?;
         for _ in 0..count {
             let n = self.len()?;
             let name = self.take(n)?;
@@ -377,18 +379,37 @@ mod tests {
 
     #[test]
     fn a_header_count_no_map_can_hold_is_an_error_not_a_panic() {
-        // A valid start, then a count of 40,000 headers and enough bytes for the count to pass
-        // the length check: each empty name fails or the map fills, but nothing panics.
+        // A valid start, then 40,000 headers of as many names: more names than a map holds.
         let mut encoded = BytesMut::new();
         encoded.put_u8(VERSION);
         encoded.put_u8(FLAG_REPLAYABLE);
         encoded.put_slice(&[0; 32]);
         encoded.put_u16(200);
         put_varint(&mut encoded, 40_000);
-        for _ in 0..40_000 {
-            encoded.put_slice(&[1, b'x', 0]);
+        for i in 0..40_000 {
+            let name = format!("x{i}");
+            put_varint(&mut encoded, name.len() as u64);
+            encoded.put_slice(name.as_bytes());
+            put_varint(&mut encoded, 0);
         }
         let err = Record::decode(encoded.freeze()).unwrap_err();
         assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+    }
+
+    #[test]
+    fn many_values_of_one_header_round_trip() {
+        // A map holds any number of values under one name, so a record of them decodes.
+        let mut headers = HeaderMap::new();
+        for i in 0..30_000_u32 {
+            headers.append("x-item", HeaderValue::from(i));
+        }
+        let record = Record::response(
+            Fingerprint::from_bytes([3; 32]),
+            StatusCode::OK,
+            headers,
+            Bytes::new(),
+            None,
+        );
+        assert_eq!(Record::decode(record.encode()).unwrap(), record);
     }
 }

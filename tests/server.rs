@@ -1083,15 +1083,23 @@ async fn an_inner_service_error_releases_the_claim_so_a_retry_runs() {
 
 #[tokio::test]
 async fn trailers_are_stored_and_replayed() {
+    // A memory store is called at once; a store of another type is awaited, as a remote one.
+    trailers_stored_and_replayed(MemoryStore::new()).await;
+    trailers_stored_and_replayed(CountingStore::default()).await;
+}
+
+async fn trailers_stored_and_replayed(store: impl KeyStore) {
     let svc = IdempotencyService::new(
         service_fn(|_req: Request<_>| async {
             let mut trailers = HeaderMap::new();
             trailers.insert("grpc-status", "0".parse().unwrap());
+            // Trailers go through the same filter as headers.
+            trailers.insert(header::SET_COOKIE, "session=first-caller".parse().unwrap());
             let body =
                 Full::new(Bytes::from("message")).with_trailers(async { Some(Ok(trailers)) });
             Ok::<_, Infallible>(Response::new(body))
         }),
-        MemoryStore::new(),
+        store,
     );
     let req = || {
         Request::post("/svc/Method")
@@ -1106,7 +1114,10 @@ async fn trailers_are_stored_and_replayed() {
             replayed
         );
         let collected = response.into_body().collect().await.unwrap();
-        assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
+        let trailers = collected.trailers().unwrap();
+        assert_eq!(trailers["grpc-status"], "0");
+        // The first caller gets its cookie; a replay does not.
+        assert_eq!(trailers.contains_key(header::SET_COOKIE), !replayed);
         assert_eq!(collected.to_bytes(), "message");
     }
 }
@@ -1482,17 +1493,26 @@ async fn a_refused_response_is_tried_for_five_minutes_at_most_and_a_corrupt_one_
 
 #[tokio::test]
 async fn headers_named_in_connection_are_not_replayed() {
+    named_in_connection_not_replayed(MemoryStore::new()).await;
+    named_in_connection_not_replayed(CountingStore::default()).await;
+}
+
+async fn named_in_connection_not_replayed(store: impl KeyStore) {
     let svc = IdempotencyService::new(
         service_fn(|_req: Request<_>| async {
             let response = Response::builder()
-                .header(header::CONNECTION, "X-Hop, close")
+                // A value that is not all visible ASCII still names its headers.
+                .header(
+                    header::CONNECTION,
+                    http::HeaderValue::from_bytes(b"X-Hop, close, x-\xe9").unwrap(),
+                )
                 .header("x-hop", "this connection only")
                 .header("x-order", "42")
                 .body(Full::new(Bytes::from("created")))
                 .unwrap();
             Ok::<_, Infallible>(response)
         }),
-        MemoryStore::new(),
+        store,
     );
     let first = svc.clone().oneshot(order()).await.unwrap();
     assert_eq!(first.headers()["x-hop"], "this connection only");

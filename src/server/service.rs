@@ -932,16 +932,9 @@ impl ClaimGuard {
                 if data.len() <= shared.config.max_stored_response =>
             {
                 // Stored from where the response lies; the response goes on as it is.
-                let filtered = self.replayed_headers(&parts.headers);
+                let copies = Replayed::of(self.keyed.config(), &parts.headers, trailers.as_ref());
                 let fingerprint = self.keyed.fingerprint;
-                let record = RecordView {
-                    fingerprint: &fingerprint,
-                    status: parts.status,
-                    headers: filtered.as_ref().unwrap_or(&parts.headers),
-                    body: &data,
-                    trailers: trailers.as_ref(),
-                    replayable: true,
-                };
+                let record = copies.view(&fingerprint, &parts, &data, trailers.as_ref());
                 self.complete_now(local, record);
                 Respond::Now(Ok(whole(parts, data, trailers)))
             }
@@ -986,62 +979,11 @@ impl ClaimGuard {
         }
     }
 
-    /// A copy of `headers` without those that are never replayed, if it has any; `None` when
-    /// all of them are replayed as they are. When `Connection` is never replayed, neither are
-    /// the headers it names: they were for that connection only (RFC 9110, section 7.6.1).
-    fn replayed_headers(&self, headers: &HeaderMap) -> Option<HeaderMap> {
-        let excluded = &self.keyed.config().replay_excluded;
-        if !headers.keys().any(|name| excluded.contains(name)) {
-            return None;
-        }
-        let named: Vec<HeaderName> = if excluded.contains(&header::CONNECTION) {
-            headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .filter_map(|value| value.to_str().ok())
-                .flat_map(|value| value.split(','))
-                .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let mut kept = HeaderMap::with_capacity(headers.len());
-        for (name, value) in headers {
-            if !excluded.contains(name) && !named.contains(name) {
-                kept.append(name.clone(), value.clone());
-            }
-        }
-        Some(kept)
-    }
-
-    /// The record of a response, which takes the response's headers; and whether any of them
-    /// are never replayed (then the record has a filtered copy, and the response keeps them).
-    fn record(
-        &self,
-        parts: &mut response::Parts,
-        data: Bytes,
-        trailers: Option<HeaderMap>,
-    ) -> (Record, bool) {
-        // The record takes the response's headers, and gives them back once stored; only a
-        // response with headers that are never replayed needs a filtered copy.
-        let filtered = self.replayed_headers(&parts.headers);
-        let excluded = filtered.is_some();
-        let headers = filtered.unwrap_or_else(|| std::mem::take(&mut parts.headers));
-        let record = Record::response(
-            self.keyed.fingerprint,
-            parts.status,
-            headers,
-            data,
-            trailers,
-        );
-        (record, excluded)
-    }
-
     /// Stores a buffered response (or marks the key done without it, if it is too large to
     /// store) and answers with it; `rest` is what is left of a body too large to store.
     async fn store<B, E>(
         mut self,
-        mut parts: response::Parts,
+        parts: response::Parts,
         buffered: Buffered<B::Error>,
         rest: Option<std::pin::Pin<Box<B>>>,
     ) -> Answer<B, E>
@@ -1056,9 +998,13 @@ impl ClaimGuard {
                 return Ok(whole(parts, data, trailers));
             }
             Buffered::Whole { data, trailers } if data.len() <= limit => {
-                let (record, excluded) = self.record(&mut parts, data, trailers);
+                let copies = Replayed::of(config, &parts.headers, trailers.as_ref());
+                let fingerprint = self.keyed.fingerprint;
+                let record = copies
+                    .view(&fingerprint, &parts, &data, trailers.as_ref())
+                    .to_record();
                 self.complete(&record).await;
-                return Ok(respond(parts, record, excluded));
+                return Ok(whole(parts, data, trailers));
             }
             // Only a body that ran past the length it gave arrives here whole.
             Buffered::Whole { data, trailers } => whole(parts, data, trailers),
@@ -1297,17 +1243,65 @@ async fn release_retrying(
     }
 }
 
-/// A response answered with its stored `record`'s body; its headers come back from the record
-/// unless some were left out of it (`excluded`), when the response kept its own.
-fn respond<B: Body>(
-    mut parts: response::Parts,
-    record: Record,
-    excluded: bool,
-) -> Response<ResponseBody<B>> {
-    if !excluded {
-        parts.headers = record.headers;
+/// Copies of a response's headers and trailers without those that are never replayed, made
+/// only where it has some: a record of it holds these, and the response keeps its own.
+struct Replayed {
+    headers: Option<HeaderMap>,
+    trailers: Option<HeaderMap>,
+}
+
+impl Replayed {
+    fn of(config: &Config, headers: &HeaderMap, trailers: Option<&HeaderMap>) -> Self {
+        let excluded = &config.replay_excluded;
+        Self {
+            headers: replayed(excluded, headers),
+            trailers: trailers.and_then(|trailers| replayed(excluded, trailers)),
+        }
     }
-    whole(parts, record.body, record.trailers)
+
+    /// The record of the response with these `parts`, `body` and `trailers`.
+    fn view<'a>(
+        &'a self,
+        fingerprint: &'a Fingerprint,
+        parts: &'a response::Parts,
+        body: &'a Bytes,
+        trailers: Option<&'a HeaderMap>,
+    ) -> RecordView<'a> {
+        RecordView {
+            fingerprint,
+            status: parts.status,
+            headers: self.headers.as_ref().unwrap_or(&parts.headers),
+            body,
+            trailers: self.trailers.as_ref().or(trailers),
+            replayable: true,
+        }
+    }
+}
+
+/// A copy of `headers` without the `excluded` ones, if it has any; `None` when all of them are
+/// replayed as they are. When `Connection` is excluded, so are the headers it names: they were
+/// for that connection only (RFC 9110, section 7.6.1).
+fn replayed(excluded: &[HeaderName], headers: &HeaderMap) -> Option<HeaderMap> {
+    if !headers.keys().any(|name| excluded.contains(name)) {
+        return None;
+    }
+    let named: Vec<HeaderName> = if excluded.contains(&header::CONNECTION) {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+            .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut kept = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        if !excluded.contains(name) && !named.contains(name) {
+            kept.append(name.clone(), value.clone());
+        }
+    }
+    Some(kept)
 }
 
 /// A response with a whole body in place of the one its head came with. A `Transfer-Encoding`

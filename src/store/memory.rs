@@ -80,6 +80,11 @@ struct Inner {
     segments: Box<[Mutex<BytesMut>]>,
     max_entries_per_shard: usize,
     max_bytes_per_shard: usize,
+    /// Picks a key's shard. Seeded at random: a store key is a digest anyone can compute for
+    /// keys of their choosing, and each shard keeps its own share of the bounds, so a shard
+    /// known from the key would let a caller fill the shard of another's record with a few
+    /// requests, and evict it.
+    sharding: foldhash::fast::RandomState,
     /// When the store last warned that it evicts live records: seconds after `made`, plus one
     /// (0 for never).
     warned: AtomicU64,
@@ -266,6 +271,7 @@ impl MemoryStore {
                     .collect(),
                 max_entries_per_shard: max_entries.div_ceil(shards).max(1),
                 max_bytes_per_shard: max_bytes.div_ceil(shards).max(1),
+                sharding: foldhash::fast::RandomState::default(),
                 warned: AtomicU64::new(0),
                 made: Instant::now(),
             }),
@@ -296,8 +302,7 @@ impl MemoryStore {
     }
 
     fn shard(&self, key: &StoreKey) -> MutexGuard<'_, Shard> {
-        let b = key.as_bytes();
-        let h = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
+        let h = std::hash::BuildHasher::hash_one(&self.inner.sharding, index_key(key));
         lock(&self.inner.shards[h as usize & (self.inner.shards.len() - 1)])
     }
 }
@@ -878,6 +883,40 @@ mod tests {
             };
             assert_eq!(record.body, format!("answer {i}"));
         }
+    }
+
+    #[tokio::test]
+    async fn keys_aimed_at_the_shard_of_another_s_record_do_not_evict_it() {
+        // 64 shards of 256 records. Keys are digests a caller can pick: 400 whose bytes all
+        // agree with the victim's where a shard could be read from them do not land together.
+        let store = MemoryStore::with_limits(64 * 256, usize::MAX);
+        assert_eq!(store.inner.shards.len(), 64);
+        let fp = Fingerprint::from_bytes([0; 32]);
+        let victim = key(0);
+        let record = response("x");
+        let aimed = (1..=400u32).map(|i| {
+            let mut bytes = *victim.as_bytes();
+            bytes[28..].copy_from_slice(&i.to_le_bytes());
+            StoreKey::from_bytes(bytes)
+        });
+        for key in std::iter::once(victim).chain(aimed) {
+            let Claim::Claimed(token) = store
+                .claim(&key, &fp, Duration::from_secs(60))
+                .await
+                .unwrap()
+            else {
+                panic!("a fresh key was taken")
+            };
+            let completed = store.complete(&key, token, &record, Duration::from_secs(60));
+            assert_eq!(completed.await.unwrap(), Completion::Stored);
+        }
+        assert!(
+            matches!(
+                store.read(&victim).await.unwrap(),
+                Some(Holder::Completed(_))
+            ),
+            "the victim's record was evicted"
+        );
     }
 
     #[tokio::test]

@@ -1163,7 +1163,9 @@ impl http_body::Body for Chunks {
 }
 
 #[tokio::test]
-async fn a_body_that_runs_past_its_length_reaches_its_caller_whole_and_is_not_stored() {
+async fn a_body_that_runs_past_its_length_and_the_limit_is_cut_off_there_and_not_stored() {
+    // A body that gave its length is read where it lies, so what it sends past that length is
+    // read no further than the limit, however much more it has (or if it never ends).
     let calls = Counter::default();
     let counted = calls.clone();
     let svc = IdempotencyServiceLayer::default()
@@ -1182,10 +1184,45 @@ async fn a_body_that_runs_past_its_length_reaches_its_caller_whole_and_is_not_st
     assert_eq!(first.status(), StatusCode::OK);
     assert_eq!(
         first.into_body().collect().await.unwrap().to_bytes(),
-        "0123456789abcdefghij"
+        "0123456789"
     );
     let again = svc.clone().oneshot(order()).await.unwrap();
     assert_eq!(again.status(), StatusCode::CONFLICT);
+    assert_eq!(calls.runs(), 1);
+}
+
+#[tokio::test]
+async fn a_body_that_runs_past_its_length_within_the_limit_is_stored_as_it_came() {
+    let calls = Counter::default();
+    let counted = calls.clone();
+    let svc = IdempotencyServiceLayer::default().layer(service_fn(move |_req: Request<_>| {
+        counted.count();
+        async {
+            let body = Chunks {
+                chunks: [Bytes::from("0123456789"), Bytes::from("abcdefghij")].into(),
+                says: Some(5),
+            };
+            Ok::<_, Infallible>(Response::new(body))
+        }
+    }));
+    for replayed in [false, true] {
+        let response = svc.clone().oneshot(order()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.headers().contains_key("idempotent-replayed"),
+            replayed
+        );
+        let body = response.into_body();
+        assert_eq!(
+            http_body::Body::size_hint(&body).exact(),
+            Some(20),
+            "framed by what it sent"
+        );
+        assert_eq!(
+            body.collect().await.unwrap().to_bytes(),
+            "0123456789abcdefghij"
+        );
+    }
     assert_eq!(calls.runs(), 1);
 }
 

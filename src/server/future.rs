@@ -229,8 +229,10 @@ where
     fn respond(respond: Respond<ResBody, E>) -> Next<Self, Answer<ResBody, E>> {
         match respond {
             Respond::Now(answer) => Next::Answer(answer),
+            // The body gave its length, within the limit; one that runs past it is read no
+            // further than the limit all the same.
             Respond::Keep(parts, body, claim) => Next::Phase(Phase::Keep {
-                body: Collect::new(body, usize::MAX),
+                body: Collect::new(body, claim.max_stored_response()),
                 parts: Some(parts),
                 claim: Some(claim),
             }),

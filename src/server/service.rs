@@ -910,6 +910,11 @@ impl ClaimGuard {
         }))
     }
 
+    /// The largest response body stored.
+    pub(super) fn max_stored_response(&self) -> usize {
+        self.keyed.config().max_stored_response
+    }
+
     /// Stores a response whose body was read whole: at once in a store in this process.
     pub(super) fn keep<ResBody, E>(
         mut self,
@@ -928,9 +933,8 @@ impl ClaimGuard {
             Buffered::Whole { data, trailers } if failed_in_passing(&trailers) => {
                 self.released(Ok(whole(parts, data, trailers)))
             }
-            Buffered::Whole { data, trailers }
-                if data.len() <= shared.config.max_stored_response =>
-            {
+            // Read whole, a body is within the limit.
+            Buffered::Whole { data, trailers } => {
                 // Stored from where the response lies; the response goes on as it is.
                 let copies = Replayed::of(self.keyed.config(), &parts.headers, trailers.as_ref());
                 let fingerprint = self.keyed.fingerprint;
@@ -938,7 +942,7 @@ impl ClaimGuard {
                 self.complete_now(local, record);
                 Respond::Now(Ok(whole(parts, data, trailers)))
             }
-            // Rarer: a body that failed, or ran past the length it gave.
+            // Rarer: a body that failed, or ran past the length it gave and past the limit.
             buffered => Respond::Later(Box::pin(self.store(parts, buffered, None))),
         }
     }
@@ -997,7 +1001,8 @@ impl ClaimGuard {
                 self.release().await;
                 return Ok(whole(parts, data, trailers));
             }
-            Buffered::Whole { data, trailers } if data.len() <= limit => {
+            // Read whole, a body is within the limit.
+            Buffered::Whole { data, trailers } => {
                 let copies = Replayed::of(config, &parts.headers, trailers.as_ref());
                 let fingerprint = self.keyed.fingerprint;
                 let record = copies
@@ -1006,9 +1011,14 @@ impl ClaimGuard {
                 self.complete(&record).await;
                 return Ok(whole(parts, data, trailers));
             }
-            // Only a body that ran past the length it gave arrives here whole.
-            Buffered::Whole { data, trailers } => whole(parts, data, trailers),
             Buffered::TooLarge { chunks } => {
+                if rest.is_none() {
+                    tracing::error!(
+                        key = %self.keyed.key,
+                        limit,
+                        "idempotency: the response body ran past the length it gave, and past the limit; it is cut off there"
+                    );
+                }
                 Response::from_parts(parts, ResponseBody::partial(chunks, rest, None))
             }
             Buffered::Failed { chunks, error } => {

@@ -20,7 +20,8 @@ use support::{
     proxy::CuttingProxy,
 };
 use tower_idempotency::{
-    IdempotencyKey, IdempotencyServiceLayer, store::RedisStore, store::StoreKey,
+    IdempotencyKey, IdempotencyServiceLayer, server::OnStoreError, store::RedisStore,
+    store::StoreKey,
 };
 
 async fn standalone_store(url: &str) -> RedisStore {
@@ -258,6 +259,34 @@ async fn a_duplicate_is_answered_409_at_its_wait_timeout_while_redis_hangs() {
         "the 409 came after {took:?}, past the 1 s wait timeout"
     );
     assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_duplicate_waiting_in_another_service_rides_out_a_redis_stall() {
+    // Redis stops answering for 1.2 s while a duplicate waits on another service's run: its
+    // reads of the key fail (each bounded to 300 ms), and the run ends after Redis is back.
+    // The wait goes on to the answer. The duplicate's service fails open, where a wait that
+    // one failed read ended ran the handler a second time, beside the first run.
+    let server = RedisServer::start();
+    let url = server.url();
+    let store = || bounded_store(&url, Duration::from_millis(300));
+    let [a, b] = two_servers(
+        IdempotencyServiceLayer::new(store().await),
+        IdempotencyServiceLayer::new(store().await).on_store_error(OnStoreError::FailOpen),
+    )
+    .await;
+    let first = a.spawn_post("/orders?delay_ms=2500", "k-stall", "tea");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let duplicate = b.spawn_post("/orders?delay_ms=2500", "k-stall", "tea");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.pause();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    server.resume();
+    assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+    let duplicate = duplicate.await.unwrap();
+    assert!(duplicate.replayed(), "{}", duplicate.text());
+    assert_eq!(duplicate.text(), "run=1 body=tea");
+    assert_eq!(a.runs.runs(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

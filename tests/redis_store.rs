@@ -858,6 +858,37 @@ async fn many_keys_waited_on_at_once_on_a_cluster_are_all_woken_and_unsubscribed
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_key_s_channel_is_listened_to_polls_less_and_less() {
+    // Polling every 50 ms, a 1.5 s wait on a key that stays in flight would read it some 30
+    // times; with its notifications coming, the pauses double up to 400 ms.
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    let waiting = RedisStore::builder()
+        .poll_interval(Duration::from_millis(50))
+        .connect(&server.url())
+        .await
+        .unwrap();
+    let key = fresh_key();
+    claimed(&store, &key, LEASE).await;
+    let reads = || {
+        let stats = command(server.port(), "INFO commandstats");
+        stats
+            .lines()
+            .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|rest| rest.split(',').next()?.parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    let before = reads();
+    let seen = waiting
+        .wait(&key, Duration::from_millis(1500))
+        .await
+        .unwrap();
+    assert!(matches!(seen, Some(Holder::InFlight { .. })), "{seen:?}");
+    let reads = reads() - before;
+    assert!((3..=12).contains(&reads), "{reads} reads in 1.5 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_whose_notification_never_comes_finds_the_record_by_polling() {
     // The record lands with no message on its channel (as when a message is lost): the waiter
     // polls, every 200 ms here, and finds it.

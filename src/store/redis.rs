@@ -37,6 +37,9 @@ const DEFAULT_PREFIX: &str = "idem:";
 const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
 const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// How many poll intervals a waiter whose key's channel is listened to waits at most between
+/// two looks at its key.
+const MAX_POLL_BACKOFF: u32 = 8;
 const DEFAULT_WATCHDOG_INTERVAL: Duration = Duration::from_secs(1);
 /// Claims left unanswered that are being given back at once, at most.
 const MAX_GIVING_BACK: usize = 10_000;
@@ -245,7 +248,9 @@ impl RedisStoreBuilder {
     }
 
     /// How often a waiter looks at its key when no notification came (default 250 ms, with up
-    /// to 25% jitter either way). It also always looks when the lease lapses.
+    /// to 25% jitter either way). While the key's channel is subscribed to, so that no
+    /// notification is lost, the pause doubles after each look, up to 8 times this; it also
+    /// always looks when the lease lapses.
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.poll_interval = interval.max(Duration::from_millis(1));
         self
@@ -553,14 +558,13 @@ impl RedisStore {
         tracing::error!(key = %self.redis_key(key), error = %err, "idempotency store: a stored value does not decode");
         err
     }
+}
 
-    fn jittered_poll(&self) -> Duration {
-        // Up to 25% either way, so that waiters in many processes do not poll in step.
-        let poll = self.inner.poll_interval;
-        let spread = (poll.as_micros() / 2).max(1) as u64;
-        let offset = (uuid::Uuid::new_v4().as_u128() as u64) % spread;
-        poll - poll / 4 + Duration::from_micros(offset)
-    }
+/// `pause`, give or take up to 25%, so that waiters in many processes do not poll in step.
+fn jittered(pause: Duration) -> Duration {
+    let spread = (pause.as_micros() / 2).max(1) as u64;
+    let offset = (uuid::Uuid::new_v4().as_u128() as u64) % spread;
+    pause - pause / 4 + Duration::from_micros(offset)
 }
 
 /// Waits for `fut` up to `limit`, turning Redis errors into store errors.
@@ -821,23 +825,46 @@ impl KeyStore for RedisStore {
                 self.inner.call_timeout.min(timeout),
             )
             .await;
+        // The last answer that the key is in flight: what a wait that cannot read the key
+        // any more ends with at its deadline.
+        let mut in_flight = None;
+        let mut pause = self.inner.poll_interval;
         loop {
             let notified = watch.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let (holder, ttl) = self.read_with_ttl(key).await?;
-            if !matches!(holder, Some(Holder::InFlight { .. })) {
-                return Ok(holder);
-            }
+            let ttl = match self.read_with_ttl(key).await {
+                Ok((holder @ Some(Holder::InFlight { .. }), ttl)) => {
+                    in_flight = holder;
+                    ttl
+                }
+                Ok((holder, _)) => return Ok(holder),
+                Err(err @ StoreError::Corrupt(_)) => return Err(err),
+                // A key in flight is waited on through a store that fails for a while: the
+                // deadline ends the wait, not one failed read.
+                Err(err) if Instant::now() < deadline => {
+                    tracing::debug!(error = %err, "idempotency store: a waiter could not read its key; looking again");
+                    None
+                }
+                Err(err) => return in_flight.map_or(Err(err), |holder| Ok(Some(holder))),
+            };
             let now = Instant::now();
             if now >= deadline {
-                return Ok(holder);
+                return Ok(in_flight);
             }
-            let mut wake_at = (now + self.jittered_poll()).min(deadline);
+            // Polling is the fallback for a notification that does not come. While the key's
+            // channel is listened to, none is lost (one lost with the connection wakes every
+            // waiter once the subscriptions are renewed), so the pause doubles after each
+            // look, up to `MAX_POLL_BACKOFF` intervals.
+            if !watch.listening() {
+                pause = self.inner.poll_interval;
+            }
+            let mut wake_at = (now + jittered(pause)).min(deadline);
             if let Some(ttl) = ttl {
                 // Look again the moment the lease lapses (Redis drops the key then).
                 wake_at = wake_at.min(now + ttl + Duration::from_millis(2));
             }
+            pause = (pause * 2).min(self.inner.poll_interval * MAX_POLL_BACKOFF);
             let _ = tokio::time::timeout_at(wake_at, notified).await;
         }
     }
@@ -908,13 +935,13 @@ impl Subscriptions {
             entry.waiters += 1;
             (entry.notify.clone(), entry.subscribed.subscribe())
         };
-        let watch = Watch {
+        let _ = tokio::time::timeout(limit, subscribed.wait_for(|done| *done)).await;
+        Watch {
             subscriptions: self.clone(),
             channel,
             notify,
-        };
-        let _ = tokio::time::timeout(limit, subscribed.wait_for(|done| *done)).await;
-        watch
+            subscribed,
+        }
     }
 
     fn wake(&self, channel: &[u8]) {
@@ -958,6 +985,15 @@ struct Watch {
     subscriptions: Arc<Subscriptions>,
     channel: Vec<u8>,
     notify: Arc<Notify>,
+    subscribed: watch::Receiver<bool>,
+}
+
+impl Watch {
+    /// Whether the channel's notifications reach this store: its subscription is in place,
+    /// over a connection not lost since.
+    fn listening(&self) -> bool {
+        *self.subscribed.borrow() && !self.subscriptions.stale.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for Watch {

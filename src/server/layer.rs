@@ -172,7 +172,8 @@ impl IdempotencyServiceLayer {
         self
     }
 
-    /// How long a duplicate waits for the first request before it is answered 409.
+    /// How long a duplicate waits for the first request before it is answered 409 (default
+    /// 30 s). Zero answers every duplicate of a request in progress 409 at once.
     pub fn wait_timeout(mut self, timeout: Duration) -> Self {
         self.config().wait_timeout = timeout;
         self
@@ -319,8 +320,18 @@ impl IdempotencyServiceLayer {
         self
     }
 
-    /// The longest the service waits for one store call before treating the store as failed.
+    /// The longest the service waits for one store call before treating the store as failed
+    /// (default 2 s). A store in this process ([`MemoryStore`]) answers at once, and is never
+    /// timed.
+    ///
+    /// # Panics
+    ///
+    /// When `timeout` is under a millisecond: every call to a remote store would fail.
     pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        assert!(
+            timeout >= MIN_TIME,
+            "store_timeout must be at least 1 ms (a remote store cannot answer in no time), not {timeout:?}"
+        );
         self.config().store_timeout = timeout;
         self
     }
@@ -363,9 +374,16 @@ mod tests {
     }
 
     #[test]
+    #[should_panic(expected = "store_timeout must be at least 1 ms")]
+    fn a_store_timeout_of_no_time_is_refused() {
+        let _ = IdempotencyServiceLayer::default().store_timeout(Duration::ZERO);
+    }
+
+    #[test]
     fn a_millisecond_is_enough() {
         let _ = IdempotencyServiceLayer::default()
             .lease(MIN_TIME)
-            .retention(MIN_TIME);
+            .retention(MIN_TIME)
+            .store_timeout(MIN_TIME);
     }
 }

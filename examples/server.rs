@@ -16,6 +16,8 @@
 //! `redis+cluster://HOST:PORT[,HOST:PORT...]` (a password as `redis://:PASSWORD@HOST:PORT`; a
 //! cluster's first node's serves the others). `--bare` serves the same handlers without the
 //! idempotency layer, as a baseline for benchmarks, and takes no other flag but `--addr`.
+//! Ctrl-C or SIGTERM stops it: it takes no more requests, and waits (30 s at most) for the
+//! orders whose clients left to finish.
 //!
 //! ```text
 //! curl -i -X POST localhost:3000/orders -H 'Idempotency-Key: order-1' -d '{"sku":"tea"}'
@@ -372,7 +374,9 @@ async fn main() -> ExitCode {
     let served = match layer {
         None => {
             println!("listening on {addr} (bare: no idempotency)");
-            axum::serve(listener, app).await
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop_asked())
+                .await
         }
         Some(layer) => {
             let in_process = match opts.store.as_str() {
@@ -387,11 +391,29 @@ async fn main() -> ExitCode {
             // replay is answered before routing, and no request pays for a clone and a box of
             // the layer per route. axum serves its own response type, so the body is mapped
             // back to it.
+            let background = layer.background();
             let service = ServiceBuilder::new()
                 .map_response(|response: Response<_>| response.map(Body::new))
                 .layer(layer)
                 .service(app);
-            axum::serve(listener, ServiceExt::<Request>::into_make_service(service)).await
+            let served = axum::serve(listener, ServiceExt::<Request>::into_make_service(service))
+                .with_graceful_shutdown(stop_asked())
+                .await;
+            // Orders whose clients left go on until they are done, and are stored for the
+            // retry: wait for them before the process exits.
+            if !background.is_empty() {
+                eprintln!("finishing {} runs whose clients left", background.len());
+            }
+            if tokio::time::timeout(Duration::from_secs(30), background.wait())
+                .await
+                .is_err()
+            {
+                eprintln!(
+                    "error: {} runs did not finish within 30 s",
+                    background.len()
+                );
+            }
+            served
         }
     };
     if let Err(err) = served {
@@ -399,6 +421,25 @@ async fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+/// Ends when the process is asked to stop: Ctrl-C, or SIGTERM.
+async fn stop_asked() {
+    let terminate = async {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            if let Ok(mut terminate) = signal(SignalKind::terminate()) {
+                terminate.recv().await;
+                return;
+            }
+        }
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        Ok(()) = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
 }
 
 #[cfg(test)]

@@ -959,6 +959,86 @@ async fn a_disconnected_caller_does_not_cancel_a_detached_handler() {
     assert_eq!(s.runs.runs(), 1);
 }
 
+/// A handler that takes `delay`: it counts each run in `started` as it is called, and in
+/// `finished` once it is done, answering `run=N` for the Nth.
+fn finishing_orders(started: &Counter, finished: &Counter, delay: Duration) -> impl Orders {
+    let (started, finished) = (started.clone(), finished.clone());
+    service_fn(move |_req: Request<RequestBody<Full<Bytes>>>| {
+        let n = started.count();
+        let finished = finished.clone();
+        async move {
+            tokio::time::sleep(delay).await;
+            finished.count();
+            Ok(Response::new(Full::new(Bytes::from(format!("run={n}")))))
+        }
+    })
+}
+
+fn order_with_key(key: &str) -> Request<Full<Bytes>> {
+    Request::post("/orders")
+        .header("idempotency-key", key)
+        .body(Full::new(Bytes::from("tea")))
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn past_max_detached_a_run_whose_caller_leaves_is_cancelled_and_its_key_freed() {
+    let (started, finished) = (Counter::default(), Counter::default());
+    let layer = IdempotencyServiceLayer::default().max_detached(2);
+    let background = layer.background();
+    let svc = layer.layer(finishing_orders(
+        &started,
+        &finished,
+        Duration::from_secs(1),
+    ));
+    // Five callers with keys of their own leave while their handlers run.
+    let keys = ["k1", "k2", "k3", "k4", "k5"];
+    let mut calls = tokio::task::JoinSet::new();
+    for key in keys {
+        let call = svc.clone().oneshot(order_with_key(key));
+        calls.spawn(tokio::time::timeout(Duration::from_millis(50), call));
+    }
+    for left in calls.join_all().await {
+        assert!(left.is_err(), "the caller left before the answer");
+    }
+    assert_eq!(started.runs(), 5);
+    assert_eq!(background.len(), 2, "two runs went on");
+    background.wait().await;
+    assert_eq!(finished.runs(), 2, "the other three were cancelled");
+    // The two that finished are replayed; the keys of the cancelled ones are free at once.
+    let mut replayed = 0;
+    for key in keys {
+        let retry = svc.clone().oneshot(order_with_key(key)).await.unwrap();
+        assert_eq!(retry.status(), StatusCode::OK);
+        replayed += usize::from(retry.headers().contains_key("idempotent-replayed"));
+    }
+    assert_eq!(replayed, 2);
+    assert_eq!(started.runs(), 8, "the three cancelled ran again");
+}
+
+#[tokio::test(start_paused = true)]
+async fn background_waits_for_a_run_whose_caller_left() {
+    let (started, finished) = (Counter::default(), Counter::default());
+    let svc = IdempotencyServiceLayer::default().layer(finishing_orders(
+        &started,
+        &finished,
+        Duration::from_secs(1),
+    ));
+    let background = svc.background();
+    assert!(background.is_empty());
+    let left = tokio::time::timeout(Duration::from_millis(50), svc.clone().oneshot(order()));
+    assert!(left.await.is_err(), "the caller left before the answer");
+    assert_eq!(background.len(), 1);
+    let waited = tokio::time::Instant::now();
+    background.wait().await;
+    assert_eq!(finished.runs(), 1, "the run was done when the wait ended");
+    assert!(waited.elapsed() >= Duration::from_millis(900));
+    assert!(background.is_empty());
+    let retry = svc.oneshot(order()).await.unwrap();
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(started.runs(), 1);
+}
+
 #[tokio::test]
 async fn without_detach_a_disconnect_releases_the_claim_at_once() {
     // With a 60 s lease and a 2 s wait, a retry could only run if the claim was released.

@@ -1,6 +1,15 @@
 //! The service's settings and their defaults.
 
-use std::{any::Any, fmt, sync::Arc, time::Duration};
+use std::{
+    any::Any,
+    fmt,
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use http::{HeaderMap, HeaderName, Method, StatusCode, header, request, response};
 
@@ -69,6 +78,7 @@ pub(crate) struct Config {
     pub(crate) on_store_error: OnStoreError,
     pub(crate) store_timeout: Duration,
     pub(crate) detach: bool,
+    pub(crate) max_detached: usize,
 }
 
 /// The responses an [`IdempotencyServiceLayer`](super::IdempotencyServiceLayer) stores unless
@@ -189,6 +199,7 @@ impl Config {
             on_store_error: OnStoreError::FailClosed,
             store_timeout: Duration::from_secs(2),
             detach: true,
+            max_detached: 1024,
         }
     }
 }
@@ -213,13 +224,59 @@ impl fmt::Debug for Config {
             .field("on_store_error", &self.on_store_error)
             .field("store_timeout", &self.store_timeout)
             .field("detach", &self.detach)
+            .field("max_detached", &self.max_detached)
             .finish_non_exhaustive()
     }
 }
 
-/// The settings and the in-process flights, shared by a layer and every service it makes.
+/// The settings, the in-process flights and the tasks left running, shared by a layer and
+/// every service it makes.
 #[derive(Clone, Debug)]
 pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) flights: Arc<Flights>,
+    /// The tasks the services left running: the runs whose callers went away, and the store
+    /// steps tried again.
+    pub(crate) tasks: tokio_util::task::TaskTracker,
+    /// How many runs whose callers went away go on.
+    pub(crate) detached: Arc<AtomicUsize>,
+}
+
+impl Shared {
+    pub(crate) fn new(config: Config) -> Self {
+        Self {
+            config,
+            flights: Arc::new(Flights::new()),
+            tasks: tokio_util::task::TaskTracker::new(),
+            detached: Arc::default(),
+        }
+    }
+
+    /// Runs `task` in a task of its own, tracked; `false` (and `task` is dropped) outside a
+    /// tokio runtime.
+    pub(crate) fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) -> bool {
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                self.tasks.spawn_on(task, &runtime);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// A place for one more run whose caller went away, if fewer than the most allowed go on.
+    pub(crate) fn detached_slot(&self) -> Option<DetachedSlot> {
+        let running = self.detached.fetch_add(1, Ordering::Relaxed);
+        let slot = DetachedSlot(self.detached.clone());
+        (running < self.config.max_detached).then_some(slot)
+    }
+}
+
+/// One run's place among those whose callers went away; given back when dropped.
+pub(crate) struct DetachedSlot(Arc<AtomicUsize>);
+
+impl Drop for DetachedSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }

@@ -1,6 +1,7 @@
 use std::{
     future::Future,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll, ready},
 };
 
@@ -11,6 +12,7 @@ use pin_project_lite::pin_project;
 
 use super::{
     body::{Collect, ResponseBody},
+    config::Shared,
     service::{ClaimGuard, Inner, Run, SendBody, Start},
 };
 use crate::store::BoxError;
@@ -157,7 +159,8 @@ pin_project! {
     pub(crate) struct Work<S, ReqBody: Body, ResBody: Body, F, E> {
         #[pin]
         phase: Phase<S, ReqBody, ResBody, F, E>,
-        detach: bool,
+        // Where the run goes on if its caller leaves: `None` when it does not.
+        detach: Option<Arc<Shared>>,
         // Set while the future is being polled: a drop that finds it set comes from a panic,
         // after which the future cannot be polled again.
         polling: bool,
@@ -195,7 +198,12 @@ enum Next<P, O> {
 
 impl<S, ReqBody: Body, ResBody: Body, F, E> Work<S, ReqBody, ResBody, F, E> {
     /// Reads `body`, up to `limit` bytes, then goes on from `start`.
-    pub(crate) fn new(start: Start<S>, body: ReqBody, limit: usize, detach: bool) -> Self {
+    pub(crate) fn new(
+        start: Start<S>,
+        body: ReqBody,
+        limit: usize,
+        detach: Option<Arc<Shared>>,
+    ) -> Self {
         Self {
             phase: Phase::Read {
                 body: Collect::new(body, limit),
@@ -310,19 +318,35 @@ where
     ResBody: Body,
 {
     fn detach(self: Pin<Box<Self>>) {
-        let running = matches!(
-            self.phase,
-            Phase::Call { .. } | Phase::Keep { .. } | Phase::Finish { .. }
-        );
-        if !(running && self.detach) || self.polling {
+        let handler = matches!(self.phase, Phase::Call { .. } | Phase::Keep { .. });
+        let storing = matches!(self.phase, Phase::Finish { .. });
+        let Some(shared) = self
+            .detach
+            .clone()
+            .filter(|_| (handler || storing) && !self.polling)
+        else {
             return;
-        }
-        // Without a runtime the run is dropped, and its claim lapses with its lease.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            tracing::debug!("idempotency: the caller went away; the handler finishes on its own");
-            runtime.spawn(async move {
-                drop(self.await);
-            });
-        }
+        };
+        // Only so many handlers go on without their callers; past that, the run is cancelled
+        // as it would be without `detach`, and its claim released. Storing a response is
+        // short, and bounded by the store timeout.
+        let slot = if handler {
+            let Some(slot) = shared.detached_slot() else {
+                tracing::warn!(
+                    max_detached = shared.config.max_detached,
+                    "idempotency: the caller went away, and as many runs as may go on without their callers already do; this one is cancelled"
+                );
+                return;
+            };
+            Some(slot)
+        } else {
+            None
+        };
+        tracing::debug!("idempotency: the caller went away; the handler finishes on its own");
+        // Without a runtime the run is dropped, and its claim released.
+        shared.spawn(async move {
+            drop(self.await);
+            drop(slot);
+        });
     }
 }

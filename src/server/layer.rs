@@ -1,12 +1,12 @@
 use std::{sync::Arc, time::Duration};
 
 use http::{HeaderName, Method, request, response};
+use tokio_util::task::TaskTracker;
 use tower_layer::Layer;
 
 use super::{
     IdempotencyService,
     config::{Config, OnConflict, OnStoreError, Shared},
-    flight::Flights,
 };
 use crate::store::{KeyStore, MemoryStore};
 
@@ -41,6 +41,7 @@ const MIN_TIME: Duration = Duration::from_millis(1);
 /// | [`on_store_error`](Self::on_store_error) | [`OnStoreError::FailClosed`] (503) |
 /// | [`store_timeout`](Self::store_timeout) | 2 s per store call |
 /// | [`detach`](Self::detach) | `true` |
+/// | [`max_detached`](Self::max_detached) | 1,024 handlers |
 #[derive(Clone, Debug)]
 pub struct IdempotencyServiceLayer {
     shared: Arc<Shared>,
@@ -66,10 +67,7 @@ impl IdempotencyServiceLayer {
     /// A layer keeping keys in a store that is already shared, as [`new`](Self::new) does.
     pub fn with_shared_store(store: Arc<dyn KeyStore>) -> Self {
         Self {
-            shared: Arc::new(Shared {
-                config: Config::new(store),
-                flights: Arc::new(Flights::new()),
-            }),
+            shared: Arc::new(Shared::new(Config::new(store))),
         }
     }
 
@@ -343,9 +341,81 @@ impl IdempotencyServiceLayer {
     /// left of the run moves into a task of its own: a half-done operation is never cancelled,
     /// and its response is stored for the retry. Off, the drop cancels the handler, and the
     /// claim is released at once so a retry can run.
+    ///
+    /// Such runs no longer hold what a layer outside this one reserves for a request (a
+    /// concurrency limit's permit): limits meant to bound the handlers belong inside this
+    /// layer, and [`max_detached`](Self::max_detached) bounds how many go on at once. To let
+    /// them finish when the server shuts down, wait for [`background`](Self::background).
     pub fn detach(mut self, detach: bool) -> Self {
         self.config().detach = detach;
         self
+    }
+
+    /// How many handlers may go on at once after their callers went away (default 1,024). Past
+    /// it, a run whose caller goes away is cancelled, as without [`detach`](Self::detach), and
+    /// its claim released: clients that disconnect at once cannot start handlers without bound.
+    pub fn max_detached(mut self, max: usize) -> Self {
+        self.config().max_detached = max;
+        self
+    }
+
+    /// The work this layer's services left running: the handlers whose callers went away, and
+    /// the store steps tried again after a store failed. Wait for it after the server stopped
+    /// taking requests, so that a run a client left finishes before the process exits:
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use axum::{Router, routing::post};
+    /// use tower_idempotency::IdempotencyServiceLayer;
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> std::io::Result<()> {
+    /// let layer = IdempotencyServiceLayer::default();
+    /// let background = layer.background();
+    /// let app = Router::new().route("/orders", post(|| async { "created" })).layer(layer);
+    ///
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// # let shutdown = async {};
+    /// axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    /// // The server has stopped; what its handlers started goes on until it is done.
+    /// if tokio::time::timeout(Duration::from_secs(30), background.wait()).await.is_err() {
+    ///     eprintln!("{} tasks did not finish in time", background.len());
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn background(&self) -> Background {
+        self.shared.background()
+    }
+}
+
+impl Shared {
+    pub(crate) fn background(&self) -> Background {
+        Background(self.tasks.clone())
+    }
+}
+
+/// The work an [`IdempotencyServiceLayer`]'s services left running in tasks of their own; see
+/// [`IdempotencyServiceLayer::background`].
+#[derive(Clone, Debug)]
+pub struct Background(TaskTracker);
+
+impl Background {
+    /// How many tasks are running.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether none is running.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Waits until none is running, including those started meanwhile. Meant for shutdown:
+    /// with requests still coming in, it may not end.
+    pub async fn wait(&self) {
+        self.0.close();
+        self.0.wait().await;
     }
 }
 

@@ -178,7 +178,9 @@
 //! - A handler that returns an error or panics gives up its claim at once, so a retry runs;
 //!   so does one whose caller goes away, with `detach(false)`. By default a handler whose caller
 //!   disconnects is not cancelled ([`detach`](IdempotencyServiceLayer::detach)): it finishes in
-//!   a task of its own, and the retry gets its stored response.
+//!   a task of its own, and the retry gets its stored response. Up to 1,024 such runs go on at
+//!   once ([`max_detached`](IdempotencyServiceLayer::max_detached)), and a server that shuts
+//!   down can wait for them ([`background`](IdempotencyServiceLayer::background)).
 //! - A duplicate that waits gives up the inner service's readiness meanwhile (a concurrency
 //!   limit's permit, a buffer's slot), and gets ready again only if it is to run, by its own
 //!   wait's deadline (past it: 409).
@@ -216,5 +218,5 @@ pub use config::{
     transient_grpc_status,
 };
 pub use future::ResponseFuture;
-pub use layer::IdempotencyServiceLayer;
+pub use layer::{Background, IdempotencyServiceLayer};
 pub use service::IdempotencyService;

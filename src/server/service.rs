@@ -154,6 +154,12 @@ impl<S> IdempotencyService<S> {
     pub fn into_inner(self) -> S {
         self.inner
     }
+
+    /// The work this service and its clones left running; see
+    /// [`IdempotencyServiceLayer::background`].
+    pub fn background(&self) -> super::Background {
+        self.shared.background()
+    }
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for IdempotencyService<S>
@@ -227,7 +233,8 @@ where
                 return ResponseFuture::ready(reject(problem, Dialect::of(&parts.headers)));
             }
         };
-        let (limit, detach) = (config.max_request_body, config.detach);
+        let limit = config.max_request_body;
+        let detach = config.detach.then(|| self.shared.clone());
         // The ready service handles this request; a clone takes its place for the next one.
         let clone = self.inner.clone();
         let start = Start {
@@ -804,12 +811,9 @@ impl Drop for RemoteClaim {
         let Some(call) = self.call.take().filter(|_| !self.polling) else {
             return;
         };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let (shared, key, log_key) = (self.shared.clone(), self.key, self.log_key.clone());
         tracing::debug!("idempotency: a claim was left unanswered; giving it back if granted");
-        runtime.spawn(async move {
+        self.shared.spawn(async move {
             let answered = tokio::time::timeout(shared.config.store_timeout, call).await;
             if let Ok(Ok(Claim::Claimed(token))) = answered {
                 release_retrying(shared, key, log_key, token, std::time::Duration::ZERO, None)
@@ -1108,11 +1112,8 @@ impl ClaimGuard {
     /// the last, the claim frees itself at the end of the window, and only then may a retry run
     /// the handler again.
     fn complete_later(&self, token: FencingToken, record: Arc<Record>) {
-        let Some((runtime, shared, store_key, key)) = self.detached() else {
-            tracing::error!(key = %self.keyed.key, "idempotency: no runtime to store the response later; the key frees itself when its lease lapses");
-            return;
-        };
-        runtime.spawn(async move {
+        let (shared, store_key, key) = self.detached();
+        let spawned = self.keyed.shared.spawn(async move {
             let config = &shared.config;
             let mut backoff = Backoff::new(background_window(config), RETRY_PAUSE, RETRY_PAUSE);
             loop {
@@ -1145,26 +1146,23 @@ impl ClaimGuard {
                 return;
             }
         });
+        if !spawned {
+            tracing::error!(key = %self.keyed.key, "idempotency: no runtime to store the response later; the key frees itself when its lease lapses");
+        }
     }
 
-    /// What a task of its own needs to finish this claim's business with the store, when there
-    /// is a runtime to run one.
-    fn detached(&self) -> Option<(tokio::runtime::Handle, Arc<Shared>, StoreKey, LogKey)> {
-        let runtime = tokio::runtime::Handle::try_current().ok()?;
-        Some((
-            runtime,
-            self.keyed.shared.clone(),
-            self.keyed.store_key,
-            self.keyed.key.clone(),
-        ))
+    /// What a task of its own needs to finish this claim's business with the store.
+    fn detached(&self) -> (Arc<Shared>, StoreKey, LogKey) {
+        let keyed = &self.keyed;
+        (keyed.shared.clone(), keyed.store_key, keyed.key.clone())
     }
 
     /// [`release_retrying`], from a task of its own.
     fn release_later(&self, token: FencingToken, pause: std::time::Duration, lead: Option<Lead>) {
-        let Some((runtime, shared, store_key, key)) = self.detached() else {
-            return;
-        };
-        runtime.spawn(release_retrying(shared, store_key, key, token, pause, lead));
+        let (shared, store_key, key) = self.detached();
+        self.keyed
+            .shared
+            .spawn(release_retrying(shared, store_key, key, token, pause, lead));
     }
 
     fn finish_with(&mut self, outcome: impl FnOnce() -> Outcome) {

@@ -7,7 +7,7 @@
 //!
 //! - [`IdempotencyLayer`] (the [`client`] half) puts a key on create requests, the caller's own
 //!   or a generated UUID v4, and keeps it on every retry; [`client::IdempotentClientLayer`] adds
-//!   a retry policy for 502, 503, 504, 429, the server's 409 with `Retry-After`, connection
+//!   a retry policy for 502, 503, 504, 429, 408, the server's 409 with `Retry-After`, connection
 //!   failures and timeouts, that refuses to retry a `POST` or `PATCH` without a key.
 //! - [`IdempotencyService`] runs the first request for each key once, stores its response, and
 //!   replays it to later requests with the key (24 h by default). A duplicate that arrives while

@@ -60,10 +60,12 @@ impl<E, F: Fn(&E) -> bool> ClassifyError<E> for F {
 /// # What is retried
 ///
 /// - `502 Bad Gateway` and `504 Gateway Timeout`, after an exponential backoff with jitter;
-/// - `503 Service Unavailable` and `429 Too Many Requests`, after the `Retry-After` the
-///   response gives (delta-seconds or an HTTP-date), or the backoff when it gives none. A
-///   `Retry-After` longer than [`max_retry_after`](Self::max_retry_after) ends the retries: the
-///   response is returned rather than sent again sooner than the server asked;
+/// - `503 Service Unavailable`, `429 Too Many Requests` and `408 Request Timeout` (which a
+///   server's timeout layer answers while, behind it, the operation may go on and be stored
+///   for the retry), after the `Retry-After` the response gives (delta-seconds or an
+///   HTTP-date), or the backoff when it gives none. A `Retry-After` longer than
+///   [`max_retry_after`](Self::max_retry_after) ends the retries: the response is returned
+///   rather than sent again sooner than the server asked;
 /// - `409 Conflict` with a `Retry-After`, on a request that carries an idempotency key: the
 ///   idempotency server's answer while another request with the key is still running, after
 ///   the wait it gives. A 409 without `Retry-After` is final;
@@ -335,7 +337,9 @@ where
                 StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT => {
                     (Wait::Backoff, Some(res.status()))
                 }
-                StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => {
+                StatusCode::SERVICE_UNAVAILABLE
+                | StatusCode::TOO_MANY_REQUESTS
+                | StatusCode::REQUEST_TIMEOUT => {
                     let wait = match retry_after(res.headers(), SystemTime::now()) {
                         Some(after) => Wait::For(after),
                         None => Wait::Backoff,

@@ -109,10 +109,12 @@ async fn assert_no_more_attempts(mut handle: Handle<Request<Body>, Res>) {
 async fn generated_key_is_written_once_and_kept_on_every_attempt() {
     let (client, mut handle) = stack(IdempotencyLayer::new().generate_keys(), policy());
     let call = tokio::spawn(client.oneshot(post(None)));
+    // A 408: the server's timeout answered, and the run may go on behind it.
     let answers = vec![
         Some(status(503)),
         Some(status(502)),
         Some(status(504)),
+        Some(status(408)),
         Some(status(201)),
     ];
     let (seen, _) = serve(&mut handle, answers).await;
@@ -120,6 +122,7 @@ async fn generated_key_is_written_once_and_kept_on_every_attempt() {
     let res = call.await.unwrap().unwrap();
 
     assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(seen.len(), 5);
     let key = seen[0].key.clone().expect("a generated key");
     assert_eq!(uuid::Uuid::parse_str(&key).unwrap().get_version_num(), 4);
     assert!(seen.iter().all(|s| s.key.as_deref() == Some(key.as_str())));

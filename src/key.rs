@@ -235,7 +235,8 @@ impl fmt::Display for InvalidKey {
             Self::InvalidCharacter { position } => write!(
                 f,
                 "the idempotency key has a control, non-ASCII or space character, or an unescaped \
-                 quote, at byte {position} of its value (counting from 0); {HINT} (spaces only inside a quoted \
+                 quote, at byte {position} of the key (counting from 0, once the spaces around it, \
+                 its quotes and their escapes are taken off); {HINT} (spaces only inside a quoted \
                  key)"
             ),
             Self::UnterminatedQuote => {

@@ -250,7 +250,15 @@ impl MemoryStore {
     /// buffer is freed once all of its records are gone, so the memory held can pass
     /// `max_bytes` by the buffers still partly in use (measured: 1.27 bytes of memory per byte
     /// of response body, for 100,000 records of 1 KiB).
+    ///
+    /// # Panics
+    ///
+    /// When either bound is zero: a store that keeps nothing replays nothing.
     pub fn with_limits(max_entries: usize, max_bytes: usize) -> Self {
+        assert!(
+            max_entries > 0 && max_bytes > 0,
+            "a memory store must keep at least one record and one byte (a store that keeps nothing replays nothing), not {max_entries} records and {max_bytes} bytes"
+        );
         let parallelism = std::thread::available_parallelism().map_or(4, |n| n.get());
         // Many small shards: besides less contention, a shard's map grows in small steps, so
         // no single resize stalls the requests behind it for long. But none with a share
@@ -883,6 +891,12 @@ mod tests {
             };
             assert_eq!(record.body, format!("answer {i}"));
         }
+    }
+
+    #[test]
+    #[should_panic(expected = "a memory store must keep at least one record")]
+    fn a_store_that_keeps_nothing_is_refused() {
+        let _ = MemoryStore::with_limits(0, usize::MAX);
     }
 
     #[tokio::test]

@@ -14,9 +14,12 @@ pub(crate) fn after(now: Instant, d: Duration) -> Instant {
     now + d.min(FOREVER)
 }
 
-/// The pauses between tries of a step that failed, made in the background until a deadline:
-/// `first` (none, for zero), then doubling from at least `step` up to 5 s, the last pause cut
-/// short at the deadline; the try made at or after it is the last.
+/// The longest a step that failed is tried again in the background.
+const MAX_WINDOW: Duration = Duration::from_secs(5 * 60);
+
+/// The pauses between tries of a step that failed, made in the background until a deadline
+/// (five minutes at most): `first` (none, for zero), then doubling from at least `step` up to
+/// 5 s, the last pause cut short at the deadline; the try made at or after it is the last.
 pub(crate) struct Backoff {
     pub(crate) give_up: Instant,
     pause: Duration,
@@ -24,10 +27,10 @@ pub(crate) struct Backoff {
 }
 
 impl Backoff {
-    /// Tries for `window` from now.
+    /// Tries for `window` from now, five minutes at most.
     pub(crate) fn new(window: Duration, first: Duration, step: Duration) -> Self {
         Self {
-            give_up: after(Instant::now(), window),
+            give_up: Instant::now() + window.min(MAX_WINDOW),
             pause: first,
             step,
         }

@@ -1205,12 +1205,9 @@ const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// How long a step that failed is tried again in the background: for the lease, which holds
 /// the key meanwhile, and no longer than the retention (a record stored later could outlive
-/// the key's next use) or five minutes.
+/// the key's next use) or five minutes ([`Backoff`]'s bound).
 fn background_window(config: &Config) -> std::time::Duration {
-    config
-        .lease
-        .min(config.retention)
-        .min(std::time::Duration::from_secs(5 * 60))
+    config.lease.min(config.retention)
 }
 
 /// Releases `token`'s claim on `store_key` after `pause`, trying again while the store fails

@@ -414,7 +414,8 @@ impl RedisStore {
     }
 
     /// Gives back, from a task of its own, a claim left unanswered: releases `token`'s claim on
-    /// `key` if there is one, trying until Redis answers or the lease would have lapsed anyway.
+    /// `key` if there is one, trying until Redis answers or the lease would have lapsed anyway
+    /// (five minutes at most, as the service's own tries).
     /// Releasing is token-checked, so a claim that never ran, or found the key held, leaves the
     /// key alone. Sent on the same connection after the claim, the release runs after it.
     ///

@@ -934,3 +934,19 @@ async fn a_waiter_whose_notification_never_comes_finds_the_record_by_polling() {
         written.elapsed()
     );
 }
+
+#[tokio::test]
+async fn an_address_redis_cannot_use_is_refused_with_what_would_do() {
+    let refused = |result: Result<RedisStore, StoreError>| match result {
+        Ok(_) => panic!("connected"),
+        Err(err) => err.to_string(),
+    };
+    let not_redis = refused(RedisStore::connect("http://127.0.0.1:6379").await);
+    assert!(not_redis.contains("expected redis://"), "{not_redis}");
+    let tls = refused(RedisStore::connect("rediss://127.0.0.1:6379").await);
+    assert!(tls.contains("TLS features"), "{tls}");
+    let no_nodes = refused(RedisStore::connect_cluster(Vec::<String>::new()).await);
+    assert!(no_nodes.contains("at least one"), "{no_nodes}");
+    let bad_node = refused(RedisStore::connect_cluster(["redis://127.0.0.1:1", "not a url"]).await);
+    assert!(bad_node.contains("expected redis://"), "{bad_node}");
+}

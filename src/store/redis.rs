@@ -15,8 +15,8 @@ use std::{
 use async_trait::async_trait;
 use bytes::{BufMut, Bytes, BytesMut};
 use redis::{
-    Client, Cmd, ExistenceCheck, PushInfo, PushKind, RedisFuture, Script, SetExpiry, SetOptions,
-    Value,
+    Client, Cmd, ErrorKind, ExistenceCheck, PushInfo, PushKind, RedisError, RedisFuture, Script,
+    SetExpiry, SetOptions, Value,
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
     cluster::ClusterClientBuilder,
     cluster_async::ClusterConnection,
@@ -269,7 +269,7 @@ impl RedisStoreBuilder {
     /// features, turned on in your own `Cargo.toml` (such as `tokio-rustls-comp` with
     /// `tls-rustls-webpki-roots`); without one, such a URL is refused.
     pub async fn connect(self, url: &str) -> Result<RedisStore, StoreError> {
-        let client = Client::open(url).map_err(StoreError::backend)?;
+        let client = Client::open(url).map_err(|err| unusable_url(url, err))?;
         // RESP3, so that notifications arrive as pushes on a connection that still runs commands.
         let info = client.get_connection_info().clone();
         let settings = info
@@ -314,6 +314,18 @@ impl RedisStoreBuilder {
         S: AsRef<str>,
     {
         let nodes: Vec<String> = nodes.into_iter().map(|n| n.as_ref().to_owned()).collect();
+        if nodes.is_empty() {
+            return Err(StoreError::backend(
+                "no cluster node to connect through; give the URL of at least one, such as redis://10.0.0.1:7000",
+            ));
+        }
+        if let Some(Err((node, err))) = nodes
+            .iter()
+            .map(|node| Client::open(node.as_str()).map_err(|err| (node, err)))
+            .find(Result::is_err)
+        {
+            return Err(unusable_url(node, err));
+        }
         let builder = || {
             ClusterClientBuilder::new(nodes.clone())
                 .use_protocol(redis::ProtocolVersion::RESP3)
@@ -566,6 +578,18 @@ fn jittered(pause: Duration) -> Duration {
     let spread = (pause.as_micros() / 2).max(1) as u64;
     let offset = (uuid::Uuid::new_v4().as_u128() as u64) % spread;
     pause - pause / 4 + Duration::from_micros(offset)
+}
+
+/// `url`, refused by the Redis client with `err`, and what it should look like.
+fn unusable_url(url: &str, err: RedisError) -> StoreError {
+    let hint = if url.starts_with("rediss://") && err.kind() == ErrorKind::InvalidClientConfig {
+        "TLS needs one of the redis crate's TLS features, turned on in your own Cargo.toml \
+         (such as tokio-rustls-comp with tls-rustls-webpki-roots)"
+    } else {
+        "expected redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], rediss://... for TLS, or \
+         redis+unix:///PATH"
+    };
+    StoreError::backend(format!("{err}; {hint}"))
 }
 
 /// Waits for `fut` up to `limit`, turning Redis errors into store errors.

@@ -108,8 +108,9 @@ impl<M> IdempotencyLayer<M> {
     /// Generates a key for requests with one of `methods` that have none, replacing the
     /// methods set before.
     ///
-    /// Safe methods (GET, HEAD, OPTIONS, TRACE) are skipped: they are never given a generated
-    /// key.
+    /// Safe methods (GET, HEAD, OPTIONS, TRACE) are skipped: the key maker never gives them a
+    /// key. (A request of any method whose key header is `auto` asked for a fresh key, and gets
+    /// one.)
     pub fn generate_keys_for(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
         self.methods = methods.into_iter().filter(|m| !m.is_safe()).collect();
         self

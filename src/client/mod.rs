@@ -3,8 +3,8 @@
 //! - [`IdempotencyLayer`] puts the key on a request: the one the caller chose (an
 //!   [`IdempotencyKey`](crate::IdempotencyKey) in the request's extensions), or a generated
 //!   UUID v4 for the methods it was told to (POST and PATCH once turned on). A request that
-//!   already has the header keeps it (unless it is `auto`, which asks for a fresh one); GET and
-//!   the other safe methods never get a generated key.
+//!   already has the header keeps it (unless it is `auto`, which asks for a fresh one, on any
+//!   method); otherwise GET and the other safe methods never get a generated key.
 //! - [`RetryPolicy`] is a [`tower::retry::Policy`] for 502, 503, 504, 429, 408 (honouring
 //!   `Retry-After`), the idempotency server's 409 "still running", connection failures and
 //!   timeouts, with exponential backoff, jitter and a

@@ -122,8 +122,9 @@ const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// Whether `headers` (a gRPC response's headers, or its trailers) carry a `grpc-status` that a
 /// retry may get past: the codes that map to HTTP 5xx, 408, 429 or 499 (CANCELLED, UNKNOWN,
-/// DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE,
-/// DATA_LOSS). gRPC answers with HTTP 200 whatever happened, so its status is in this header.
+/// DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS), and
+/// ABORTED, which maps to 409 but asks the client to try again (a transaction lost a race). gRPC
+/// answers with HTTP 200 whatever happened, so its status is in this header.
 ///
 /// A response whose trailers carry such a status is never stored, whatever
 /// [`store_if`](super::IdempotencyServiceLayer::store_if) said of its head.

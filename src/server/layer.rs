@@ -159,6 +159,7 @@ impl IdempotencyServiceLayer {
     /// Request headers that count towards the fingerprint, beside the method, path, query,
     /// `Content-Type` and body: a request that reuses a key with other values for them gets
     /// 422. Each counts as one list: `a, b` on one line and `a` and `b` on two are the same.
+    /// Headers not named here, and a request's trailers, do not count.
     pub fn fingerprint_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
         self.config().fingerprint_headers = names.into_iter().collect();
         self
@@ -218,6 +219,11 @@ impl IdempotencyServiceLayer {
     /// this layer: tower's `TimeoutLayer` around the handler, and a body timeout such as
     /// tower-http's `ResponseBodyTimeoutLayer`; a run that times out gives its key back.
     ///
+    /// A renewal the store refuses because the lease lapsed (the store was down for longer
+    /// than the lease, say) is not tried again: the run goes on without a claim, and a
+    /// duplicate that comes meanwhile runs. Give the lease room for the store outages it
+    /// should ride out.
+    ///
     /// Renewal takes a tokio runtime with its timers, as the service's waits do. A run polled
     /// outside any tokio runtime goes on without renewal, and says so in a warning; on a
     /// runtime built without timers it panics, as tokio's timers do.
@@ -226,8 +232,9 @@ impl IdempotencyServiceLayer {
         self
     }
 
-    /// The largest request body, in bytes, buffered for the fingerprint; a larger one is
-    /// answered 413 and does not run.
+    /// The largest request body, in bytes, buffered for the fingerprint (default 1 MiB); a
+    /// larger one is answered 413 and does not run. Keyed requests are bounded by this limit
+    /// as well as by axum's `DefaultBodyLimit` (2 MB): for larger bodies, raise both.
     pub fn max_request_body(mut self, bytes: usize) -> Self {
         self.config().max_request_body = bytes;
         self

@@ -173,6 +173,41 @@
 //! completes.
 //! [`OnConflict::Reject`] answers 409 at once instead.
 //!
+//! # What goes inside, and what outside
+//!
+//! A replay is the first response as the layers inside this one made it. Middleware that
+//! should answer each request afresh goes outside: compression (above), a request id
+//! (tower-http's `SetRequestIdLayer` and `PropagateRequestIdLayer`), tracing. Limits meant to
+//! bound the handlers go inside: a run whose caller left holds no permit of a concurrency limit
+//! outside (see [`detach`](IdempotencyServiceLayer::detach)).
+//!
+//! # Requests the application refused
+//!
+//! Every response but those [`store_if`](IdempotencyServiceLayer::store_if) leaves out is
+//! stored, an answer of the application's that refuses the request included: axum's 400 for
+//! JSON that does not parse, a 404 for a path no route matches, a validation error. A client
+//! that corrects the request and sends it again with the same key is then answered 422 (the
+//! key was used for another request), and should send the corrected one with a new key. To
+//! let such a retry run instead, as Stripe's API does for a request that failed validation,
+//! leave the refusals out of what is stored:
+//!
+//! ```
+//! use http::StatusCode;
+//! use tower_idempotency::{IdempotencyServiceLayer, server::default_store_if};
+//!
+//! let layer = IdempotencyServiceLayer::default().store_if(|response| {
+//!     let refused = matches!(
+//!         response.status,
+//!         StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND | StatusCode::UNPROCESSABLE_ENTITY
+//!     );
+//!     !refused && default_store_if(response)
+//! });
+//! # let _ = layer;
+//! ```
+//!
+//! Only do so where those answers come before anything was done: a handler that refuses
+//! after it acted (a 422 once the payment went through) should have its refusal replayed.
+//!
 //! # Failures
 //!
 //! - A handler that returns an error or panics gives up its claim at once, so a retry runs;

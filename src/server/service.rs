@@ -38,11 +38,40 @@ use crate::{
 /// See the [module docs](super) for the behaviour and an example, and
 /// [`IdempotencyServiceLayer`] for the settings.
 ///
+/// # The inner service
+///
+/// A keyed request's body is read before the handler runs, so the inner service takes
+/// `Request<RequestBody<B>>` (a [`RequestBody`](super::RequestBody) over the body type `B` the
+/// service is called with), and its response body goes out as a
+/// [`ResponseBody`](super::ResponseBody). axum's router takes any body, so it fits as it is; a
+/// hand-written service names the type:
+///
+/// ```
+/// use std::convert::Infallible;
+/// use bytes::Bytes;
+/// use http::{Request, Response};
+/// use http_body_util::Full;
+/// use tower::service_fn;
+/// use tower_idempotency::{IdempotencyService, server::RequestBody, store::MemoryStore};
+///
+/// let handler = service_fn(|_request: Request<RequestBody<Full<Bytes>>>| async {
+///     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("created"))))
+/// });
+/// let service = IdempotencyService::new(handler, MemoryStore::new());
+/// # let _ = service;
+/// ```
+///
+/// The inner service must be `Clone + Send + 'static`, with a `Send + 'static` future: a run
+/// whose caller goes away goes on in a task of its own. Its errors pass through unchanged.
+///
 /// # Runtime
 ///
-/// The service needs a tokio runtime: a handler whose caller goes away finishes in a task of
-/// its own (see [`detach`](IdempotencyServiceLayer::detach)), and a claim a remote store failed
-/// to complete or release is tried again from a task.
+/// The service runs in a tokio runtime with timers: a handler whose caller goes away finishes
+/// in a task of its own (see [`detach`](IdempotencyServiceLayer::detach)), a claim a remote
+/// store failed to complete or release is tried again from a task, and a lease is renewed on a
+/// timer. Outside any runtime, a run whose caller goes away is dropped (its claim released at
+/// once in a memory store, and left to lapse with its lease in a remote one), and a handler
+/// that waits goes on without its lease renewed, with a warning.
 #[derive(Clone, Debug)]
 pub struct IdempotencyService<S> {
     inner: S,

@@ -2,8 +2,9 @@
 //!
 //! An order service sits behind `IdempotencyService` on a real socket, with a faulty proxy in
 //! front of it that loses responses. A client creates orders through the proxy and retries
-//! with the same key; it then fires a storm of concurrent duplicates and reuses a key with
-//! another body. Last, the demo counts how many times the handler ran for each key.
+//! with the same key; it then fires a storm of concurrent duplicates, gives up on a slow attempt
+//! (the run goes on, and the retry gets its answer), and reuses a key with another body. Last,
+//! the demo counts how many times the handler ran for each key.
 //!
 //! With `REDIS_URL` set (and the `redis` feature) the service keeps its keys in Redis.
 
@@ -313,8 +314,45 @@ async fn main() {
         },
     );
 
-    // 3. The same key with a different body.
-    println!("3. Reuse {key} with a different body.");
+    // 3. A client that gives up on a slow attempt: the run goes on without it.
+    let impatient: HttpClient = IdempotentClientLayer::new()
+        .retry(
+            RetryPolicy::new()
+                .max_attempts(5)
+                .backoff(Duration::from_millis(50), Duration::from_millis(500)),
+        )
+        .attempt_timeout(Duration::from_millis(150))
+        .layer(
+            Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(0)
+                .build_http(),
+        );
+    let slow =
+        IdempotencyKey::new(format!("slow-{}", &uuid::Uuid::new_v4().to_string()[..8])).unwrap();
+    println!(
+        "3. Create an order with {slow} from a client that waits 150 ms an attempt, while the"
+    );
+    println!("   handler takes 200 ms: the first attempt times out and its connection closes.");
+    let gave_up = send(&impatient, &url, &slow, r#"{"sku":"cake"}"#)
+        .await
+        .expect("an answer after retries");
+    println!(
+        "   => {} {}{}",
+        gave_up.status,
+        gave_up.body,
+        if gave_up.replayed {
+            "\n      replayed from the store (Idempotent-Replayed: true)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "   The run the client left went on and was stored; the handler ran {} time for this key.\n",
+        ledger.runs(slow.as_str())
+    );
+
+    // 4. The same key with a different body.
+    println!("4. Reuse {key} with a different body.");
     let reused = send(&client, &url, &key, r#"{"sku":"tea","qty":200}"#)
         .await
         .expect("an answer");
@@ -338,6 +376,10 @@ async fn main() {
         (
             storm_ok && bodies.len() == 1 && replayed == 99,
             "the storm got one answer, 99 times replayed",
+        ),
+        (
+            gave_up.status == StatusCode::CREATED && gave_up.replayed,
+            "the order whose first attempt timed out was replayed with 201",
         ),
         (
             reused.status == StatusCode::UNPROCESSABLE_ENTITY,

@@ -950,3 +950,52 @@ async fn an_address_redis_cannot_use_is_refused_with_what_would_do() {
     let bad_node = refused(RedisStore::connect_cluster(["redis://127.0.0.1:1", "not a url"]).await);
     assert!(bad_node.contains("expected redis://"), "{bad_node}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_dropped_while_it_subscribes_leaves_no_subscription_behind() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    let waiting = bounded_store(&server.url(), Duration::from_secs(3)).await;
+    let key = fresh_key();
+    claimed(&store, &key, LEASE).await;
+    let channels = || command(server.port(), "PUBSUB SHARDCHANNELS");
+    let none = channels();
+    // Redis stalls while the waiter subscribes, and its caller leaves meanwhile.
+    server.pause();
+    let wait = tokio::spawn({
+        let waiting = waiting.clone();
+        async move { waiting.wait(&key, Duration::from_secs(10)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait.abort();
+    let _ = wait.await;
+    server.resume();
+    // The subscription made when Redis came back is taken back.
+    let left = Instant::now();
+    while channels() != none {
+        assert!(
+            left.elapsed() < Duration::from_secs(5),
+            "the waiter that left is still subscribed: {}",
+            channels()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_whose_reads_all_fail_ends_at_its_deadline_with_the_error() {
+    let mut server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    let waiting = bounded_store(&server.url(), Duration::from_millis(300)).await;
+    let key = fresh_key();
+    claimed(&store, &key, LEASE).await;
+    server.kill();
+    let started = Instant::now();
+    let waited = waiting.wait(&key, Duration::from_millis(1500)).await;
+    let took = started.elapsed();
+    assert!(waited.is_err(), "{waited:?}");
+    assert!(
+        (Duration::from_millis(1400)..Duration::from_millis(1700)).contains(&took),
+        "the wait ended after {took:?}"
+    );
+}

@@ -851,14 +851,18 @@ impl KeyStore for RedisStore {
             )
             .await;
         // The last answer that the key is in flight: what a wait that cannot read the key
-        // any more ends with at its deadline.
+        // any more ends with at its deadline; and the last failed read's error.
         let mut in_flight = None;
+        let mut failed = None;
         let mut pause = self.inner.poll_interval;
         loop {
             let notified = watch.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let ttl = match self.read_with_ttl(key).await {
+            // A read that hangs past the deadline ends the wait there.
+            let read = tokio::time::timeout_at(deadline, self.read_with_ttl(key)).await;
+            let read = read.unwrap_or(Err(StoreError::Timeout(timeout)));
+            let ttl = match read {
                 Ok((holder @ Some(Holder::InFlight { .. }), ttl)) => {
                     in_flight = holder;
                     ttl
@@ -867,15 +871,19 @@ impl KeyStore for RedisStore {
                 Err(err @ StoreError::Corrupt(_)) => return Err(err),
                 // A key in flight is waited on through a store that fails for a while: the
                 // deadline ends the wait, not one failed read.
-                Err(err) if Instant::now() < deadline => {
+                Err(err) => {
                     tracing::debug!(error = %err, "idempotency store: a waiter could not read its key; looking again");
+                    failed = Some(err);
                     None
                 }
-                Err(err) => return in_flight.map_or(Err(err), |holder| Ok(Some(holder))),
             };
             let now = Instant::now();
             if now >= deadline {
-                return Ok(in_flight);
+                // In flight as last seen, or the error if it was never seen.
+                return match in_flight {
+                    Some(holder) => Ok(Some(holder)),
+                    None => Err(failed.unwrap_or(StoreError::Timeout(timeout))),
+                };
             }
             // Polling is the fallback for a notification that does not come. While the key's
             // channel is listened to, none is lost (one lost with the connection wakes every
@@ -944,7 +952,7 @@ impl Subscriptions {
     /// `limit`) for the subscription to be in place. A failed subscription leaves the waiter to
     /// polling.
     async fn watch(self: &Arc<Self>, channel: Vec<u8>, limit: Duration) -> Watch {
-        let (notify, mut subscribed) = {
+        let (notify, subscribed) = {
             let mut channels = self.lock();
             let entry = channels.entry(channel.clone()).or_insert_with(|| {
                 let notify = Arc::<Notify>::default();
@@ -960,13 +968,15 @@ impl Subscriptions {
             entry.waiters += 1;
             (entry.notify.clone(), entry.subscribed.subscribe())
         };
-        let _ = tokio::time::timeout(limit, subscribed.wait_for(|done| *done)).await;
-        Watch {
+        // Made before the wait: a waiter dropped during it leaves the channel as it goes.
+        let mut watch = Watch {
             subscriptions: self.clone(),
             channel,
             notify,
             subscribed,
-        }
+        };
+        let _ = tokio::time::timeout(limit, watch.subscribed.wait_for(|done| *done)).await;
+        watch
     }
 
     fn wake(&self, channel: &[u8]) {

@@ -694,6 +694,8 @@ struct CountingStore {
     releases: AtomicUsize,
     /// How many releases fail first, as they would over a broken connection.
     failing_releases: usize,
+    /// Whether every wait fails, as it does against a store that went away.
+    failing_waits: bool,
 }
 
 impl CountingStore {
@@ -768,8 +770,35 @@ impl KeyStore for CountingStore {
         self.inner.read(key).await
     }
     async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<Option<Holder>, StoreError> {
+        if self.failing_waits {
+            return Err(StoreError::backend("connection refused"));
+        }
         self.inner.wait(key, timeout).await
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_whose_wait_fails_is_answered_503_and_does_not_run_even_failing_open() {
+    // The duplicate found the key in flight; its wait then fails. Failing open would run it
+    // beside the request in progress.
+    let store = Arc::new(CountingStore {
+        failing_waits: true,
+        ..CountingStore::default()
+    });
+    let calls = Counter::default();
+    // Two services on one store, as two processes: the duplicate asks the store.
+    let service = || {
+        IdempotencyServiceLayer::with_shared_store(store.clone())
+            .on_store_error(OnStoreError::FailOpen)
+            .layer(slow_orders(&calls, Duration::from_secs(1)))
+    };
+    let first = tokio::spawn(service().oneshot(order()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let duplicate = service().oneshot(order()).await.unwrap();
+    assert_eq!(duplicate.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(duplicate.headers()[header::RETRY_AFTER], "1");
+    assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
+    assert_eq!(calls.runs(), 1);
 }
 
 #[tokio::test]

@@ -733,7 +733,12 @@ impl Keyed {
                 Ok(Some(Holder::InFlight { .. })) => {
                     return Step::Answered(Ok(self.timed_out(lead)));
                 }
-                Err(err) => Err(err),
+                // The key was in flight when last seen: failing open or closed, this request
+                // does not run beside that one.
+                Err(err) => {
+                    tracing::error!(key = %self.key, error = %err, "idempotency: the store failed while this request waited for the same request; answering 503");
+                    return Step::Answered(Ok(self.give_up(lead, Problem::StoreUnavailable)));
+                }
             };
         }
     }

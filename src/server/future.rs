@@ -143,8 +143,65 @@ pub(super) enum Respond<B: Body, E> {
     Now(Answer<B, E>),
     /// Read the body (of a length known to fit) to store it.
     Keep(response::Parts, B, ClaimGuard),
-    /// After the store is done with it.
-    Later(BoxFuture<Answer<B, E>>),
+    /// After a store's step, or first the rest of the response's body.
+    Later(BoxLater<Answer<B, E>>),
+}
+
+impl<B: Body, E> Respond<B, E> {
+    /// Goes on in `future`: a store's step, or first (`reading`) the rest of the response's
+    /// body, which the handler is still making.
+    pub(super) fn later(
+        shared: Arc<Shared>,
+        reading: bool,
+        future: impl Future<Output = Answer<B, E>> + Send + 'static,
+    ) -> Self
+    where
+        Answer<B, E>: 'static,
+    {
+        Respond::Later(Box::pin(Later {
+            future,
+            shared,
+            reading,
+        }))
+    }
+}
+
+/// What a keyed request does once its handler answered, when it cannot be done at once.
+pub(super) type BoxLater<T> = Pin<Box<dyn Finishing<Output = T> + Send>>;
+
+/// A future that finishes a keyed request, and can say what a caller who leaves it leaves.
+pub(super) trait Finishing: Future {
+    /// The service's settings and tasks.
+    fn shared(&self) -> &Arc<Shared>;
+    /// Whether the handler is still at work: the response's body is being read.
+    fn reading(&self) -> bool;
+}
+
+pin_project! {
+    struct Later<F> {
+        #[pin]
+        future: F,
+        shared: Arc<Shared>,
+        reading: bool,
+    }
+}
+
+impl<F: Future> Future for Later<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.project().future.poll(cx)
+    }
+}
+
+impl<F: Future> Finishing for Later<F> {
+    fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    fn reading(&self) -> bool {
+        self.reading
+    }
 }
 
 pin_project! {
@@ -159,8 +216,7 @@ pin_project! {
     pub(crate) struct Work<S, ReqBody: Body, ResBody: Body, F, E> {
         #[pin]
         phase: Phase<S, ReqBody, ResBody, F, E>,
-        // Where the run goes on if its caller leaves: `None` when it does not.
-        detach: Option<Arc<Shared>>,
+        detach: bool,
         // Set while the future is being polled: a drop that finds it set comes from a panic,
         // after which the future cannot be polled again.
         polling: bool,
@@ -182,8 +238,9 @@ pin_project! {
             parts: Option<response::Parts>,
             claim: Option<ClaimGuard>,
         },
-        // Storing the response in a remote store, or anything rarer.
-        Finish { future: BoxFuture<Answer<ResBody, E>> },
+        // Storing the response in a remote store, or reading a body of no given length, or
+        // anything rarer.
+        Finish { future: BoxLater<Answer<ResBody, E>> },
         Done,
     }
 }
@@ -198,12 +255,7 @@ enum Next<P, O> {
 
 impl<S, ReqBody: Body, ResBody: Body, F, E> Work<S, ReqBody, ResBody, F, E> {
     /// Reads `body`, up to `limit` bytes, then goes on from `start`.
-    pub(crate) fn new(
-        start: Start<S>,
-        body: ReqBody,
-        limit: usize,
-        detach: Option<Arc<Shared>>,
-    ) -> Self {
+    pub(crate) fn new(start: Start<S>, body: ReqBody, limit: usize, detach: bool) -> Self {
         Self {
             phase: Phase::Read {
                 body: Collect::new(body, limit),
@@ -318,18 +370,24 @@ where
     ResBody: Body,
 {
     fn detach(self: Pin<Box<Self>>) {
-        let handler = matches!(self.phase, Phase::Call { .. } | Phase::Keep { .. });
-        let storing = matches!(self.phase, Phase::Finish { .. });
-        let Some(shared) = self
-            .detach
-            .clone()
-            .filter(|_| (handler || storing) && !self.polling)
-        else {
+        if !self.detach || self.polling {
             return;
+        }
+        // Whether the handler's work goes on: its call, or the response body it makes.
+        let (shared, handler) = match &self.phase {
+            Phase::Call {
+                claim: Some(claim), ..
+            }
+            | Phase::Keep {
+                claim: Some(claim), ..
+            } => (claim.shared(), true),
+            Phase::Finish { future } => (future.shared(), future.reading()),
+            _ => return,
         };
+        let shared = shared.clone();
         // Only so many handlers go on without their callers; past that, the run is cancelled
-        // as it would be without `detach`, and its claim released. Storing a response is
-        // short, and bounded by the store timeout.
+        // as it would be without `detach`, and its claim released. A store's step is short,
+        // and bounded by the store timeout.
         let slot = if handler {
             let Some(slot) = shared.detached_slot() else {
                 tracing::warn!(

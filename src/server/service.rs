@@ -262,8 +262,7 @@ where
                 return ResponseFuture::ready(reject(problem, Dialect::of(&parts.headers)));
             }
         };
-        let limit = config.max_request_body;
-        let detach = config.detach.then(|| self.shared.clone());
+        let (limit, detach) = (config.max_request_body, config.detach);
         // The ready service handles this request; a clone takes its place for the next one.
         let clone = self.inner.clone();
         let start = Start {
@@ -941,11 +940,16 @@ impl ClaimGuard {
         if body.size_hint().exact().is_some_and(|n| n <= limit as u64) {
             return Respond::Keep(parts, body, self);
         }
-        Respond::Later(Box::pin(async move {
+        let shared = self.keyed.shared.clone();
+        Respond::later(shared, true, async move {
             let mut body = Box::pin(body);
             let buffered = self.keeping_alive(Collect::new(body.as_mut(), limit)).await;
             self.store(parts, buffered, Some(body)).await
-        }))
+        })
+    }
+
+    pub(super) fn shared(&self) -> &Arc<Shared> {
+        &self.keyed.shared
     }
 
     /// The largest response body stored.
@@ -965,7 +969,7 @@ impl ClaimGuard {
     {
         let shared = self.keyed.shared.clone();
         let Some(local) = &shared.config.local else {
-            return Respond::Later(Box::pin(self.store(parts, buffered, None)));
+            return Respond::later(shared.clone(), false, self.store(parts, buffered, None));
         };
         match buffered {
             Buffered::Whole { data, trailers } if failed_in_passing(&trailers) => {
@@ -981,7 +985,7 @@ impl ClaimGuard {
                 Respond::Now(Ok(whole(parts, data, trailers)))
             }
             // Rarer: a body that failed, or ran past the length it gave and past the limit.
-            buffered => Respond::Later(Box::pin(self.store(parts, buffered, None))),
+            buffered => Respond::later(shared.clone(), false, self.store(parts, buffered, None)),
         }
     }
 
@@ -996,10 +1000,11 @@ impl ClaimGuard {
         let record = Record::not_replayable(self.keyed.fingerprint, response.status());
         // `complete` stores at once in a store in this process; a stream is rare enough that
         // the box costs nothing worth a path of its own.
-        Respond::Later(Box::pin(async move {
+        let shared = self.keyed.shared.clone();
+        Respond::later(shared, false, async move {
             self.complete(&record).await;
             Ok(response)
-        }))
+        })
     }
 
     /// Releases the claim, and answers with `answer`: at once with a store in this process.
@@ -1014,10 +1019,10 @@ impl ClaimGuard {
                 self.release_now(local);
                 Respond::Now(answer)
             }
-            None => Respond::Later(Box::pin(async move {
+            None => Respond::later(shared.clone(), false, async move {
                 self.release().await;
                 answer
-            })),
+            }),
         }
     }
 

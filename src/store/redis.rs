@@ -1007,6 +1007,8 @@ impl Subscriptions {
     /// and have them look at their keys now, in case a notification was missed meanwhile.
     fn dropped(&self, channel: &[u8]) {
         if let Some(entry) = self.lock().get(channel) {
+            // Until it is subscribed again, its waiters poll at the interval.
+            entry.subscribed.send_replace(false);
             let _ = self
                 .requests
                 .send(Request::Subscribe(channel.to_vec(), entry.notify.clone()));

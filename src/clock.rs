@@ -1,6 +1,9 @@
 //! Deadlines that cannot overflow, however long a setting is.
 
-use std::time::Duration;
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use tokio::time::Instant;
 
@@ -58,5 +61,34 @@ mod tests {
             after(now, Duration::from_secs(1)),
             now + Duration::from_secs(1)
         );
+    }
+}
+
+/// Lets something happen at most once a minute: a warning that would otherwise come with
+/// every request.
+#[derive(Debug)]
+pub(crate) struct OncePerMinute {
+    since: Instant,
+    /// When it last happened: seconds after `since`, plus one (0 for never).
+    last: AtomicU64,
+}
+
+impl OncePerMinute {
+    pub(crate) fn new() -> Self {
+        Self {
+            since: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether it may happen now (and then it has).
+    pub(crate) fn now(&self) -> bool {
+        let now = self.since.elapsed().as_secs() + 1;
+        let last = self.last.load(Ordering::Relaxed);
+        (last == 0 || now >= last + 60)
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 }

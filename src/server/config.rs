@@ -239,8 +239,15 @@ pub(crate) struct Shared {
     /// The tasks the services left running: the runs whose callers went away, and the store
     /// steps tried again.
     pub(crate) tasks: tokio_util::task::TaskTracker,
-    /// How many runs whose callers went away go on.
-    pub(crate) detached: Arc<AtomicUsize>,
+    /// The runs whose callers went away.
+    pub(crate) detached: Arc<Detached>,
+}
+
+/// How many runs whose callers went away go on, and the warning that one was cancelled.
+#[derive(Debug)]
+pub(crate) struct Detached {
+    running: AtomicUsize,
+    pub(crate) cancelled: crate::clock::OncePerMinute,
 }
 
 impl Shared {
@@ -249,7 +256,10 @@ impl Shared {
             config,
             flights: Arc::new(Flights::new()),
             tasks: tokio_util::task::TaskTracker::new(),
-            detached: Arc::default(),
+            detached: Arc::new(Detached {
+                running: AtomicUsize::new(0),
+                cancelled: crate::clock::OncePerMinute::new(),
+            }),
         }
     }
 
@@ -267,17 +277,17 @@ impl Shared {
 
     /// A place for one more run whose caller went away, if fewer than the most allowed go on.
     pub(crate) fn detached_slot(&self) -> Option<DetachedSlot> {
-        let running = self.detached.fetch_add(1, Ordering::Relaxed);
+        let running = self.detached.running.fetch_add(1, Ordering::Relaxed);
         let slot = DetachedSlot(self.detached.clone());
         (running < self.config.max_detached).then_some(slot)
     }
 }
 
 /// One run's place among those whose callers went away; given back when dropped.
-pub(crate) struct DetachedSlot(Arc<AtomicUsize>);
+pub(crate) struct DetachedSlot(Arc<Detached>);
 
 impl Drop for DetachedSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.running.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -390,10 +390,13 @@ where
         // and bounded by the store timeout.
         let slot = if handler {
             let Some(slot) = shared.detached_slot() else {
-                tracing::warn!(
-                    max_detached = shared.config.max_detached,
-                    "idempotency: the caller went away, and as many runs as may go on without their callers already do; this one is cancelled"
-                );
+                // Once a minute: a flood of callers that leave would flood the log.
+                if shared.detached.cancelled.now() {
+                    tracing::warn!(
+                        max_detached = shared.config.max_detached,
+                        "idempotency: callers went away, and as many runs as may go on without their callers already do; those runs are cancelled (said once a minute)"
+                    );
+                }
                 return;
             };
             Some(slot)

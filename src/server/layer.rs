@@ -358,17 +358,19 @@ impl IdempotencyServiceLayer {
         self
     }
 
-    /// How many handlers may go on at once after their callers went away (default 1,024). Past
-    /// it, a run whose caller goes away is cancelled, as without [`detach`](Self::detach), and
-    /// its claim released: clients that disconnect at once cannot start handlers without bound.
+    /// How many handlers may go on at once after their callers went away (default 1,024),
+    /// while they run or make their response's body. Past it, a run whose caller goes away is
+    /// cancelled, as without [`detach`](Self::detach), and its claim released: clients that
+    /// disconnect at once cannot start handlers without bound. Zero cancels every such run.
     pub fn max_detached(mut self, max: usize) -> Self {
         self.config().max_detached = max;
         self
     }
 
     /// The work this layer's services left running: the handlers whose callers went away, and
-    /// the store steps tried again after a store failed. Wait for it after the server stopped
-    /// taking requests, so that a run a client left finishes before the process exits:
+    /// the store steps the service tries again after a store failed (a store's own tasks, such
+    /// as those of `RedisStore`, are the store's). Wait for it after the server
+    /// stopped taking requests, so that a run a client left finishes before the process exits:
     ///
     /// ```
     /// use std::time::Duration;

@@ -8,7 +8,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -85,10 +85,8 @@ struct Inner {
     /// known from the key would let a caller fill the shard of another's record with a few
     /// requests, and evict it.
     sharding: foldhash::fast::RandomState,
-    /// When the store last warned that it evicts live records: seconds after `made`, plus one
-    /// (0 for never).
-    warned: AtomicU64,
-    made: Instant,
+    /// The warning that the store evicts live records.
+    evicting_live: clock::OncePerMinute,
 }
 
 /// One shard. Claims in flight and completed records are kept apart, so that the work on a
@@ -280,8 +278,7 @@ impl MemoryStore {
                 max_entries_per_shard: max_entries.div_ceil(shards).max(1),
                 max_bytes_per_shard: max_bytes.div_ceil(shards).max(1),
                 sharding: foldhash::fast::RandomState::default(),
-                warned: AtomicU64::new(0),
-                made: Instant::now(),
+                evicting_live: clock::OncePerMinute::new(),
             }),
         }
     }
@@ -319,14 +316,7 @@ impl Inner {
     /// Says, at most once a minute, that the store evicted records whose retention had not
     /// ended: a retry of their keys will run again.
     fn evicted_live(&self) {
-        let now = self.made.elapsed().as_secs() + 1;
-        let last = self.warned.load(Ordering::Relaxed);
-        if (last == 0 || now >= last + 60)
-            && self
-                .warned
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if self.evicting_live.now() {
             tracing::warn!(
                 "idempotency: the memory store is full and evicts records before their retention \
                  ends; a retry of an evicted key runs again. Raise its bounds \

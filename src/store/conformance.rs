@@ -433,18 +433,17 @@ pub async fn wait_wakes_on_release(store: Arc<dyn KeyStore>) {
     );
 }
 
-/// A waiter gives up at its timeout, still seeing the key in flight.
+/// A waiter gives up at its timeout, still seeing the key in flight; so does one whose
+/// timeout is over before it could look at the key.
 pub async fn wait_times_out_while_in_flight(store: Arc<dyn KeyStore>) {
     let key = fresh_key();
     let token = claimed(&*store, &key, fingerprint(5), LEASE).await;
+    let in_flight = Some(Holder::InFlight {
+        fingerprint: fingerprint(5),
+    });
     let started = Instant::now();
     let seen = store.wait(&key, Duration::from_millis(300)).await.unwrap();
-    assert_eq!(
-        seen,
-        Some(Holder::InFlight {
-            fingerprint: fingerprint(5)
-        })
-    );
+    assert_eq!(seen, in_flight);
     assert!(
         started.elapsed() >= Duration::from_millis(300),
         "the waiter gave up early"
@@ -453,6 +452,10 @@ pub async fn wait_times_out_while_in_flight(store: Arc<dyn KeyStore>) {
         started.elapsed() < LONG_WAIT / 2,
         "the waiter overslept its timeout"
     );
+    for timeout in [Duration::ZERO, Duration::from_millis(1)] {
+        let seen = store.wait(&key, timeout).await;
+        assert_eq!(seen.unwrap(), in_flight, "a short wait is no failure");
+    }
     store.release(&key, token).await.unwrap();
 }
 

@@ -851,17 +851,23 @@ impl KeyStore for RedisStore {
             )
             .await;
         // The last answer that the key is in flight: what a wait that cannot read the key
-        // any more ends with at its deadline; and the last failed read's error.
+        // any more ends with at its deadline.
         let mut in_flight = None;
-        let mut failed = None;
         let mut pause = self.inner.poll_interval;
         loop {
             let notified = watch.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            // A read that hangs past the deadline ends the wait there.
-            let read = tokio::time::timeout_at(deadline, self.read_with_ttl(key)).await;
-            let read = read.unwrap_or(Err(StoreError::Timeout(timeout)));
+            let read = self.read_with_ttl(key);
+            let read = match in_flight {
+                // Seen in flight: a read that hangs past the deadline ends the wait there.
+                Some(_) => match tokio::time::timeout_at(deadline, read).await {
+                    Ok(read) => read,
+                    Err(_) => return Ok(in_flight),
+                },
+                None => read.await,
+            };
+            let now = Instant::now();
             let ttl = match read {
                 Ok((holder @ Some(Holder::InFlight { .. }), ttl)) => {
                     in_flight = holder;
@@ -869,21 +875,18 @@ impl KeyStore for RedisStore {
                 }
                 Ok((holder, _)) => return Ok(holder),
                 Err(err @ StoreError::Corrupt(_)) => return Err(err),
+                // Never seen, past the deadline: the store could not say.
+                Err(err) if now >= deadline && in_flight.is_none() => return Err(err),
                 // A key in flight is waited on through a store that fails for a while: the
                 // deadline ends the wait, not one failed read.
                 Err(err) => {
                     tracing::debug!(error = %err, "idempotency store: a waiter could not read its key; looking again");
-                    failed = Some(err);
                     None
                 }
             };
-            let now = Instant::now();
             if now >= deadline {
-                // In flight as last seen, or the error if it was never seen.
-                return match in_flight {
-                    Some(holder) => Ok(Some(holder)),
-                    None => Err(failed.unwrap_or(StoreError::Timeout(timeout))),
-                };
+                // Seen in flight, as the arms above leave it.
+                return Ok(in_flight);
             }
             // Polling is the fallback for a notification that does not come. While the key's
             // channel is listened to, none is lost (one lost with the connection wakes every

@@ -1072,6 +1072,48 @@ where
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_caller_that_leaves_during_the_store_s_step_leaves_no_run_to_cancel() {
+    // The handler is done and its body read; a remote store takes 1 s to store the response.
+    // With no run allowed to go on without its caller, the store's step still does: the
+    // response is stored, and the retry replayed, whether the body gave its length or not.
+    for given_length in [true, false] {
+        let store = Arc::new(CountingStore {
+            complete_delay: Duration::from_secs(1),
+            ..CountingStore::default()
+        });
+        let runs = Counter::default();
+        let counted = runs.clone();
+        let handler = service_fn(move |_req: Request<RequestBody<Full<Bytes>>>| {
+            counted.count();
+            let (events, made) = tokio::sync::mpsc::channel(1);
+            events.try_send("made").unwrap();
+            let body = match given_length {
+                true => http_body_util::Either::Left(Full::new(Bytes::from("made"))),
+                false => http_body_util::Either::Right(Events(made)),
+            };
+            async move { Ok::<_, Infallible>(Response::new(body)) }
+        });
+        let layer = IdempotencyServiceLayer::with_shared_store(store).max_detached(0);
+        let background = layer.background();
+        let svc = layer.layer(handler);
+        let call = svc.clone().oneshot(order_with_key("k"));
+        let left = tokio::time::timeout(Duration::from_millis(100), call).await;
+        assert!(left.is_err(), "the caller left during the store's step");
+        background.wait().await;
+        let retry = svc.oneshot(order_with_key("k")).await.unwrap();
+        assert_eq!(
+            retry
+                .headers()
+                .get("idempotent-replayed")
+                .map(|v| v.as_bytes()),
+            Some(&b"true"[..]),
+            "given length: {given_length}"
+        );
+        assert_eq!(runs.runs(), 1, "given length: {given_length}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn background_waits_for_a_run_whose_caller_left() {
     let (started, finished) = (Counter::default(), Counter::default());
     let svc = IdempotencyServiceLayer::default().layer(finishing_orders(

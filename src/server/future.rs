@@ -1,7 +1,10 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll, ready},
 };
 
@@ -147,21 +150,33 @@ pub(super) enum Respond<B: Body, E> {
     Later(BoxLater<Answer<B, E>>),
 }
 
-impl<B: Body, E> Respond<B, E> {
-    /// Goes on in `future`: a store's step, or first (`reading`) the rest of the response's
-    /// body, which the handler is still making.
+impl<B: Body, E> Respond<B, E>
+where
+    Answer<B, E>: 'static,
+{
+    /// Goes on in `future`, a store's step.
     pub(super) fn later(
         shared: Arc<Shared>,
-        reading: bool,
         future: impl Future<Output = Answer<B, E>> + Send + 'static,
-    ) -> Self
-    where
-        Answer<B, E>: 'static,
-    {
+    ) -> Self {
         Respond::Later(Box::pin(Later {
             future,
             shared,
-            reading,
+            reading: None,
+        }))
+    }
+
+    /// Goes on in `future`, which reads the rest of the response's body (the handler is still
+    /// at work, and says so in `reading` until the body is read) before the store's step.
+    pub(super) fn reading(
+        shared: Arc<Shared>,
+        reading: Arc<AtomicBool>,
+        future: impl Future<Output = Answer<B, E>> + Send + 'static,
+    ) -> Self {
+        Respond::Later(Box::pin(Later {
+            future,
+            shared,
+            reading: Some(reading),
         }))
     }
 }
@@ -182,7 +197,7 @@ pin_project! {
         #[pin]
         future: F,
         shared: Arc<Shared>,
-        reading: bool,
+        reading: Option<Arc<AtomicBool>>,
     }
 }
 
@@ -201,6 +216,8 @@ impl<F: Future> Finishing for Later<F> {
 
     fn reading(&self) -> bool {
         self.reading
+            .as_ref()
+            .is_some_and(|reading| reading.load(Ordering::Acquire))
     }
 }
 

@@ -1,4 +1,5 @@
-//! Deadlines that cannot overflow, however long a setting is.
+//! Deadlines that cannot overflow, however long a setting is; the pauses of a step tried again;
+//! and a warning's once a minute.
 
 use std::{
     sync::atomic::{AtomicU64, Ordering},
@@ -49,21 +50,6 @@ impl Backoff {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_longest_settings_do_not_overflow() {
-        let now = Instant::now();
-        assert_eq!(after(now, Duration::MAX), now + FOREVER);
-        assert_eq!(
-            after(now, Duration::from_secs(1)),
-            now + Duration::from_secs(1)
-        );
-    }
-}
-
 /// Lets something happen at most once a minute: a warning that would otherwise come with
 /// every request.
 #[derive(Debug)]
@@ -90,5 +76,20 @@ impl OncePerMinute {
                 .last
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_longest_settings_do_not_overflow() {
+        let now = Instant::now();
+        assert_eq!(after(now, Duration::MAX), now + FOREVER);
+        assert_eq!(
+            after(now, Duration::from_secs(1)),
+            now + Duration::from_secs(1)
+        );
     }
 }

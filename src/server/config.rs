@@ -43,7 +43,9 @@ pub enum OnStoreError {
     #[default]
     FailClosed,
     /// Run the request without idempotency, and log a warning. Duplicates in this process
-    /// are still coalesced; duplicates elsewhere may run again.
+    /// are still coalesced; duplicates elsewhere may run again. A duplicate that found the
+    /// key in flight, and whose wait for it failed, is answered 503 all the same: it would
+    /// run beside the request in progress.
     FailOpen,
 }
 
@@ -236,8 +238,8 @@ impl fmt::Debug for Config {
 pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) flights: Arc<Flights>,
-    /// The tasks the services left running: the runs whose callers went away, and the store
-    /// steps tried again.
+    /// The tasks the services left running: the runs whose callers went away (and the
+    /// storing of their responses), and the store steps tried again.
     pub(crate) tasks: tokio_util::task::TaskTracker,
     /// The runs whose callers went away.
     pub(crate) detached: Arc<Detached>,

@@ -367,8 +367,9 @@ impl IdempotencyServiceLayer {
         self
     }
 
-    /// The work this layer's services left running: the handlers whose callers went away, and
-    /// the store steps the service tries again after a store failed (a store's own tasks, such
+    /// The work this layer's services left running: the handlers whose callers went away (and
+    /// the storing of their responses), and the store steps the service tries again after a
+    /// store failed (a store's own tasks, such
     /// as those of `RedisStore`, are the store's). Wait for it after the server
     /// stopped taking requests, so that a run a client left finishes before the process exits:
     ///

@@ -233,10 +233,10 @@
 //!   the claim lasts its whole lease): a retry meanwhile waits rather than running the handler
 //!   again.
 //! - When the store fails, the service answers 503 without running the request
-//!   ([`OnStoreError::FailOpen`] runs it instead). A claim that the store grants after the
-//!   service stopped waiting for it (the store timeout passed, or the caller went away) is
-//!   given back as soon as the answer comes, within another store timeout, so a retry does not
-//!   wait for its lease.
+//!   ([`OnStoreError::FailOpen`] runs it instead, unless it is a duplicate that found the key
+//!   in flight). A claim that the store grants after the service stopped waiting for it (the
+//!   store timeout passed, or the caller went away) is given back as soon as the answer comes,
+//!   within another store timeout, so a retry does not wait for its lease.
 
 mod body;
 mod config;

@@ -1348,7 +1348,11 @@ mod tests {
             data: vec![Value::BulkString(channel.clone()), Value::Int(0)],
         };
         let watch = subscriptions.watch(channel.clone(), Duration::ZERO).await;
-        assert!(matches!(requests.try_recv(), Ok(Request::Subscribe(..))));
+        let Ok(Request::Subscribe(_, entry)) = requests.try_recv() else {
+            panic!("the first waiter subscribes")
+        };
+        subscriptions.mark_subscribed(&channel, &entry);
+        assert!(watch.listening());
         let notify = watch.notify.clone();
         let notified = notify.notified();
         tokio::pin!(notified);
@@ -1366,6 +1370,9 @@ mod tests {
                 .is_ok(),
             "the waiters look at their keys again"
         );
+        assert!(!watch.listening(), "and poll until it is made");
+        subscriptions.mark_subscribed(&channel, &entry);
+        assert!(watch.listening());
 
         // Once the last waiter left, the echo of its own unsubscribe subscribes nothing.
         drop(watch);

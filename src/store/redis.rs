@@ -851,21 +851,28 @@ impl KeyStore for RedisStore {
             )
             .await;
         // The last answer that the key is in flight: what a wait that cannot read the key
-        // any more ends with at its deadline.
+        // any more ends with at its deadline; and the last failed read's error.
         let mut in_flight = None;
+        let mut failed = None;
         let mut pause = self.inner.poll_interval;
         loop {
             let notified = watch.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let read = self.read_with_ttl(key);
-            let read = match in_flight {
-                // Seen in flight: a read that hangs past the deadline ends the wait there.
-                Some(_) => match tokio::time::timeout_at(deadline, read).await {
+            // The first look runs its course, however short the wait: the service bounds the
+            // wait from outside. A later one that hangs past the deadline ends the wait there,
+            // with what the look before it said.
+            let read = match (&in_flight, failed.take()) {
+                (None, None) => read.await,
+                (Some(_), _) => match tokio::time::timeout_at(deadline, read).await {
                     Ok(read) => read,
                     Err(_) => return Ok(in_flight),
                 },
-                None => read.await,
+                (None, Some(err)) => match tokio::time::timeout_at(deadline, read).await {
+                    Ok(read) => read,
+                    Err(_) => return Err(err),
+                },
             };
             let now = Instant::now();
             let ttl = match read {
@@ -881,6 +888,7 @@ impl KeyStore for RedisStore {
                 // deadline ends the wait, not one failed read.
                 Err(err) => {
                     tracing::debug!(error = %err, "idempotency store: a waiter could not read its key; looking again");
+                    failed = Some(err);
                     None
                 }
             };

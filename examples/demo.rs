@@ -152,6 +152,23 @@ async fn open_store() -> (Arc<dyn KeyStore>, String) {
 /// each attempt has its own timeout.
 type HttpClient = IdempotentClient<Client<HttpConnector, Full<Bytes>>>;
 
+/// The client: IdempotencyLayer + RetryPolicy + `attempt_timeout` per attempt, over hyper.
+/// Each request opens a fresh connection, so each of the proxy's faults hits exactly one
+/// attempt.
+fn http_client(attempt_timeout: Duration) -> HttpClient {
+    let hyper = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http();
+    IdempotentClientLayer::new()
+        .retry(
+            RetryPolicy::new()
+                .max_attempts(5)
+                .backoff(Duration::from_millis(50), Duration::from_millis(500)),
+        )
+        .attempt_timeout(attempt_timeout)
+        .layer(hyper)
+}
+
 struct Reply {
     status: StatusCode,
     replayed: bool,
@@ -221,19 +238,7 @@ async fn main() {
         "Clients reach it through a proxy on {proxy} that loses responses and answers 503 on cue.\n"
     );
 
-    // The client: IdempotencyLayer + RetryPolicy + a timeout per attempt, over hyper. Each
-    // request opens a fresh connection, so each of the proxy's faults hits exactly one attempt.
-    let hyper = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(0)
-        .build_http();
-    let client: HttpClient = IdempotentClientLayer::new()
-        .retry(
-            RetryPolicy::new()
-                .max_attempts(5)
-                .backoff(Duration::from_millis(50), Duration::from_millis(500)),
-        )
-        .attempt_timeout(Duration::from_secs(5))
-        .layer(hyper);
+    let client = http_client(Duration::from_secs(5));
 
     // 1. A lost response and an outage, and retries with the same key.
     let key =
@@ -315,18 +320,7 @@ async fn main() {
     );
 
     // 3. A client that gives up on a slow attempt: the run goes on without it.
-    let impatient: HttpClient = IdempotentClientLayer::new()
-        .retry(
-            RetryPolicy::new()
-                .max_attempts(5)
-                .backoff(Duration::from_millis(50), Duration::from_millis(500)),
-        )
-        .attempt_timeout(Duration::from_millis(150))
-        .layer(
-            Client::builder(TokioExecutor::new())
-                .pool_max_idle_per_host(0)
-                .build_http(),
-        );
+    let impatient = http_client(Duration::from_millis(150));
     let slow =
         IdempotencyKey::new(format!("slow-{}", &uuid::Uuid::new_v4().to_string()[..8])).unwrap();
     println!(

@@ -857,17 +857,23 @@ async fn many_keys_waited_on_at_once_on_a_cluster_are_all_woken_and_unsubscribed
     .await;
 }
 
+/// A store on `server` whose waiters look at their keys every `interval` when no notification
+/// came.
+async fn polling_every(server: &RedisServer, interval: Duration) -> RedisStore {
+    RedisStore::builder()
+        .poll_interval(interval)
+        .connect(&server.url())
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_whose_key_s_channel_is_listened_to_polls_less_and_less() {
     // Polling every 50 ms, a 1.5 s wait on a key that stays in flight would read it some 30
     // times; with its notifications coming, the pauses double up to 400 ms.
     let server = RedisServer::start();
     let store = RedisStore::connect(&server.url()).await.unwrap();
-    let waiting = RedisStore::builder()
-        .poll_interval(Duration::from_millis(50))
-        .connect(&server.url())
-        .await
-        .unwrap();
+    let waiting = polling_every(&server, Duration::from_millis(50)).await;
     let key = fresh_key();
     claimed(&store, &key, LEASE).await;
     let reads = || {
@@ -894,11 +900,7 @@ async fn a_waiter_whose_notification_never_comes_finds_the_record_by_polling() {
     // polls, every 200 ms here, and finds it.
     let server = RedisServer::start();
     let store = RedisStore::connect(&server.url()).await.unwrap();
-    let waiting = RedisStore::builder()
-        .poll_interval(Duration::from_millis(200))
-        .connect(&server.url())
-        .await
-        .unwrap();
+    let waiting = polling_every(&server, Duration::from_millis(200)).await;
     let done = fresh_key();
     let token = claimed(&store, &done, LEASE).await;
     store

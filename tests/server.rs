@@ -1038,13 +1038,8 @@ async fn past_max_detached_a_run_whose_caller_leaves_is_cancelled_and_its_key_fr
 /// Sends five requests with keys of their own through `handler` behind a layer that lets two
 /// runs go on without their callers, and leaves each while its run goes on; then retries
 /// them all: two are replayed, three run again.
-async fn five_callers_leave_two_runs_go_on<H, B>(handler: H)
+async fn five_callers_leave_two_runs_go_on<B>(handler: impl Handler<B>)
 where
-    H: Service<Request<RequestBody<Full<Bytes>>>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    H::Future: Send + 'static,
     B: http_body::Body<Data = Bytes, Error = Infallible> + Send + 'static,
 {
     let layer = IdempotencyServiceLayer::default().max_detached(2);
@@ -1101,12 +1096,8 @@ async fn a_caller_that_leaves_during_the_store_s_step_leaves_no_run_to_cancel() 
         assert!(left.is_err(), "the caller left during the store's step");
         background.wait().await;
         let retry = svc.oneshot(order_with_key("k")).await.unwrap();
-        assert_eq!(
-            retry
-                .headers()
-                .get("idempotent-replayed")
-                .map(|v| v.as_bytes()),
-            Some(&b"true"[..]),
+        assert!(
+            retry.headers().contains_key("idempotent-replayed"),
             "given length: {given_length}"
         );
         assert_eq!(runs.runs(), 1, "given length: {given_length}");
@@ -1339,24 +1330,30 @@ impl http_body::Body for Chunks {
     }
 }
 
+/// A handler whose body says it is 5 bytes long and sends 20, in two chunks; it counts its
+/// runs in `calls`.
+fn overrunning_orders(calls: &Counter) -> impl Handler<Chunks> {
+    let counted = calls.clone();
+    service_fn(move |_req: Request<_>| {
+        counted.count();
+        async {
+            let body = Chunks {
+                chunks: [Bytes::from("0123456789"), Bytes::from("abcdefghij")].into(),
+                says: Some(5),
+            };
+            Ok::<_, Infallible>(Response::new(body))
+        }
+    })
+}
+
 #[tokio::test]
 async fn a_body_that_runs_past_its_length_and_the_limit_is_cut_off_there_and_not_stored() {
     // A body that gave its length is read where it lies, so what it sends past that length is
-    // read no further than the limit, however much more it has (or if it never ends).
+    // read no further than the limit, however much more it sends.
     let calls = Counter::default();
-    let counted = calls.clone();
     let svc = IdempotencyServiceLayer::default()
         .max_stored_response(8)
-        .layer(service_fn(move |_req: Request<_>| {
-            counted.count();
-            async {
-                let body = Chunks {
-                    chunks: [Bytes::from("0123456789"), Bytes::from("abcdefghij")].into(),
-                    says: Some(5),
-                };
-                Ok::<_, Infallible>(Response::new(body))
-            }
-        }));
+        .layer(overrunning_orders(&calls));
     let first = svc.clone().oneshot(order()).await.unwrap();
     assert_eq!(first.status(), StatusCode::OK);
     assert_eq!(
@@ -1371,17 +1368,7 @@ async fn a_body_that_runs_past_its_length_and_the_limit_is_cut_off_there_and_not
 #[tokio::test]
 async fn a_body_that_runs_past_its_length_within_the_limit_is_stored_as_it_came() {
     let calls = Counter::default();
-    let counted = calls.clone();
-    let svc = IdempotencyServiceLayer::default().layer(service_fn(move |_req: Request<_>| {
-        counted.count();
-        async {
-            let body = Chunks {
-                chunks: [Bytes::from("0123456789"), Bytes::from("abcdefghij")].into(),
-                says: Some(5),
-            };
-            Ok::<_, Infallible>(Response::new(body))
-        }
-    }));
+    let svc = IdempotencyServiceLayer::default().layer(overrunning_orders(&calls));
     for replayed in [false, true] {
         let response = svc.clone().oneshot(order()).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
@@ -1930,11 +1917,11 @@ fn order_of(body: &'static str) -> Request<Full<Bytes>> {
         .unwrap()
 }
 
-/// The handlers of the services called in process.
-trait Orders:
+/// The handlers of the services called in process, answering bodies of type `B`.
+trait Handler<B>:
     Service<
         Request<RequestBody<Full<Bytes>>>,
-        Response = Response<Full<Bytes>>,
+        Response = Response<B>,
         Error = Infallible,
         Future: Send + 'static,
     > + Clone
@@ -1943,10 +1930,10 @@ trait Orders:
 {
 }
 
-impl<T> Orders for T where
+impl<T, B> Handler<B> for T where
     T: Service<
             Request<RequestBody<Full<Bytes>>>,
-            Response = Response<Full<Bytes>>,
+            Response = Response<B>,
             Error = Infallible,
             Future: Send + 'static,
         > + Clone
@@ -1954,6 +1941,11 @@ impl<T> Orders for T where
         + 'static
 {
 }
+
+/// The handlers of the services called in process that answer whole bodies.
+trait Orders: Handler<Full<Bytes>> {}
+
+impl<T: Handler<Full<Bytes>>> Orders for T {}
 
 /// A handler for the services called in process: it counts each run in `calls` and answers
 /// `run=N` for the Nth.
@@ -2136,16 +2128,7 @@ fn grpc_answering(
     code: &'static str,
     in_trailers: bool,
     store: impl KeyStore,
-) -> IdempotencyService<
-    impl Service<
-        Request<RequestBody<Full<Bytes>>>,
-        Response = Response<WithTrailers>,
-        Error = Infallible,
-        Future: Send + 'static,
-    > + Clone
-    + Send
-    + 'static,
-> {
+) -> IdempotencyService<impl Handler<WithTrailers>> {
     let calls = calls.clone();
     IdempotencyService::new(
         service_fn(move |_req: Request<RequestBody<Full<Bytes>>>| {

@@ -154,29 +154,17 @@ impl<B: Body, E> Respond<B, E>
 where
     Answer<B, E>: 'static,
 {
-    /// Goes on in `future`, a store's step.
+    /// Goes on in `future`: a store's step, or first the rest of the response's body, while
+    /// `reading` says the handler is still at work.
     pub(super) fn later(
         shared: Arc<Shared>,
+        reading: Option<Arc<AtomicBool>>,
         future: impl Future<Output = Answer<B, E>> + Send + 'static,
     ) -> Self {
         Respond::Later(Box::pin(Later {
             future,
             shared,
-            reading: None,
-        }))
-    }
-
-    /// Goes on in `future`, which reads the rest of the response's body (the handler is still
-    /// at work, and says so in `reading` until the body is read) before the store's step.
-    pub(super) fn reading(
-        shared: Arc<Shared>,
-        reading: Arc<AtomicBool>,
-        future: impl Future<Output = Answer<B, E>> + Send + 'static,
-    ) -> Self {
-        Respond::Later(Box::pin(Later {
-            future,
-            shared,
-            reading: Some(reading),
+            reading,
         }))
     }
 }

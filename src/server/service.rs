@@ -945,7 +945,7 @@ impl ClaimGuard {
         }
         let shared = self.keyed.shared.clone();
         let reading = Arc::new(AtomicBool::new(true));
-        Respond::reading(shared, reading.clone(), async move {
+        Respond::later(shared, Some(reading.clone()), async move {
             let mut body = Box::pin(body);
             let buffered = self.keeping_alive(Collect::new(body.as_mut(), limit)).await;
             // Read: from here on, a caller that leaves leaves only the store's step.
@@ -975,7 +975,7 @@ impl ClaimGuard {
     {
         let shared = self.keyed.shared.clone();
         let Some(local) = &shared.config.local else {
-            return Respond::later(shared, self.store(parts, buffered, None));
+            return Respond::later(shared, None, self.store(parts, buffered, None));
         };
         match buffered {
             Buffered::Whole { data, trailers } if failed_in_passing(&trailers) => {
@@ -991,7 +991,7 @@ impl ClaimGuard {
                 Respond::Now(Ok(whole(parts, data, trailers)))
             }
             // Rarer: a body that failed, or ran past the length it gave and past the limit.
-            buffered => Respond::later(shared.clone(), self.store(parts, buffered, None)),
+            buffered => Respond::later(shared.clone(), None, self.store(parts, buffered, None)),
         }
     }
 
@@ -1007,7 +1007,7 @@ impl ClaimGuard {
         // `complete` stores at once in a store in this process; a stream is rare enough that
         // the box costs nothing worth a path of its own.
         let shared = self.keyed.shared.clone();
-        Respond::later(shared, async move {
+        Respond::later(shared, None, async move {
             self.complete(&record).await;
             Ok(response)
         })
@@ -1025,7 +1025,7 @@ impl ClaimGuard {
                 self.release_now(local);
                 Respond::Now(answer)
             }
-            None => Respond::later(shared.clone(), async move {
+            None => Respond::later(shared.clone(), None, async move {
                 self.release().await;
                 answer
             }),

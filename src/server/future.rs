@@ -409,7 +409,8 @@ where
             None
         };
         tracing::debug!("idempotency: the caller went away; the handler finishes on its own");
-        // Without a runtime the run is dropped, and its claim released.
+        // Without a runtime the run is dropped, and its claim released (a remote store's
+        // lapses with its lease).
         shared.spawn(async move {
             drop(self.await);
             drop(slot);

@@ -290,6 +290,47 @@ async fn a_duplicate_waiting_in_another_service_rides_out_a_redis_stall() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_across_a_planned_failover_is_stored_and_replayed_by_another_service() {
+    // The key's master hands its slots to its replica while the handler runs; the demoted
+    // master refuses writes. The run's lease renewals and completion follow the slot to the
+    // new master, and the retry in another service is a replay.
+    let cluster = support::Cluster::start(1);
+    let connect = || async {
+        let store = RedisStore::builder()
+            .connect_cluster(cluster.urls())
+            .await
+            .unwrap();
+        IdempotencyServiceLayer::new(store).lease(Duration::from_secs(3))
+    };
+    let [a, b] = two_servers(connect().await, connect().await).await;
+    // Both services know the cluster's slots and hold its scripts.
+    assert_eq!(
+        a.post("/orders", "k-warm", "tea").await.status,
+        StatusCode::CREATED
+    );
+    assert!(b.post("/orders", "k-warm", "tea").await.replayed());
+    let first = a.spawn_post("/orders?delay_ms=1500", "k-failover", "tea");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let redis_key = RedisStore::builder()
+        .connect_cluster(cluster.urls())
+        .await
+        .unwrap()
+        .redis_key(&StoreKey::new(
+            b"",
+            &IdempotencyKey::new("k-failover").unwrap(),
+        ));
+    cluster.fail_over_slot_of(&redis_key);
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.text());
+    // A completion refused on the way is tried again in the background: give it a moment.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let retry = b.post("/orders?delay_ms=1500", "k-failover", "tea").await;
+    assert!(retry.replayed(), "the retry ran again: {}", retry.text());
+    assert_eq!(retry.text(), first.text());
+    assert_eq!(a.runs.runs(), 2, "one run for each key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_first_seen_key_costs_two_commands_and_a_replay_one() {
     let server = RedisServer::start();
     let store = RedisStore::builder()

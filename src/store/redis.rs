@@ -54,6 +54,12 @@ const HEADER_LEN: usize = 1 + 1 + 16 + 32;
 // The scripts check the value's header byte by byte (Lua strings are 1-indexed): byte 1 the
 // version, byte 2 the state, bytes 3..=18 the fencing token. They return -1 for a value they do
 // not recognise, 0 when the token does not own the key, 1 when they did their work.
+//
+// Each starts with a shebang, which declares it a script that writes (the read, `no-writes`):
+// a cluster node that is a replica now (a failover demoted it) answers MOVED to such a script,
+// and the client follows the slot to its new master. Without one, a demoted master the client
+// still held for the slot ran the script itself, and refused its first write with READONLY,
+// for as long as nothing else refreshed the client's map of the slots.
 
 /// A script that starts by reading the key's value into `v`: a missing key returns 0, a value
 /// shorter than the header or of another version -1 (the literals are `HEADER_LEN` and
@@ -61,6 +67,7 @@ const HEADER_LEN: usize = 1 + 1 + 16 + 32;
 macro_rules! script {
     ($($line:literal)*) => {
         concat!(
+            "#!lua\n",
             "local v = redis.call('GET', KEYS[1])\n",
             "if not v then return 0 end\n",
             "if #v < 50 or string.byte(v, 1) ~= 1 then return -1 end\n",
@@ -77,6 +84,7 @@ const _: () = assert!(HEADER_LEN == 50 && VALUE_VERSION == 1);
 /// Unlike the others, it goes on where the key is missing: the claim lapsed (or Redis lost it)
 /// and no other run took the key over, so the run's record overwrites nothing.
 const COMPLETE_SCRIPT: &str = concat!(
+    "#!lua\n",
     "local v = redis.call('GET', KEYS[1])\n",
     "if v then\n",
     "if #v < 50 or string.byte(v, 1) ~= 1 then return -1 end\n",

@@ -212,13 +212,7 @@ impl Cluster {
         let slot: u16 = reply.trim().trim_start_matches(':').parse().unwrap();
         // `<id> <ip:port@cport> <flags> <master> <ping> <pong> <epoch> <state> <slots>...`
         let nodes = command(any, "CLUSTER NODES");
-        let owns = |line: &str| {
-            line.split_whitespace().skip(8).any(|range| {
-                let (first, last) = range.split_once('-').unwrap_or((range, range));
-                first.parse().is_ok_and(|first: u16| first <= slot)
-                    && last.parse().is_ok_and(|last: u16| slot <= last)
-            })
-        };
+        let owns = |line: &str| owns_slot(line, slot);
         let node = |line: &str| {
             let mut fields = line.split_whitespace();
             let id = fields.next().unwrap().to_owned();
@@ -281,8 +275,13 @@ fn ok(reply: String) {
 /// The cluster of this test binary, created on first use.
 pub fn cluster() -> &'static Cluster {
     static CLUSTER: OnceLock<Cluster> = OnceLock::new();
-    CLUSTER.get_or_init(|| {
-        let nodes: Vec<RedisServer> = (0..3)
+    CLUSTER.get_or_init(|| Cluster::start(0))
+}
+
+impl Cluster {
+    /// A cluster of 3 masters with `replicas` replicas each, of its own.
+    pub fn start(replicas: usize) -> Self {
+        let nodes: Vec<RedisServer> = (0..3 * (1 + replicas))
             .map(|_| {
                 RedisServer::start_with(&[
                     "--cluster-enabled",
@@ -304,7 +303,7 @@ pub fn cluster() -> &'static Cluster {
             .arg("--cluster")
             .arg("create")
             .args(&addresses)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdin(Stdio::null())
             .output()
             .unwrap_or_else(|err| panic!("{INSTALL_HINT} ({err})"));
@@ -315,20 +314,66 @@ pub fn cluster() -> &'static Cluster {
             String::from_utf8_lossy(&output.stderr),
             cluster.logs()
         );
+        let settled = |n: &RedisServer| {
+            command(n.port(), "CLUSTER INFO").contains("cluster_state:ok")
+                && !command(n.port(), "INFO replication").contains("master_link_status:down")
+        };
         let started = Instant::now();
-        while !cluster
-            .nodes
-            .iter()
-            .all(|n| command(n.port(), "CLUSTER INFO").contains("cluster_state:ok"))
-        {
+        while !cluster.nodes.iter().all(settled) {
             assert!(
-                started.elapsed() < Duration::from_secs(20),
+                started.elapsed() < Duration::from_secs(30),
                 "the cluster did not settle:\n{}",
                 cluster.logs()
             );
             thread::sleep(Duration::from_millis(50));
         }
         cluster
+    }
+
+    /// Hands the slot of `redis_key` from its master to that master's replica, as a planned
+    /// failover does (`CLUSTER FAILOVER` on the replica), and waits until the old master
+    /// follows the new one.
+    pub fn fail_over_slot_of(&self, redis_key: &str) {
+        let any = self.nodes[0].port();
+        let slot = command(any, &format!("CLUSTER KEYSLOT {redis_key}"));
+        let slot = slot.trim().trim_start_matches(':');
+        let master = self
+            .nodes
+            .iter()
+            .find(|n| {
+                command(n.port(), "CLUSTER NODES").lines().any(|line| {
+                    line.contains("myself,master") && owns_slot(line, slot.parse().unwrap())
+                })
+            })
+            .expect("the slot's master");
+        let replica = self
+            .nodes
+            .iter()
+            .find(|n| {
+                let info = command(n.port(), "INFO replication");
+                info.contains("role:slave")
+                    && info.contains(&format!("master_port:{}", master.port()))
+            })
+            .expect("a replica of the slot's master");
+        ok(command(replica.port(), "CLUSTER FAILOVER"));
+        let started = Instant::now();
+        while !command(master.port(), "INFO replication").contains("role:slave") {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the failover did not happen:\n{}",
+                self.logs()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Whether a `CLUSTER NODES` line lists `slot` among its node's.
+fn owns_slot(line: &str, slot: u16) -> bool {
+    line.split_whitespace().skip(8).any(|range| {
+        let (first, last) = range.split_once('-').unwrap_or((range, range));
+        first.parse().is_ok_and(|first: u16| first <= slot)
+            && last.parse().is_ok_and(|last: u16| slot <= last)
     })
 }
 

@@ -1001,3 +1001,31 @@ async fn a_wait_whose_reads_all_fail_ends_at_its_deadline_with_the_error() {
         "the wait ended after {took:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_out_of_memory_still_releases_and_renews_claims_but_stores_nothing() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    let (kept, given_back) = (fresh_key(), fresh_key());
+    let kept_token = claimed(&store, &kept, LEASE).await;
+    let given_back_token = claimed(&store, &given_back, LEASE).await;
+    let set = |limit: &str| command(server.port(), &format!("CONFIG SET maxmemory {limit}"));
+    assert_eq!(set("1").trim(), "+OK");
+    let refused = store
+        .complete(&kept, kept_token, &record("done"), RETENTION)
+        .await;
+    assert!(
+        matches!(&refused, Err(StoreError::Backend(err)) if err.to_string().contains("OOM")),
+        "{refused:?}"
+    );
+    assert!(store.extend(&kept, kept_token, LEASE).await.unwrap());
+    assert!(store.release(&given_back, given_back_token).await.unwrap());
+    assert_eq!(set("0").trim(), "+OK");
+    assert_eq!(
+        store
+            .complete(&kept, kept_token, &record("done"), RETENTION)
+            .await
+            .unwrap(),
+        Completion::Stored
+    );
+}

@@ -55,7 +55,8 @@ const HEADER_LEN: usize = 1 + 1 + 16 + 32;
 // version, byte 2 the state, bytes 3..=18 the fencing token. They return -1 for a value they do
 // not recognise, 0 when the token does not own the key, 1 when they did their work.
 //
-// Each starts with a shebang, which declares it a script that writes (the read, `no-writes`):
+// Each starts with a shebang, which declares it a script that writes (the read, `no-writes`;
+// the release and the renewal, which free memory or keep it, `allow-oom`):
 // a cluster node that is a replica now (a failover demoted it) answers MOVED to such a script,
 // and the client follows the slot to its new master. Without one, a demoted master the client
 // still held for the slot ran the script itself, and refused its first write with READONLY,
@@ -67,7 +68,8 @@ const HEADER_LEN: usize = 1 + 1 + 16 + 32;
 macro_rules! script {
     ($($line:literal)*) => {
         concat!(
-            "#!lua\n",
+            // They only delete or shorten: Redis out of memory may still run them.
+            "#!lua flags=allow-oom\n",
             "local v = redis.call('GET', KEYS[1])\n",
             "if not v then return 0 end\n",
             "if #v < 50 or string.byte(v, 1) ~= 1 then return -1 end\n",

@@ -1023,6 +1023,14 @@ impl Subscriptions {
         }
     }
 
+    /// The server says it subscribed to `channel`: one that no waiter listens to any more is
+    /// left again.
+    fn subscribed_to(&self, channel: &[u8]) {
+        if !self.lock().contains_key(channel) {
+            let _ = self.requests.send(Request::Unsubscribe(channel.to_vec()));
+        }
+    }
+
     /// The server dropped its subscription to `channel` by itself (a cluster does when the
     /// channel's slot moves to another node): if waiters still listen on it, subscribe again,
     /// and have them look at their keys now, in case a notification was missed meanwhile.
@@ -1089,6 +1097,14 @@ fn push_handler(
             PushKind::SUnsubscribe | PushKind::Unsubscribe => {
                 if let Some(Value::BulkString(channel)) = push.data.first() {
                     subscriptions.dropped(channel);
+                }
+            }
+            // Also a subscription the cluster client renewed by itself after a reconnect: it
+            // keeps those whose unsubscribe never got its reply (it timed out), and would keep
+            // a channel nobody listens to subscribed for good.
+            PushKind::SSubscribe | PushKind::Subscribe => {
+                if let Some(Value::BulkString(channel)) = push.data.first() {
+                    subscriptions.subscribed_to(channel);
                 }
             }
             PushKind::Disconnection => {
@@ -1397,6 +1413,26 @@ mod tests {
         assert!(matches!(requests.try_recv(), Ok(Request::Unsubscribe(_))));
         handler(dropped()).unwrap();
         assert!(requests.try_recv().is_err());
+
+        // A subscription made again with no waiter left (the cluster client renews those
+        // whose unsubscribe timed out) is left again; one a waiter listens on is kept.
+        let renewed = || PushInfo {
+            kind: PushKind::SSubscribe,
+            data: vec![Value::BulkString(channel.clone()), Value::Int(1)],
+        };
+        handler(renewed()).unwrap();
+        assert!(
+            matches!(requests.try_recv(), Ok(Request::Unsubscribe(left)) if left == channel),
+            "a channel nobody listens on is left"
+        );
+        let watch = subscriptions.watch(channel.clone(), Duration::ZERO).await;
+        assert!(matches!(requests.try_recv(), Ok(Request::Subscribe(..))));
+        handler(renewed()).unwrap();
+        assert!(
+            requests.try_recv().is_err(),
+            "a channel listened on is kept"
+        );
+        drop(watch);
     }
 
     #[test]

@@ -150,25 +150,27 @@ pub fn transient_grpc_status(headers: &HeaderMap) -> bool {
 ///
 /// ```
 /// use http::HeaderName;
-/// use tower_idempotency::{IdempotencyServiceLayer, server::DEFAULT_REPLAY_EXCLUDED};
+/// use tower_idempotency::{IdempotencyServiceLayer, server::default_replay_excluded};
 ///
 /// let layer = IdempotencyServiceLayer::default().replay_excluded_headers(
-///     DEFAULT_REPLAY_EXCLUDED.into_iter().chain([HeaderName::from_static("x-request-id")]),
+///     default_replay_excluded().into_iter().chain([HeaderName::from_static("x-request-id")]),
 /// );
 /// # let _ = layer;
 /// ```
-pub const DEFAULT_REPLAY_EXCLUDED: [HeaderName; 10] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::DATE,
-    header::SET_COOKIE,
-];
+pub fn default_replay_excluded() -> Vec<HeaderName> {
+    vec![
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::DATE,
+        header::SET_COOKIE,
+    ]
+}
 
 impl Config {
     pub(crate) fn new(store: Arc<dyn KeyStore>) -> Self {
@@ -198,7 +200,7 @@ impl Config {
             max_stored_response: 1024 * 1024,
             store_if: Arc::new(default_store_if),
             stream_if: Arc::new(default_stream_if),
-            replay_excluded: DEFAULT_REPLAY_EXCLUDED.to_vec(),
+            replay_excluded: default_replay_excluded(),
             on_store_error: OnStoreError::FailClosed,
             store_timeout: Duration::from_secs(2),
             detach: true,

@@ -37,7 +37,7 @@ const MIN_TIME: Duration = Duration::from_millis(1);
 /// | [`max_stored_response`](Self::max_stored_response) | 1 MiB |
 /// | [`store_if`](Self::store_if) | [`default_store_if`](super::default_store_if): every status but 1xx, 5xx, 408 and 429, and no gRPC failure that may pass |
 /// | [`stream_if`](Self::stream_if) | [`default_stream_if`](super::default_stream_if): server-sent events go out as they are made, unstored |
-/// | [`replay_excluded_headers`](Self::replay_excluded_headers) | [`DEFAULT_REPLAY_EXCLUDED`](super::DEFAULT_REPLAY_EXCLUDED): hop-by-hop headers, `Date`, `Set-Cookie` |
+/// | [`replay_excluded_headers`](Self::replay_excluded_headers) | [`default_replay_excluded`](super::default_replay_excluded): hop-by-hop headers, `Date`, `Set-Cookie` |
 /// | [`on_store_error`](Self::on_store_error) | [`OnStoreError::FailClosed`] (503) |
 /// | [`store_timeout`](Self::store_timeout) | 2 s per store call |
 /// | [`detach`](Self::detach) | `true` |
@@ -311,7 +311,7 @@ impl IdempotencyServiceLayer {
 
     /// The response headers left out of a stored response, and so out of every replay. The
     /// first caller still gets them. This list replaces the default,
-    /// [`DEFAULT_REPLAY_EXCLUDED`](super::DEFAULT_REPLAY_EXCLUDED): the hop-by-hop headers,
+    /// [`default_replay_excluded`](super::default_replay_excluded): the hop-by-hop headers,
     /// `Date` and `Set-Cookie` (its docs show how to add to it). While `Connection` is among
     /// them, so are the headers a response names in it, which were for that connection only.
     pub fn replay_excluded_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {

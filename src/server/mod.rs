@@ -249,7 +249,7 @@ mod service;
 
 pub use body::{RequestBody, ResponseBody};
 pub use config::{
-    DEFAULT_REPLAY_EXCLUDED, OnConflict, OnStoreError, default_store_if, default_stream_if,
+    OnConflict, OnStoreError, default_replay_excluded, default_store_if, default_stream_if,
     transient_grpc_status,
 };
 pub use future::ResponseFuture;

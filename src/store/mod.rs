@@ -199,6 +199,7 @@ impl FencingToken {
 // A record is returned by value once per call; boxing it would cost an allocation per replay.
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub enum Holder {
     /// Another request is running under this key.
     InFlight {
@@ -222,6 +223,7 @@ pub enum Claim {
 
 /// The answer to [`KeyStore::complete`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Completion {
     /// The record is stored (or was already stored under the same token).
     Stored,

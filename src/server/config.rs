@@ -180,6 +180,11 @@ impl Config {
         let local = any
             .downcast_ref::<MemoryStore>()
             .or_else(|| any.downcast_ref::<Arc<MemoryStore>>().map(|store| &**store))
+            .or_else(|| {
+                // An `Arc<dyn KeyStore>` handed over as a store of its own.
+                let shared = any.downcast_ref::<Arc<dyn KeyStore>>()?;
+                (&**shared as &dyn Any).downcast_ref::<MemoryStore>()
+            })
             .cloned();
         Self {
             store,

@@ -454,6 +454,20 @@ mod tests {
     }
 
     #[test]
+    fn a_memory_store_is_called_directly_however_it_is_handed_over() {
+        let memory = MemoryStore::new();
+        let shared: Arc<dyn KeyStore> = Arc::new(memory.clone());
+        for layer in [
+            IdempotencyServiceLayer::new(memory.clone()),
+            IdempotencyServiceLayer::new(Arc::new(memory.clone())),
+            IdempotencyServiceLayer::with_shared_store(shared.clone()),
+            IdempotencyServiceLayer::new(shared),
+        ] {
+            assert!(layer.shared.config.local.is_some(), "{layer:?}");
+        }
+    }
+
+    #[test]
     #[should_panic(expected = "store_timeout must be at least 1 ms")]
     fn a_store_timeout_of_no_time_is_refused() {
         let _ = IdempotencyServiceLayer::default().store_timeout(Duration::ZERO);

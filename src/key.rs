@@ -230,7 +230,7 @@ impl fmt::Display for InvalidKey {
             Self::Empty => write!(f, "the idempotency key is empty; {HINT}"),
             Self::TooLong { len } => write!(
                 f,
-                "the idempotency key is {len} characters long, more than {MAX_KEY_LEN}; {HINT}"
+                "the idempotency key is {len} bytes long, more than {MAX_KEY_LEN}; {HINT}"
             ),
             Self::InvalidCharacter { position } => write!(
                 f,

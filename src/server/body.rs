@@ -29,6 +29,23 @@ pin_project! {
     }
 }
 
+/// A request body as the inner service sees it when the service passes a request on
+/// unread: to call an inner service directly, in a test of its own.
+///
+/// ```
+/// use bytes::Bytes;
+/// use http_body_util::Full;
+/// use tower_idempotency::server::RequestBody;
+///
+/// let body = RequestBody::from(Full::new(Bytes::from("tea")));
+/// # let _ = body;
+/// ```
+impl<B> From<B> for RequestBody<B> {
+    fn from(body: B) -> Self {
+        Self::inner(body)
+    }
+}
+
 impl<B> RequestBody<B> {
     pub(crate) fn inner(body: B) -> Self {
         Self {

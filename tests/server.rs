@@ -358,7 +358,7 @@ async fn invalid_keys_are_400_with_a_message_that_says_why() {
     let long = "k".repeat(256);
     let cases: [(&[&[u8]], &str); 7] = [
         (&[b""], "empty"),
-        (&[long.as_bytes()], "256 characters"),
+        (&[long.as_bytes()], "256 bytes"),
         (&["clé".as_bytes()], "non-ASCII"),
         (
             &[b"a", b"b"],

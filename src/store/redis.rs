@@ -56,11 +56,11 @@ const HEADER_LEN: usize = 1 + 1 + 16 + 32;
 // not recognise, 0 when the token does not own the key, 1 when they did their work.
 //
 // Each starts with a shebang, which declares it a script that writes (the read, `no-writes`;
-// the release and the renewal, which free memory or keep it, `allow-oom`):
-// a cluster node that is a replica now (a failover demoted it) answers MOVED to such a script,
-// and the client follows the slot to its new master. Without one, a demoted master the client
-// still held for the slot ran the script itself, and refused its first write with READONLY,
-// for as long as nothing else refreshed the client's map of the slots.
+// the release and the renewal, which free memory or keep it, `allow-oom`): a cluster node that
+// is a replica now (a failover demoted it) answers MOVED to such a script, and the client
+// follows the slot to its new master. Without one, a demoted master the client still held for
+// the slot ran the script itself, and refused its first write with READONLY, for as long as
+// nothing else refreshed the client's map of the slots.
 
 /// A script that starts by reading the key's value into `v`: a missing key returns 0, a value
 /// shorter than the header or of another version -1 (the literals are `HEADER_LEN` and

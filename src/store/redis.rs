@@ -498,14 +498,22 @@ impl RedisStore {
         }
     }
 
-    /// Runs a script as one step (see [`call`](Self::call)).
+    /// Runs a script as one step (see [`call`](Self::call)). A script the node does not hold
+    /// is loaded and run again by the client; on a cluster whose slot just moved (a failover),
+    /// that load can miss the slot's new node, and the script is run once more.
     async fn invoke<T: redis::FromRedisValue>(
         &self,
         what: &str,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T, StoreError> {
         self.call(what, |mut conn| async move {
-            invocation.invoke_async(&mut conn).await
+            match invocation.invoke_async(&mut conn).await {
+                Err(err) if err.kind() == ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                    tracing::debug!(error = %err, "idempotency store: {what} found no script; loading it again");
+                    invocation.invoke_async(&mut conn).await
+                }
+                result => result,
+            }
         })
         .await
     }

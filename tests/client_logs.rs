@@ -32,7 +32,7 @@ impl std::io::Write for Logged {
 }
 
 #[tokio::test]
-async fn each_attempt_and_each_decision_to_retry_is_logged() {
+async fn each_attempt_and_each_decision_to_retry_or_not_is_logged() {
     let logged = Logged::default();
     let writer = logged.clone();
     tracing_subscriber::fmt()
@@ -61,9 +61,32 @@ async fn each_attempt_and_each_decision_to_retry_is_logged() {
     let request = Request::post("http://api.test/orders")
         .body(Full::new(Bytes::from_static(b"{}")))
         .unwrap();
-    let response = client.oneshot(request).await.unwrap();
+    let response = client.clone().oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::CREATED);
     assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+    // A key header that holds no key: warned of, and its failure is not retried.
+    let mut request = Request::post("http://api.test/orders")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("idempotency-key", "two words".parse().unwrap());
+    calls.store(0, Ordering::SeqCst);
+    let response = client.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    // An error the policy's classifier does not retry: the decision is logged with why.
+    let failing = IdempotentClientLayer::new()
+        .retry(RetryPolicy::new().retry_errors_if(|_: &tower::BoxError| false))
+        .layer(service_fn(|_req: Request<Full<Bytes>>| async {
+            Err::<Response<String>, _>("connection reset")
+        }));
+    let request = Request::get("http://api.test/orders")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert!(failing.oneshot(request).await.is_err());
 
     let text = String::from_utf8(logged.0.lock().unwrap().clone()).unwrap();
     let lines: Vec<&str> = text.lines().collect();
@@ -77,4 +100,12 @@ async fn each_attempt_and_each_decision_to_retry_is_logged() {
     let retrying = find(&["retrying", "attempt=1", "outcome=503", "wait="]);
     let second = find(&["Request: POST /orders", "attempt=2"]);
     assert!(first < retrying && retrying < second, "{text}");
+    let invalid = find(&[
+        "WARN",
+        "idempotency-key header holds no valid key",
+        "not retried",
+    ]);
+    let not_retrying = find(&["not retrying", "outcome=503", "no idempotency key"]);
+    assert!(second < invalid && invalid < not_retrying, "{text}");
+    find(&["not retrying", "outcome=error", "classifier does not retry"]);
 }

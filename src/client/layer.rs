@@ -17,25 +17,32 @@ use crate::key::{self, IDEMPOTENCY_KEY, IdempotencyKey};
 ///
 /// [`MakeUuidKey`] is the default. Return `None` to send the request without a key.
 ///
-/// The maker is cloned with the service, and services are cloned freely (once a request with
-/// `oneshot`, once a task), so state it keeps must be shared, behind an `Arc`, or every clone
-/// counts from the same place and gives different operations the same key:
+/// A key must name one operation: a server answers every request with a key it has seen (for
+/// 24 hours, by default) with the first one's response. So a maker must never give a key to two
+/// operations, from any process, before or after a restart: a counter that starts again at 0
+/// does. A key taken from the operation itself is best, since a retry made later, by another
+/// process, finds it again. Here, the request id the caller gave the operation:
 ///
 /// ```
-/// use std::sync::{Arc, atomic::{AtomicU64, Ordering}};
 /// use http::Request;
 /// use tower_idempotency::{IdempotencyKey, client::MakeIdempotencyKey};
 ///
-/// #[derive(Clone, Default)]
-/// struct Numbered(Arc<AtomicU64>);
+/// #[derive(Clone)]
+/// struct FromRequestId;
 ///
-/// impl MakeIdempotencyKey for Numbered {
-///     fn make_key<B>(&mut self, _: &Request<B>) -> Option<IdempotencyKey> {
-///         let n = self.0.fetch_add(1, Ordering::Relaxed);
-///         IdempotencyKey::new(format!("job-{n}")).ok()
+/// impl MakeIdempotencyKey for FromRequestId {
+///     fn make_key<B>(&mut self, request: &Request<B>) -> Option<IdempotencyKey> {
+///         let id = request.headers().get("x-request-id")?;
+///         IdempotencyKey::from_header_value(id).ok()
 ///     }
 /// }
+///
+/// let request = Request::post("/orders").header("x-request-id", "order-7f3a").body(()).unwrap();
+/// assert_eq!(FromRequestId.make_key(&request).unwrap().as_str(), "order-7f3a");
 /// ```
+///
+/// The maker is cloned with the service, and services are cloned freely (once a request with
+/// `oneshot`, once a task): state it keeps must be shared, behind an `Arc`.
 pub trait MakeIdempotencyKey {
     /// The key for `request`, or `None` for no key.
     fn make_key<B>(&mut self, request: &Request<B>) -> Option<IdempotencyKey>;
@@ -223,9 +230,16 @@ where
             Some(key)
         } else if req.headers().contains_key(header) {
             // The caller's header stays as it is; report it when it parses.
-            IdempotencyKey::from_headers(req.headers(), header)
-                .ok()
-                .flatten()
+            match IdempotencyKey::from_headers(req.headers(), header) {
+                Ok(key) => key,
+                Err(err) => {
+                    tracing::warn!(
+                        target: super::policy::TARGET,
+                        "the request's {header} header holds no valid key ({err}); it is sent as it is, and the request is not retried"
+                    );
+                    None
+                }
+            }
         } else {
             let key = match req.extensions().get::<IdempotencyKey>() {
                 Some(key) => Some(key.clone()),

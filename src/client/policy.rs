@@ -14,7 +14,10 @@ use super::{
     body::{ReplayBody, replay_request},
     layer::KeyHeader,
 };
-use crate::{clock, key::IDEMPOTENCY_KEY};
+use crate::{
+    clock,
+    key::{self, IDEMPOTENCY_KEY},
+};
 
 /// The `tracing` target of the client's events.
 pub(crate) const TARGET: &str = "tower_idempotency::client";
@@ -266,15 +269,23 @@ impl<C> RetryPolicy<C> {
     /// The wait before retry number `retry` (1 for the first), for `unit` drawn from [0, 1): a
     /// base of `min_backoff` doubled on each retry, spread by up to `jitter` times itself, and
     /// kept under `max_backoff` by lowering the spread's floor (never below `min_backoff`)
-    /// rather than cutting every wait off at the maximum.
+    /// and drawing from what is left of the spread below the maximum, rather than cutting the
+    /// waits off at the maximum, where they would all meet.
     pub(super) fn backoff_wait(&self, retry: u32, unit: f64) -> Duration {
         // Cut to a century, so that the float steps below cannot overflow.
         let max = self.max_backoff.min(clock::FOREVER);
         let min = self.min_backoff.min(max);
-        let doubled = min.saturating_mul(2u32.saturating_pow(retry.saturating_sub(1)));
+        let mut doubled = min;
+        for _ in 1..retry {
+            if doubled >= max {
+                break;
+            }
+            doubled = doubled.saturating_mul(2);
+        }
         let spread = 1.0 + self.jitter;
         let floor = doubled.min(max.div_f64(spread)).max(min);
-        floor.mul_f64(1.0 + self.jitter * unit).min(max)
+        let top = floor.mul_f64(spread).min(max);
+        floor + (top - floor).mul_f64(unit)
     }
 
     /// Where `req`'s key is: under the header the key layer wrote it to, or else under
@@ -290,12 +301,15 @@ impl<C> RetryPolicy<C> {
     /// not one: a key layer inside the retry (the wrong order) would put a fresh one on each
     /// attempt, so such a request is treated as having none. So is a key in the extensions
     /// alone: with no key layer inside the retry, it would never be sent.
+    ///
+    /// A header that holds no valid key (empty, too long, given twice) is none either: a server
+    /// may take it for no key at all, and run each attempt.
     fn has_key<B>(&self, req: &Request<B>) -> bool {
-        req.headers()
-            .get(self.key_header(req))
-            .is_some_and(|value| {
-                !crate::key::parse(value).is_ok_and(|key| crate::key::is_auto(&key))
-            })
+        key::single_value(req.headers(), self.key_header(req))
+            .ok()
+            .flatten()
+            .and_then(|value| key::parse(value).ok())
+            .is_some_and(|key| !key::is_auto(&key))
     }
 }
 
@@ -331,6 +345,10 @@ where
         req: &mut Request<B>,
         result: &mut Result<Response<ResB>, E>,
     ) -> Option<Self::Future> {
+        let attempt = self.retries + 1;
+        let give_up = |outcome: &str, why: &str| {
+            tracing::debug!(target: TARGET, attempt, outcome = %outcome, "not retrying: {why}");
+        };
         // The status that asks for a retry; `None` for an error.
         let (wait, status) = match result {
             Ok(res) => match res.status() {
@@ -351,20 +369,26 @@ where
                 StatusCode::CONFLICT if self.has_key(req) => {
                     match retry_after(res.headers(), SystemTime::now()) {
                         Some(after) => (Wait::For(after), Some(res.status())),
-                        None => return None,
+                        None => {
+                            give_up("409", "a 409 without Retry-After is not \"still running\"");
+                            return None;
+                        }
                     }
                 }
                 _ => return None,
             },
             Err(e) if self.classify.is_retryable(e) => (Wait::Backoff, None),
-            Err(_) => return None,
+            Err(_) => {
+                give_up(
+                    "error",
+                    "the policy's error classifier does not retry this error",
+                );
+                return None;
+            }
         };
 
-        let attempt = self.retries + 1;
         let outcome = status.as_ref().map_or("error", StatusCode::as_str);
-        let give_up = |why: &str| {
-            tracing::debug!(target: TARGET, attempt, outcome = %outcome, "not retrying: {why}");
-        };
+        let give_up = |why: &str| give_up(outcome, why);
         if attempt >= self.max_attempts {
             give_up("no attempts left");
             return None;
@@ -403,6 +427,10 @@ where
             budget.deposit();
         }
         log_attempt(req, self.key_header(req), self.retries + 1);
+        if self.max_attempts == 1 {
+            // No retry can come: no copy to make.
+            return None;
+        }
         let copy = replay_request(req);
         if copy.is_none() {
             tracing::debug!(

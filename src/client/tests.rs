@@ -98,7 +98,7 @@ async fn serve(
 /// Asserts that no attempt follows the ones served: once the call is over and the client gone,
 /// the mock's channel closes without another request in it. Call it before awaiting the call,
 /// so that an extra attempt fails the test rather than hanging it.
-async fn assert_no_more_attempts(mut handle: Handle<Request<Body>, Res>) {
+async fn assert_no_more_attempts<B>(mut handle: Handle<Request<B>, Res>) {
     assert!(
         handle.next_request().await.is_none(),
         "an extra attempt was made"
@@ -142,6 +142,26 @@ async fn unkeyed_post_is_not_retried() {
 
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(seen[0].key, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn post_whose_key_header_holds_no_valid_key_is_not_retried() {
+    // A server may take a header that holds no valid key for no key at all, and run each
+    // attempt: such a request is treated as having none.
+    for values in [&[""][..], &["has space"], &["a", "b"], &[&"k".repeat(256)]] {
+        let (client, mut handle) = stack(IdempotencyLayer::new().generate_keys(), policy());
+        let mut req = post(None);
+        for value in values {
+            req.headers_mut()
+                .append(IDEMPOTENCY_KEY, HeaderValue::from_str(value).unwrap());
+        }
+        let call = tokio::spawn(client.oneshot(req));
+        let (_, _) = serve(&mut handle, vec![Some(status(503))]).await;
+        assert_no_more_attempts(handle).await;
+        let res = call.await.unwrap().unwrap();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE, "{values:?}");
+        assert!(res.extensions().get::<IdempotencyKey>().is_none());
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -297,11 +317,19 @@ fn jitter_spreads_the_waits_below_the_maximum_too() {
         let top = policy.backoff_wait(retry, 0.999_999);
         assert!(top > ms(399) && top <= ms(400), "retry {retry}: {top:?}");
     }
-    // A minimum close to the maximum: waits spread from the minimum up, never past the maximum.
+    // A minimum close to the maximum: waits spread over all of what lies between them, rather
+    // than meeting at the maximum.
     let narrow = RetryPolicy::new().backoff(ms(300), ms(400));
     assert_eq!(narrow.backoff_wait(1, 0.0), ms(300));
-    assert_eq!(narrow.backoff_wait(5, 0.2), ms(360));
-    assert_eq!(narrow.backoff_wait(5, 0.9), ms(400));
+    assert_eq!(narrow.backoff_wait(5, 0.2), ms(320));
+    assert_eq!(narrow.backoff_wait(5, 0.9), ms(390));
+    assert_eq!(narrow.backoff_wait(1, 0.5), ms(350));
+    // Waits keep doubling however small the minimum: 1 ns doubled 44 times is over an hour.
+    let tiny = RetryPolicy::new()
+        .backoff(Duration::from_nanos(1), Duration::from_secs(3600))
+        .jitter(0.0);
+    assert_eq!(tiny.backoff_wait(45, 0.5), Duration::from_secs(3600));
+    assert_eq!(tiny.backoff_wait(u32::MAX, 0.5), Duration::from_secs(3600));
     // The longest settings give long waits, not a panic.
     let forever = RetryPolicy::new()
         .backoff(ms(100), Duration::MAX)
@@ -433,8 +461,9 @@ async fn spent_budget_stops_retries() {
     );
 }
 
-/// A body that can be sent only once, as a stream would be.
-struct Once(Full<Bytes>);
+/// A body that can be sent only once, as a stream would be; with `true`, one that must not even
+/// be asked for a copy.
+struct Once(Full<Bytes>, bool);
 
 impl http_body::Body for Once {
     type Data = Bytes;
@@ -450,8 +479,33 @@ impl http_body::Body for Once {
 
 impl ReplayBody for Once {
     fn replay(&self) -> Option<Self> {
+        assert!(
+            !self.1,
+            "a copy of the body was asked for where no retry can come"
+        );
         None
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_copy_of_the_body_is_made_when_no_retry_can_come() {
+    let (mock, mut handle) = mock::pair::<Request<Once>, Res>();
+    let client = IdempotentClientLayer::new()
+        .retry(policy().max_attempts(1))
+        .layer(mock);
+    let mut req = Request::post("http://api.test/upload")
+        .body(Once(Full::new(Bytes::from_static(b"{}")), true))
+        .unwrap();
+    req.extensions_mut()
+        .insert(IdempotencyKey::new("upload-1").unwrap());
+    let call = tokio::spawn(client.oneshot(req));
+    let (_req, send) = handle.next_request().await.unwrap();
+    send.send_response(status(503));
+    assert_no_more_attempts(handle).await;
+    assert_eq!(
+        call.await.unwrap().unwrap().status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -459,7 +513,7 @@ async fn body_that_cannot_replay_is_sent_once() {
     let (mock, mut handle) = mock::pair::<Request<Once>, Res>();
     let client = IdempotentClientLayer::new().retry(policy()).layer(mock);
     let mut req = Request::post("http://api.test/upload")
-        .body(Once(Full::new(Bytes::from_static(b"{}"))))
+        .body(Once(Full::new(Bytes::from_static(b"{}")), false))
         .unwrap();
     req.extensions_mut()
         .insert(IdempotencyKey::new("upload-1").unwrap());

@@ -1029,3 +1029,118 @@ async fn a_redis_out_of_memory_still_releases_and_renews_claims_but_stores_nothi
         Completion::Stored
     );
 }
+
+/// Gives `server` a user `app` (password `pw`) with `rules`, and the URL that logs in as it.
+fn redis_user(server: &RedisServer, rules: &str) -> String {
+    let reply = support::command(server.port(), &format!("ACL SETUSER app on >pw {rules}"));
+    assert!(reply.starts_with("+OK"), "ACL SETUSER: {reply}");
+    format!("redis://app:pw@127.0.0.1:{}", server.port())
+}
+
+/// A completion, a release and a replay, through `store`.
+async fn steps_work(store: &RedisStore) {
+    let key = fresh_key();
+    let token = claimed(store, &key, LEASE).await;
+    let done = store.complete(&key, token, &record("ok"), RETENTION).await;
+    assert!(matches!(done, Ok(Completion::Stored)), "{done:?}");
+    assert_eq!(
+        claim(store, &key, LEASE).await,
+        Claim::Held(Holder::Completed(record("ok")))
+    );
+    let key = fresh_key();
+    let token = claimed(store, &key, LEASE).await;
+    assert!(matches!(store.release(&key, token).await, Ok(true)));
+    claimed(store, &key, LEASE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_cannot_run_the_store_s_steps_is_refused_at_connect_with_what_it_needs() {
+    // A user without scripts connected, then ran every first request and stored nothing: a
+    // retry after the lease ran it again.
+    let server = RedisServer::start();
+    let url = redis_user(&server, "~* &* +@all -@scripting");
+    let err = RedisStore::connect(&url).await.expect_err("refused");
+    let message = err.to_string();
+    assert!(
+        message.contains("EVALSHA") && message.contains("~idem:*") && message.contains("NoPerm"),
+        "{message}"
+    );
+    // Nor keys outside the prefix...
+    let url = redis_user(&server, "resetkeys ~other:* &* +@all");
+    let message = RedisStore::connect(&url)
+        .await
+        .expect_err("refused")
+        .to_string();
+    assert!(message.contains("~idem:*"), "{message}");
+    // ...nor a command used inside the scripts.
+    let url = redis_user(&server, "resetkeys ~idem:* &* +@all -pexpire");
+    let message = RedisStore::connect(&url)
+        .await
+        .expect_err("refused")
+        .to_string();
+    assert!(message.contains("PEXPIRE"), "{message}");
+
+    // A replica cannot take writes.
+    let replica =
+        RedisServer::start_with(&["--replicaof", "127.0.0.1", &server.port().to_string()]);
+    let message = RedisStore::connect(&replica.url())
+        .await
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        message.contains("ReadOnly") || message.contains("READONLY"),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scripts_run_for_a_user_or_server_without_the_script_command() {
+    // The least a user needs, as the docs list it: no SCRIPT.
+    let server = RedisServer::start();
+    let url = redis_user(
+        &server,
+        "~idem:* &idem:* +get +set +eval +evalsha +ssubscribe +sunsubscribe +ping +del +pexpire +pttl +spublish",
+    );
+    let store = RedisStore::connect(&url).await.expect("connect");
+    steps_work(&store).await;
+    // Scripts Redis forgot are sent again by their source.
+    assert!(support::command(server.port(), "SCRIPT FLUSH").starts_with("+OK"));
+    steps_work(&store).await;
+
+    let renamed = RedisServer::start_with(&["--rename-command", "SCRIPT", ""]);
+    let store = RedisStore::connect(&renamed.url()).await.expect("connect");
+    steps_work(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_without_the_channels_completes_and_releases_all_the_same() {
+    // Redis 7 gives a new user no channels: the publish after a completion's or a release's
+    // write is refused. The step did its work, and says so.
+    let server = RedisServer::start();
+    let url = redis_user(&server, "~idem:* +@all");
+    let store = RedisStore::connect(&url)
+        .await
+        .expect("connect, with a warning");
+    steps_work(&store).await;
+}
+
+#[tokio::test]
+async fn a_prefix_with_a_brace_is_refused() {
+    // On a cluster, the brace made the key and its channel hash to different slots (every
+    // completion refused with CROSSSLOT), or every key to one slot.
+    let server = support::shared_server();
+    for prefix in ["svc{}:", "{orders}:", "a}"] {
+        let err = RedisStore::builder()
+            .prefix(prefix)
+            .connect(&server.url())
+            .await
+            .expect_err("refused");
+        assert!(err.to_string().contains("brace"), "{err}");
+    }
+    let err = RedisStore::builder()
+        .prefix("{orders}:")
+        .connect_cluster(["redis://127.0.0.1:1"])
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("brace"), "{err}");
+}

@@ -55,6 +55,9 @@ const HEADER_LEN: usize = 1 + 1 + 16 + 32;
 // version, byte 2 the state, bytes 3..=18 the fencing token. They return -1 for a value they do
 // not recognise, 0 when the token does not own the key, 1 when they did their work.
 //
+// The notification is sent with `pcall`: a waiter that misses it finds the key by polling, so
+// a refused publish (a user without the channel) must not fail the step whose write is done.
+//
 // Each starts with a shebang, which declares it a script that writes (the read, `no-writes`;
 // the release and the renewal, which free memory or keep it, `allow-oom`): a cluster node that
 // is a replica now (a failover demoted it) answers MOVED to such a script, and the client
@@ -94,7 +97,7 @@ const COMPLETE_SCRIPT: &str = concat!(
     "if string.byte(v, 2) == 1 then return 1 end\n",
     "end\n",
     "redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])\n",
-    "redis.call('SPUBLISH', KEYS[2], 'completed')\n",
+    "redis.pcall('SPUBLISH', KEYS[2], 'completed')\n",
     "return 1\n",
 );
 
@@ -102,7 +105,7 @@ const COMPLETE_SCRIPT: &str = concat!(
 const RELEASE_SCRIPT: &str = script!(
     "if string.sub(v, 3, 18) ~= ARGV[1] or string.byte(v, 2) ~= 0 then return 0 end"
     "redis.call('DEL', KEYS[1])"
-    "redis.call('SPUBLISH', KEYS[2], 'released')"
+    "redis.pcall('SPUBLISH', KEYS[2], 'released')"
     "return 1"
 );
 
@@ -120,6 +123,42 @@ const READ_SCRIPT: &str = concat!(
     "return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}\n",
 );
 
+/// One of the store's scripts. It is run by its digest (`EVALSHA`), and by its source (`EVAL`)
+/// on a node that does not hold it yet, which then keeps it for the next call: a miss costs one
+/// round trip more, it cannot miss twice (as a load sent to one node and a run sent to another
+/// could, while a cluster's slot moves), and no `SCRIPT` command is needed (a user allowed to
+/// run scripts but not to manage them, or a server whose `SCRIPT` is renamed away, runs them
+/// all the same).
+struct Lua {
+    source: &'static str,
+    sha: String,
+}
+
+impl Lua {
+    fn new(source: &'static str) -> Self {
+        Self {
+            source,
+            sha: Script::new(source).get_hash().to_owned(),
+        }
+    }
+
+    /// The command that runs the script on `keys`, then `args` (which adds the arguments).
+    fn cmd(&self, by_source: bool, keys: &[&str], args: &impl Fn(&mut Cmd)) -> Cmd {
+        let mut cmd = if by_source {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(self.source);
+            cmd
+        } else {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(&self.sha);
+            cmd
+        };
+        cmd.arg(keys.len()).arg(keys);
+        args(&mut cmd);
+        cmd
+    }
+}
+
 /// A [`KeyStore`] in Redis, Redis Cluster or Valkey, shared by every process that points at it.
 ///
 /// - **One Redis key per scoped key**: `{prefix}{<hex digest>}`. The digest sits in a hash tag,
@@ -128,9 +167,9 @@ const READ_SCRIPT: &str = concat!(
 ///   completed), the fencing token, the fingerprint and then the encoded [`Record`].
 /// - **Round trips**: a claim is one `SET key value NX PX lease GET`, which either claims the key
 ///   or returns what holds it, so a replay is one round trip too. Completing, releasing and
-///   extending are one script each (`EVALSHA`, reloaded by itself after a Redis restart) that
-///   checks the fencing token and, for the first two, publishes on the key's channel. Each step
-///   is safe to send twice.
+///   extending are one script each (`EVALSHA`, or `EVAL` on a node that does not hold it yet)
+///   that checks the fencing token and, for the first two, publishes on the key's channel. Each
+///   step is safe to send twice.
 /// - **Waiting across processes**: sharded pub/sub (`SSUBSCRIBE`, Redis 7 or later, or Valkey)
 ///   on one subscriber connection per store, shared by every local waiter of a key. The
 ///   subscriptions asked for meanwhile go out together, so many keys waited on at once cost a
@@ -152,8 +191,25 @@ const READ_SCRIPT: &str = concat!(
 ///
 /// # Production notes
 ///
-/// Use `maxmemory-policy noeviction`: an evicted claim lets a duplicate run a second time.
-/// Persistence (`appendonly yes`) keeps the records through a restart.
+/// Use `maxmemory-policy noeviction`: an evicted claim lets a duplicate run a second time (the
+/// store warns at connect of any other policy). Persistence (`appendonly yes`) keeps the
+/// records through a restart. Give each application sharing a Redis a prefix of its own: two
+/// with the same prefix answer each other's keys.
+///
+/// A Redis user with access control needs the commands `GET`, `SET`, `EVAL`, `EVALSHA`,
+/// `SSUBSCRIBE`, `SUNSUBSCRIBE` and `PING`, and in the scripts `DEL`, `PEXPIRE`, `PTTL` and
+/// `SPUBLISH`; the keys `~<prefix>*` and the channels `&<prefix>*`. For the prefix `idem:`:
+///
+/// ```text
+/// ACL SETUSER app on >secret ~idem:* &idem:* +get +set +eval +evalsha +ssubscribe +sunsubscribe +ping +del +pexpire +pttl +spublish
+/// ```
+///
+/// Connecting runs each step once on a key of its own (a claim, a renewal, a read, a release
+/// and a completion kept for a millisecond): a user or server that cannot run them (a missing
+/// permission, a replica, a renamed command) is refused there, with what is missing, rather
+/// than found out by the first request, which could then run and fail to store its response.
+/// A user without the channels is let through with a warning: waiters in other processes
+/// then find a finished run by polling.
 ///
 /// # Example
 ///
@@ -190,10 +246,10 @@ struct Inner {
     poll_interval: Duration,
     subscriptions: Arc<Subscriptions>,
     watchdog: JoinHandle<()>,
-    complete: Script,
-    release: Script,
-    extend: Script,
-    read: Script,
+    complete: Lua,
+    release: Lua,
+    extend: Lua,
+    read: Lua,
     /// Claims left unanswered being given back (see [`RedisStore::give_back`]).
     giving_back: Arc<AtomicUsize>,
 }
@@ -278,7 +334,13 @@ impl RedisStoreBuilder {
     /// by themselves after a failure. TLS (`rediss://`) needs one of the `redis` crate's TLS
     /// features, turned on in your own `Cargo.toml` (such as `tokio-rustls-comp` with
     /// `tls-rustls-webpki-roots`); without one, such a URL is refused.
+    ///
+    /// Connecting needs Redis to answer now, and runs each of the store's steps once (see
+    /// "Production notes" on [`RedisStore`]): it fails, within the connection and response
+    /// timeouts, when Redis cannot be reached or cannot run them. A service that should start
+    /// before its Redis does can try again after a pause until it connects.
     pub async fn connect(self, url: &str) -> Result<RedisStore, StoreError> {
+        self.check_prefix()?;
         let client = Client::open(url).map_err(|err| unusable_url(url, err))?;
         // RESP3, so that notifications arrive as pushes on a connection that still runs commands.
         let info = client.get_connection_info().clone();
@@ -307,12 +369,14 @@ impl RedisStoreBuilder {
             ConnectionManager::new_with_config(client, config.set_push_sender(push)),
         )
         .await?;
-        Ok(self.build(
+        let store = self.build(
             Conn::Standalone(conn),
             Conn::Standalone(subscriber),
             subscriptions,
             requests,
-        ))
+        );
+        store.check().await?;
+        Ok(store)
     }
 
     /// Connects to a Redis Cluster (or Valkey cluster) through any of its nodes, such as
@@ -323,6 +387,7 @@ impl RedisStoreBuilder {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
+        self.check_prefix()?;
         let nodes: Vec<String> = nodes.into_iter().map(|n| n.as_ref().to_owned()).collect();
         if nodes.is_empty() {
             return Err(StoreError::backend(
@@ -354,12 +419,26 @@ impl RedisStoreBuilder {
             .build()
             .map_err(StoreError::backend)?;
         let subscriber = bounded(bound, client.get_async_connection()).await?;
-        Ok(self.build(
+        let store = self.build(
             Conn::Cluster(conn),
             Conn::Cluster(subscriber),
             subscriptions,
             requests,
-        ))
+        );
+        store.check().await?;
+        Ok(store)
+    }
+
+    /// A brace in the prefix would make a cluster take the wrong part of the key for its hash
+    /// tag: the key and its channel in different slots, or every key in one.
+    fn check_prefix(&self) -> Result<(), StoreError> {
+        if self.prefix.contains(['{', '}']) {
+            return Err(StoreError::backend(format!(
+                "the prefix {:?} has a brace: Redis Cluster would read the key's hash tag from it, and put keys and their channels in different slots, or every key in one; use a prefix without braces, such as \"orders:\"",
+                self.prefix
+            )));
+        }
+        Ok(())
     }
 
     fn call_timeout(&self) -> Duration {
@@ -389,10 +468,10 @@ impl RedisStoreBuilder {
                 poll_interval: self.poll_interval,
                 subscriptions,
                 watchdog,
-                complete: Script::new(COMPLETE_SCRIPT),
-                release: Script::new(RELEASE_SCRIPT),
-                extend: Script::new(EXTEND_SCRIPT),
-                read: Script::new(READ_SCRIPT),
+                complete: Lua::new(COMPLETE_SCRIPT),
+                release: Lua::new(RELEASE_SCRIPT),
+                extend: Lua::new(EXTEND_SCRIPT),
+                read: Lua::new(READ_SCRIPT),
                 giving_back: Arc::default(),
             }),
         }
@@ -422,6 +501,92 @@ impl RedisStore {
 
     fn is_cluster(&self) -> bool {
         matches!(self.inner.conn, Conn::Cluster(_))
+    }
+
+    /// Runs each of the store's steps once on a key of its own, and reads Redis's eviction
+    /// policy: see "Production notes" on [`RedisStore`]. A step refused for good (a missing
+    /// permission, a replica, an unknown command) is an error; one that failed for the moment
+    /// (a timeout, Redis out of memory or loading) is logged and the store is given out all
+    /// the same, as it would be had Redis gone down just after.
+    async fn check(&self) -> Result<(), StoreError> {
+        if let Err(err) = self.check_steps().await {
+            let for_good = match &err {
+                StoreError::Backend(err) => err.downcast_ref::<RedisError>().is_some_and(|err| {
+                    matches!(
+                        err.kind(),
+                        ErrorKind::Server(
+                            redis::ServerErrorKind::NoPerm
+                                | redis::ServerErrorKind::ReadOnly
+                                | redis::ServerErrorKind::CrossSlot
+                                | redis::ServerErrorKind::ResponseError
+                        )
+                    )
+                }),
+                StoreError::Corrupt(_) => true,
+                StoreError::Timeout(_) => false,
+            };
+            if for_good {
+                return Err(StoreError::backend(format!(
+                    "Redis refused a step of the idempotency store ({err}). The store needs a primary (not a replica), and a user allowed the commands GET, SET, EVAL, EVALSHA, SSUBSCRIBE, SUNSUBSCRIBE and PING, and in its scripts DEL, PEXPIRE, PTTL and SPUBLISH, on the keys ~{prefix}* and the channels &{prefix}*",
+                    prefix = self.inner.prefix,
+                )));
+            }
+            tracing::warn!(error = %err, "idempotency store: connected, but a first step against Redis failed; requests get 503 until it answers");
+            return Ok(());
+        }
+        let policy: redis::RedisResult<HashMap<String, String>> = {
+            let mut conn = self.inner.conn.clone();
+            redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("maxmemory-policy")
+                .query_async(&mut conn)
+                .await
+        };
+        match policy.as_ref().map(|p| p.get("maxmemory-policy")) {
+            Ok(Some(policy)) if policy != "noeviction" => tracing::warn!(
+                "idempotency store: Redis evicts keys when full (maxmemory-policy {policy}): an evicted claim or response lets a request run twice; set maxmemory-policy noeviction, or give the store a Redis of its own"
+            ),
+            Ok(_) => {}
+            Err(err) => {
+                tracing::debug!(error = %err, "idempotency store: could not read Redis's maxmemory-policy")
+            }
+        }
+        Ok(())
+    }
+
+    async fn check_steps(&self) -> Result<(), StoreError> {
+        let key = StoreKey::new(b"", &crate::IdempotencyKey::auto());
+        let fingerprint = Fingerprint::from_bytes([0; 32]);
+        let lease = Duration::from_secs(10);
+        let steps = async {
+            let Claim::Claimed(token) = self.claim(&key, &fingerprint, lease).await? else {
+                return Err(StoreError::Corrupt("a fresh key was held".into()));
+            };
+            let renewed = self.extend(&key, token, lease).await?;
+            let (held, _) = self.read_with_ttl(&key).await?;
+            let released = self.release(&key, token).await?;
+            let Claim::Claimed(token) = self.claim(&key, &fingerprint, lease).await? else {
+                return Err(StoreError::Corrupt("a released key was held".into()));
+            };
+            let record = Record::not_replayable(fingerprint, http::StatusCode::OK);
+            let stored = self
+                .complete(&key, token, &record, Duration::from_millis(1))
+                .await?;
+            if !(renewed && held.is_some() && released && stored == Completion::Stored) {
+                return Err(StoreError::Corrupt(
+                    "a step on a key of its own did not do its work".into(),
+                ));
+            }
+            Ok(())
+        };
+        steps.await?;
+        // The notifications: refused, they leave waiters to poll.
+        let mut publish = redis::cmd("SPUBLISH");
+        publish.arg(channel_of(&self.redis_key(&key))).arg("check");
+        if let Err(err) = self.query::<i64>("publish", &publish).await {
+            tracing::warn!(error = %err, "idempotency store: Redis refuses the store's notifications; a duplicate waiting in another process finds the run done only by polling (allow the user the channels &{}*)", self.inner.prefix);
+        }
+        Ok(())
     }
 
     /// The Redis key that holds `key`: the prefix, then the hex digest in a hash tag.
@@ -488,9 +653,11 @@ impl RedisStore {
         &self,
         what: &str,
         key: &StoreKey,
-        invocation: &redis::ScriptInvocation<'_>,
+        script: &Lua,
+        keys: &[&str],
+        args: impl Fn(&mut Cmd),
     ) -> Result<bool, StoreError> {
-        let outcome: i64 = self.invoke(what, invocation).await?;
+        let outcome: i64 = self.invoke(what, script, keys, args).await?;
         match outcome {
             1 => Ok(true),
             0 => Ok(false),
@@ -498,19 +665,21 @@ impl RedisStore {
         }
     }
 
-    /// Runs a script as one step (see [`call`](Self::call)). A script the node does not hold
-    /// is loaded and run again by the client; on a cluster whose slot just moved (a failover),
-    /// that load can miss the slot's new node, and the script is run once more.
+    /// Runs a script on `keys`, then `args`, as one step (see [`call`](Self::call)): by its
+    /// digest, or by its source where the node does not hold it (see [`Lua`]).
     async fn invoke<T: redis::FromRedisValue>(
         &self,
         what: &str,
-        invocation: &redis::ScriptInvocation<'_>,
+        script: &Lua,
+        keys: &[&str],
+        args: impl Fn(&mut Cmd),
     ) -> Result<T, StoreError> {
+        let args = &args;
         self.call(what, |mut conn| async move {
-            match invocation.invoke_async(&mut conn).await {
+            match script.cmd(false, keys, args).query_async(&mut conn).await {
                 Err(err) if err.kind() == ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                    tracing::debug!(error = %err, "idempotency store: {what} found no script; loading it again");
-                    invocation.invoke_async(&mut conn).await
+                    tracing::debug!("idempotency store: the node does not hold the {what} script yet; sending its source");
+                    script.cmd(true, keys, args).query_async(&mut conn).await
                 }
                 result => result,
             }
@@ -567,9 +736,10 @@ impl RedisStore {
         &self,
         key: &StoreKey,
     ) -> Result<(Option<Holder>, Option<Duration>), StoreError> {
-        let mut invocation = self.inner.read.prepare_invoke();
-        invocation.key(self.redis_key(key));
-        let (value, pttl): (Option<Vec<u8>>, i64) = self.invoke("read", &invocation).await?;
+        let redis_key = self.redis_key(key);
+        let (value, pttl): (Option<Vec<u8>>, i64) = self
+            .invoke("read", &self.inner.read, &[&redis_key], |_| {})
+            .await?;
         let ttl = u64::try_from(pttl).ok().map(Duration::from_millis);
         match value {
             None => Ok((None, None)),
@@ -811,28 +981,34 @@ impl KeyStore for RedisStore {
     ) -> Result<Completion, StoreError> {
         let value = Stored::completed(token, record);
         let redis_key = self.redis_key(key);
-        let mut invocation = self.inner.complete.prepare_invoke();
-        invocation
-            .key(&redis_key)
-            .key(channel_of(&redis_key))
-            .arg(&token_arg(token)[..])
-            .arg(&value[..])
-            .arg(millis(retention));
-        Ok(if self.owned_step("complete", key, &invocation).await? {
-            Completion::Stored
-        } else {
-            Completion::Fenced
-        })
+        let channel = channel_of(&redis_key);
+        let args = |cmd: &mut Cmd| {
+            cmd.arg(&token_arg(token)[..])
+                .arg(&value[..])
+                .arg(millis(retention));
+        };
+        let script = &self.inner.complete;
+        Ok(
+            if self
+                .owned_step("complete", key, script, &[&redis_key, &channel], args)
+                .await?
+            {
+                Completion::Stored
+            } else {
+                Completion::Fenced
+            },
+        )
     }
 
     async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<bool, StoreError> {
         let redis_key = self.redis_key(key);
-        let mut invocation = self.inner.release.prepare_invoke();
-        invocation
-            .key(&redis_key)
-            .key(channel_of(&redis_key))
-            .arg(&token_arg(token)[..]);
-        self.owned_step("release", key, &invocation).await
+        let channel = channel_of(&redis_key);
+        let args = |cmd: &mut Cmd| {
+            cmd.arg(&token_arg(token)[..]);
+        };
+        let script = &self.inner.release;
+        self.owned_step("release", key, script, &[&redis_key, &channel], args)
+            .await
     }
 
     async fn extend(
@@ -841,12 +1017,13 @@ impl KeyStore for RedisStore {
         token: FencingToken,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        let mut invocation = self.inner.extend.prepare_invoke();
-        invocation
-            .key(self.redis_key(key))
-            .arg(&token_arg(token)[..])
-            .arg(millis(lease));
-        self.owned_step("extend", key, &invocation).await
+        let redis_key = self.redis_key(key);
+        let args = |cmd: &mut Cmd| {
+            cmd.arg(&token_arg(token)[..]).arg(millis(lease));
+        };
+        let script = &self.inner.extend;
+        self.owned_step("extend", key, script, &[&redis_key], args)
+            .await
     }
 
     async fn read(&self, key: &StoreKey) -> Result<Option<Holder>, StoreError> {
@@ -941,6 +1118,8 @@ struct Subscriptions {
     stale: AtomicBool,
     /// Wakes the subscriber task to check its connection now.
     check_now: Notify,
+    /// Failed subscriptions are tried again every watchdog interval, and warned of once a minute.
+    failing: clock::OncePerMinute,
 }
 
 struct Channel {
@@ -966,6 +1145,7 @@ impl Subscriptions {
             requests,
             stale: AtomicBool::new(false),
             check_now: Notify::new(),
+            failing: clock::OncePerMinute::new(),
         });
         (subscriptions, rx)
     }
@@ -1211,7 +1391,11 @@ async fn carry_out(
         // connection.
         let Some(entries) = entries else { continue };
         if let Err(err) = result {
-            tracing::warn!(error = %err, "idempotency store: subscribing failed; waiters poll until it is renewed");
+            if subscriptions.failing.now() {
+                tracing::warn!(error = %err, "idempotency store: subscribing failed; waiters poll until it is renewed");
+            } else {
+                tracing::debug!(error = %err, "idempotency store: subscribing failed again");
+            }
             subscriptions.stale.store(true, Ordering::SeqCst);
         }
         for entry in entries {

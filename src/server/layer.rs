@@ -42,9 +42,17 @@ const MIN_TIME: Duration = Duration::from_millis(1);
 /// | [`store_timeout`](Self::store_timeout) | 2 s per store call |
 /// | [`detach`](Self::detach) | `true` |
 /// | [`max_detached`](Self::max_detached) | 1,024 handlers |
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct IdempotencyServiceLayer {
     shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for IdempotencyServiceLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotencyServiceLayer")
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for IdempotencyServiceLayer {
@@ -125,6 +133,14 @@ impl IdempotencyServiceLayer {
     /// **A server with more than one client must set a scope.** Without one, every caller
     /// shares one key space, and a caller who guesses or reuses another's key gets that
     /// caller's response.
+    ///
+    /// The scope is read as the request reaches this layer, so what sets it (an
+    /// authentication middleware that puts the caller's tenant in a header or an extension)
+    /// must run first: outside this layer, which with axum's `Router::layer` means added after
+    /// it. In the other order every keyed request is answered 400.
+    ///
+    /// This and [`scope_by_header`](Self::scope_by_header) replace each other: the one set last
+    /// is used.
     pub fn scope<F>(mut self, scope: F) -> Self
     where
         F: Fn(&request::Parts) -> Option<String> + Send + Sync + 'static,
@@ -140,6 +156,8 @@ impl IdempotencyServiceLayer {
     /// unless it carries the header exactly once, with a value that is not empty and is UTF-8:
     /// a header given twice (one value a client's, one a proxy's) or a value that would have to
     /// be altered to be read could otherwise put the request in another caller's scope.
+    ///
+    /// It replaces a [`scope`](Self::scope) set before, and is replaced by one set after.
     pub fn scope_by_header(self, name: HeaderName) -> Self {
         let read = name.clone();
         let mut layer = self.scope(move |parts| {
@@ -211,8 +229,11 @@ impl IdempotencyServiceLayer {
 
     /// Whether the lease is renewed while the handler runs and while its response body is read
     /// to be stored (on by default). Without renewal, a run slower than the lease loses its
-    /// claim: a duplicate may run, and then the slow run's response is not stored (it is
-    /// fenced); if none did, it is stored when it comes.
+    /// claim, and a duplicate that comes after that runs too. A run's response is then stored
+    /// only if, when it ends, no response is stored yet and no other run holds a live claim on
+    /// the key; otherwise it is fenced (not stored, and logged). So the response kept is not
+    /// always the first run's: the slow run's is kept when the duplicate's lease has lapsed
+    /// too by the time the slow run ends.
     ///
     /// With renewal, a run that never ends (a handler that hangs, a body that stalls) holds its
     /// key for as long as the process lives, even once its caller has left. Bound runs inside
@@ -471,6 +492,22 @@ mod tests {
     #[should_panic(expected = "store_timeout must be at least 1 ms")]
     fn a_store_timeout_of_no_time_is_refused() {
         let _ = IdempotencyServiceLayer::default().store_timeout(Duration::ZERO);
+    }
+
+    #[test]
+    fn debug_shows_the_settings_not_the_workings() {
+        let layer = IdempotencyServiceLayer::default().lease(Duration::from_secs(5));
+        let shown = format!("{layer:?}");
+        assert!(
+            shown.starts_with("IdempotencyServiceLayer { config: Config {"),
+            "{shown}"
+        );
+        assert!(shown.contains("lease: 5s"), "{shown}");
+        for internal in ["Flights", "TaskTracker", "OncePerMinute"] {
+            assert!(!shown.contains(internal), "{shown}");
+        }
+        let service = format!("{:?}", layer.layer("inner"));
+        assert!(service.starts_with("IdempotencyService { inner: \"inner\", config: Config {"));
     }
 
     #[test]

@@ -92,12 +92,18 @@
 //!
 //! # With axum: per route, or around the router
 //!
-//! `Router::layer` runs the service after routing, for the routes that matched. Wrapping the
-//! whole router runs it first: a replay is answered without routing, and no request pays for
-//! a clone and a box of the layer on each route (in the example server that is about 9% less
-//! CPU per replay, and 1–2% per other request). axum serves its own body type, so the wrapped
-//! router maps the response body back to it. A key sent to a path no route matches is then
-//! answered like any other request: its 404 is stored and replayed.
+//! `Router::layer` runs the service after routing, on each route and on the router's
+//! fallback: a keyed request to a path no route matches is answered 404, and that answer is
+//! stored and replayed like any other (as is a 405 for a method a route does not serve); the
+//! key then cannot be used for another request. `Router::route_layer` runs it on the routes
+//! alone: the fallback's 404 is not stored. A layer on one method router
+//! (`post(handler).layer(..)`) stores neither.
+//!
+//! Wrapping the whole router runs it before routing: a replay is answered without routing, and
+//! no request pays for a clone and a box of the layer on each route (in the example server
+//! that is about 9% less CPU per replay, and 1–2% per other request). axum serves its own body
+//! type, so the wrapped router maps the response body back to it. Every keyed request is then
+//! answered like any other, a 404 included.
 //!
 //! Behind `Router::nest`, a route sees its path without the nest's prefix. A layer put on
 //! nested routers (or on their routes) sees `/orders` for both `/v1/orders` and `/v2/orders`,
@@ -124,7 +130,18 @@
 //!     .service(router);
 //!
 //! let order = || Request::post("/orders").header("idempotency-key", "order-7").body(Body::empty());
-//! assert_eq!(per_route.oneshot(order()?).await?.status(), StatusCode::CREATED);
+//! assert_eq!(per_route.clone().oneshot(order()?).await?.status(), StatusCode::CREATED);
+//!
+//! // A mistyped path: its 404 is stored under the key by `Router::layer`...
+//! let typo = || Request::post("/order").header("idempotency-key", "order-8").body(Body::empty());
+//! assert_eq!(per_route.clone().oneshot(typo()?).await?.status(), StatusCode::NOT_FOUND);
+//! let again = per_route.oneshot(typo()?).await?;
+//! assert_eq!(again.headers()["idempotent-replayed"], "true");
+//! // ...and not by `Router::route_layer`, which leaves the fallback out.
+//! let routes_only: Router = router.clone().route_layer(IdempotencyServiceLayer::new(MemoryStore::new()));
+//! assert_eq!(routes_only.clone().oneshot(typo()?).await?.status(), StatusCode::NOT_FOUND);
+//! let again = routes_only.oneshot(typo()?).await?;
+//! assert!(again.headers().get("idempotent-replayed").is_none());
 //! assert_eq!(around.clone().oneshot(order()?).await?.status(), StatusCode::CREATED);
 //! let replay = around.clone().oneshot(order()?).await?;
 //! assert_eq!(replay.headers()["idempotent-replayed"], "true");
@@ -222,11 +239,13 @@
 //! - Responses with a 1xx, 5xx, 408 or 429 status, and gRPC answers whose `grpc-status` (in
 //!   the headers or the trailers) is one a retry may get past, are not stored: the claim is
 //!   released and a retry runs again ([`store_if`](IdempotencyServiceLayer::store_if) changes
-//!   this).
+//!   this). So a handler answers 5xx only when it did nothing: one that charged a card and then
+//!   failed to answer would charge it again on the retry (clients retry 502, 503 and 504, this
+//!   crate's among them). After the side effect, answer what happened, or store the 5xx.
 //! - A claim carries a lease, renewed while the handler runs and while its response body is
 //!   read. If the process dies, the key is free again once the lease lapses; a run whose lease
-//!   lapsed cannot store its response once another run has taken the key (if none has, it is
-//!   stored).
+//!   lapsed stores its response only if, when it ends, no other run holds a live claim on the
+//!   key and no response is stored yet.
 //! - A response the store refuses to record (a Redis out of memory, say) still reaches its
 //!   caller, and its key stays claimed while a task tries again, for up to one lease (five
 //!   minutes at most; without [`keep_lease_alive`](IdempotencyServiceLayer::keep_lease_alive)

@@ -1,4 +1,5 @@
 use std::{
+    fmt,
     future::Future,
     sync::{
         Arc,
@@ -75,10 +76,19 @@ use crate::{
 /// timer. Outside any runtime, a run whose caller goes away is dropped (its claim released at
 /// once in a memory store, and left to lapse with its lease in a remote one), and a handler
 /// that waits goes on without its lease renewed, with a warning.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct IdempotencyService<S> {
     inner: S,
     shared: Arc<Shared>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for IdempotencyService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyService")
+            .field("inner", &self.inner)
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a keyed request needs of the inner service: it moves into a task of its own.
@@ -338,8 +348,8 @@ fn admit(config: &Config, parts: &request::Parts, key: &[u8]) -> Result<StoreKey
 #[derive(Clone)]
 struct LogKey(HeaderValue);
 
-impl std::fmt::Display for LogKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Display for LogKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // A key that was admitted is visible ASCII.
         f.write_str(self.0.to_str().unwrap_or("(not ASCII)"))
     }

@@ -3,13 +3,19 @@
 //!
 //! ```text
 //! cargo run --release --example server -- --addr 127.0.0.1:3000 &
-//! cargo bench --bench duplicates -- --addr 127.0.0.1:3000 [--requests 1000] [--delay-ms 100]
+//! cargo bench --bench duplicates -- --addr 127.0.0.1:3000 [--requests 1000] [--delay-ms 100] [--spin | --block]
 //! ```
 //!
 //! `scripts/bench duplicates` does both, against the bare server too, on separate cores. All
 //! connections are opened first; the clock starts when the first request is written, and every
 //! request is written straight onto its socket after that, so that the client's own work per
 //! request stays small beside the server's.
+//!
+//! The answers are read by tasks that sleep until their socket has data (`--block`, the
+//! default), or by one thread that polls every socket without ever sleeping (`--spin`). Over
+//! loopback the sender's core delivers each answer into the reader's socket and, when the
+//! reader sleeps, wakes it: with a sleeping reader the server's core pays for waking it once an
+//! answer, which a client on another machine would not cost it.
 
 #![allow(missing_docs)]
 
@@ -32,6 +38,7 @@ struct Options {
     addr: Option<String>,
     requests: usize,
     delay_ms: u64,
+    spin: bool,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -39,6 +46,7 @@ fn parse_args() -> Result<Options, String> {
         addr: None,
         requests: 1000,
         delay_ms: 100,
+        spin: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -47,6 +55,8 @@ fn parse_args() -> Result<Options, String> {
             "--addr" => opts.addr = Some(value()?),
             "--requests" => opts.requests = value()?.parse().map_err(|e| format!("{e}"))?,
             "--delay-ms" => opts.delay_ms = value()?.parse().map_err(|e| format!("{e}"))?,
+            "--spin" => opts.spin = true,
+            "--block" => opts.spin = false,
             // What `cargo bench` passes to every bench binary.
             "--bench" => {}
             other => return Err(format!("unknown argument {other:?}")),
@@ -107,33 +117,13 @@ async fn read_answer(stream: &mut TcpStream) -> Result<Answer, String> {
         if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
             return Err("the server closed a connection before answering".into());
         }
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut response = httparse::Response::new(&mut headers);
-        let httparse::Status::Complete(head) = response.parse(&buf).map_err(|e| e.to_string())?
-        else {
-            continue;
-        };
-        let header = |name: &str| {
-            response
-                .headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case(name))
-        };
-        let length: usize = header("content-length")
-            .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
-            .ok_or("a response without a content-length")?;
-        let status = response.code.unwrap_or_default();
-        let replayed = header("idempotent-replayed").is_some();
-        while buf.len() < head + length {
-            if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
-                return Err("the server closed a connection mid-body".into());
-            }
+        if let Some((status, replayed)) = parse_answer(&buf)? {
+            return Ok(Answer {
+                status,
+                replayed,
+                done: Instant::now(),
+            });
         }
-        return Ok(Answer {
-            status,
-            replayed,
-            done: Instant::now(),
-        });
     }
 }
 
@@ -173,15 +163,19 @@ async fn run(opts: &Options, addr: &str) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
     }
     let sent = Instant::now();
-    let tasks: Vec<_> = streams
-        .into_iter()
-        .map(|mut stream| tokio::spawn(async move { read_answer(&mut stream).await }))
-        .collect();
-
-    let mut answers = Vec::with_capacity(tasks.len());
-    for task in tasks {
-        answers.push(task.await.map_err(|e| e.to_string())??);
-    }
+    let answers = if opts.spin {
+        spin_answers(streams)?
+    } else {
+        let tasks: Vec<_> = streams
+            .into_iter()
+            .map(|mut stream| tokio::spawn(async move { read_answer(&mut stream).await }))
+            .collect();
+        let mut answers = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            answers.push(task.await.map_err(|e| e.to_string())??);
+        }
+        answers
+    };
     let after = executions(addr).await?;
 
     let last = answers.iter().map(|a| a.done).max().unwrap_or(start);
@@ -204,6 +198,81 @@ async fn run(opts: &Options, addr: &str) -> Result<(), String> {
         after - before,
     );
     Ok(())
+}
+
+/// What an answer read so far tells.
+fn parse_answer(buf: &[u8]) -> Result<Option<(u16, bool)>, String> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut response = httparse::Response::new(&mut headers);
+    let httparse::Status::Complete(head) = response.parse(buf).map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    let header = |name: &str| {
+        response
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+    };
+    let length: usize = header("content-length")
+        .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
+        .ok_or("a response without a content-length")?;
+    if buf.len() < head + length {
+        return Ok(None);
+    }
+    Ok(Some((
+        response.code.unwrap_or_default(),
+        header("idempotent-replayed").is_some(),
+    )))
+}
+
+/// Reads every answer on this thread, polling the sockets without ever sleeping, so that the
+/// server's sends never have to wake a reader.
+fn spin_answers(streams: Vec<TcpStream>) -> Result<Vec<Answer>, String> {
+    use std::io::Read;
+    let mut poll = mio::Poll::new().map_err(|e| e.to_string())?;
+    let mut socks = Vec::with_capacity(streams.len());
+    for (i, stream) in streams.into_iter().enumerate() {
+        let std = stream.into_std().map_err(|e| e.to_string())?;
+        let mut sock = mio::net::TcpStream::from_std(std);
+        poll.registry()
+            .register(&mut sock, mio::Token(i), mio::Interest::READABLE)
+            .map_err(|e| e.to_string())?;
+        socks.push((sock, Vec::with_capacity(1024), None::<Answer>));
+    }
+    let mut left = socks.len();
+    let mut events = mio::Events::with_capacity(1024);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut chunk = [0u8; 4096];
+    while left > 0 {
+        if Instant::now() > deadline {
+            return Err(format!("{left} answers still missing after 30 s"));
+        }
+        poll.poll(&mut events, Some(Duration::ZERO))
+            .map_err(|e| e.to_string())?;
+        for event in &events {
+            let (sock, buf, answer) = &mut socks[event.token().0];
+            if answer.is_some() {
+                continue;
+            }
+            loop {
+                match sock.read(&mut chunk) {
+                    Ok(0) => return Err("the server closed a connection before answering".into()),
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            if let Some((status, replayed)) = parse_answer(buf)? {
+                *answer = Some(Answer {
+                    status,
+                    replayed,
+                    done: Instant::now(),
+                });
+                left -= 1;
+            }
+        }
+    }
+    Ok(socks.into_iter().filter_map(|(_, _, a)| a).collect())
 }
 
 /// Awaits every future, concurrently, in order.

@@ -127,7 +127,7 @@
 //! let around = ServiceBuilder::new()
 //!     .map_response(|response: Response<_>| response.map(Body::new))
 //!     .layer(IdempotencyServiceLayer::new(MemoryStore::new()))
-//!     .service(router);
+//!     .service(router.clone());
 //!
 //! let order = || Request::post("/orders").header("idempotency-key", "order-7").body(Body::empty());
 //! assert_eq!(per_route.clone().oneshot(order()?).await?.status(), StatusCode::CREATED);
@@ -197,6 +197,39 @@
 //! (tower-http's `SetRequestIdLayer` and `PropagateRequestIdLayer`), tracing. Limits meant to
 //! bound the handlers go inside: a run whose caller left holds no permit of a concurrency limit
 //! outside (see [`detach`](IdempotencyServiceLayer::detach)).
+//!
+//! A timeout inside bounds each run, the runs whose callers left included. With axum, the
+//! router's error type is `Infallible`, so the timeout's error becomes a response inside the
+//! layer; a 408 is not stored, so the key is given back and a retry runs again:
+//!
+//! ```
+//! use std::time::Duration;
+//! use axum::{BoxError, Router, body::Body, error_handling::HandleErrorLayer, extract::Request, http::StatusCode, routing::post};
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_idempotency::{IdempotencyServiceLayer, store::MemoryStore};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let slow = || async {
+//!     tokio::time::sleep(Duration::from_secs(60)).await;
+//!     StatusCode::CREATED
+//! };
+//! let app = Router::new().route("/orders", post(slow)).layer(
+//!     ServiceBuilder::new()
+//!         .layer(IdempotencyServiceLayer::new(MemoryStore::new()))
+//!         .layer(HandleErrorLayer::new(|_: BoxError| async { StatusCode::REQUEST_TIMEOUT }))
+//!         .timeout(Duration::from_secs(10)),
+//! );
+//!
+//! let order = || Request::post("/orders").header("idempotency-key", "order-9").body(Body::empty());
+//! assert_eq!(app.clone().oneshot(order()?).await?.status(), StatusCode::REQUEST_TIMEOUT);
+//! // Not a replay: the key was given back, and the retry ran (and timed out) again.
+//! let retry = app.oneshot(order()?).await?;
+//! assert_eq!(retry.status(), StatusCode::REQUEST_TIMEOUT);
+//! assert!(retry.headers().get("idempotent-replayed").is_none());
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! # Requests the application refused
 //!

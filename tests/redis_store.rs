@@ -1057,36 +1057,27 @@ async fn steps_work(store: &RedisStore) {
 async fn a_redis_that_cannot_run_the_store_s_steps_is_refused_at_connect_with_what_it_needs() {
     // A user without scripts connected, then ran every first request and stored nothing: a
     // retry after the lease ran it again.
+    let refused = async |url: &str| {
+        let err = RedisStore::connect(url).await.expect_err("refused");
+        err.to_string()
+    };
     let server = RedisServer::start();
-    let url = redis_user(&server, "~* &* +@all -@scripting");
-    let err = RedisStore::connect(&url).await.expect_err("refused");
-    let message = err.to_string();
+    let message = refused(&redis_user(&server, "~* &* +@all -@scripting")).await;
     assert!(
         message.contains("EVALSHA") && message.contains("~idem:*") && message.contains("NoPerm"),
         "{message}"
     );
     // Nor keys outside the prefix...
-    let url = redis_user(&server, "resetkeys ~other:* &* +@all");
-    let message = RedisStore::connect(&url)
-        .await
-        .expect_err("refused")
-        .to_string();
+    let message = refused(&redis_user(&server, "resetkeys ~other:* &* +@all")).await;
     assert!(message.contains("~idem:*"), "{message}");
     // ...nor a command used inside the scripts.
-    let url = redis_user(&server, "resetkeys ~idem:* &* +@all -pexpire");
-    let message = RedisStore::connect(&url)
-        .await
-        .expect_err("refused")
-        .to_string();
+    let message = refused(&redis_user(&server, "resetkeys ~idem:* &* +@all -pexpire")).await;
     assert!(message.contains("PEXPIRE"), "{message}");
 
     // A replica cannot take writes.
     let replica =
         RedisServer::start_with(&["--replicaof", "127.0.0.1", &server.port().to_string()]);
-    let message = RedisStore::connect(&replica.url())
-        .await
-        .expect_err("refused")
-        .to_string();
+    let message = refused(&replica.url()).await;
     assert!(
         message.contains("ReadOnly") || message.contains("READONLY"),
         "{message}"

@@ -20,6 +20,7 @@ use redis::{
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
     cluster::ClusterClientBuilder,
     cluster_async::ClusterConnection,
+    cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr},
 };
 use tokio::{
     sync::{Notify, mpsc, watch},
@@ -84,7 +85,10 @@ macro_rules! script {
 // The scripts spell the header's length and version as literals.
 const _: () = assert!(HEADER_LEN == 50 && VALUE_VERSION == 1);
 
-/// KEYS: the key, its channel. ARGV: token, the completed value, retention in ms.
+/// KEYS: the key. ARGV: token, the completed value, retention in ms, the key's channel.
+///
+/// The channel is not declared a key: it never exists as one, and while its slot moves, a
+/// script declaring a missing key beside another is refused (TRYAGAIN) until the move ends.
 ///
 /// Unlike the others, it goes on where the key is missing: the claim lapsed (or Redis lost it)
 /// and no other run took the key over, so the run's record overwrites nothing.
@@ -97,15 +101,15 @@ const COMPLETE_SCRIPT: &str = concat!(
     "if string.byte(v, 2) == 1 then return 1 end\n",
     "end\n",
     "redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])\n",
-    "redis.pcall('SPUBLISH', KEYS[2], 'completed')\n",
+    "redis.pcall('SPUBLISH', ARGV[4], 'completed')\n",
     "return 1\n",
 );
 
-/// KEYS: the key, its channel. ARGV: token.
+/// KEYS: the key. ARGV: token, the key's channel (not a key: see the completion's).
 const RELEASE_SCRIPT: &str = script!(
     "if string.sub(v, 3, 18) ~= ARGV[1] or string.byte(v, 2) ~= 0 then return 0 end"
     "redis.call('DEL', KEYS[1])"
-    "redis.pcall('SPUBLISH', KEYS[2], 'released')"
+    "redis.pcall('SPUBLISH', ARGV[2], 'released')"
     "return 1"
 );
 
@@ -509,7 +513,13 @@ impl RedisStore {
     /// (a timeout, Redis out of memory or loading) is logged and the store is given out all
     /// the same, as it would be had Redis gone down just after.
     async fn check(&self) -> Result<(), StoreError> {
-        if let Err(err) = self.check_steps().await {
+        // On a cluster, a key on each primary: access control is set node by node, and a node
+        // left out would refuse only the keys in its slots.
+        let keys = self.keys_on_each_primary().await;
+        for (key, _) in &keys {
+            let Err(err) = self.check_steps(*key).await else {
+                continue;
+            };
             let for_good = match &err {
                 StoreError::Backend(err) => err.downcast_ref::<RedisError>().is_some_and(|err| {
                     matches!(
@@ -527,35 +537,113 @@ impl RedisStore {
             };
             if for_good {
                 return Err(StoreError::backend(format!(
-                    "Redis refused a step of the idempotency store ({err}). The store needs a primary (not a replica), and a user allowed the commands GET, SET, EVAL, EVALSHA, SSUBSCRIBE, SUNSUBSCRIBE and PING, and in its scripts DEL, PEXPIRE, PTTL and SPUBLISH, on the keys ~{prefix}* and the channels &{prefix}*",
+                    "Redis refused a step of the idempotency store ({err}). The store needs a primary (not a replica), and a user allowed the commands GET, SET, EVAL, EVALSHA, SSUBSCRIBE, SUNSUBSCRIBE and PING, and in its scripts DEL, PEXPIRE, PTTL and SPUBLISH, on the keys ~{prefix}* and the channels &{prefix}* (on every node of a cluster)",
                     prefix = self.inner.prefix,
                 )));
             }
-            tracing::warn!(error = %err, "idempotency store: connected, but a first step against Redis failed; requests get 503 until it answers");
+            tracing::warn!(error = %err, "idempotency store: connected, but a first step against Redis failed; keyed requests cannot be checked until it answers");
             return Ok(());
         }
-        let policy: redis::RedisResult<HashMap<String, String>> = {
-            let mut conn = self.inner.conn.clone();
-            redis::cmd("CONFIG")
-                .arg("GET")
-                .arg("maxmemory-policy")
-                .query_async(&mut conn)
-                .await
-        };
-        match policy.as_ref().map(|p| p.get("maxmemory-policy")) {
-            Ok(Some(policy)) if policy != "noeviction" => tracing::warn!(
-                "idempotency store: Redis evicts keys when full (maxmemory-policy {policy}): an evicted claim or response lets a request run twice; set maxmemory-policy noeviction, or give the store a Redis of its own"
-            ),
-            Ok(_) => {}
-            Err(err) => {
-                tracing::debug!(error = %err, "idempotency store: could not read Redis's maxmemory-policy")
+        for (_, slot) in &keys {
+            let mut cmd = redis::cmd("CONFIG");
+            cmd.arg("GET").arg("maxmemory-policy");
+            let policy = match (&self.inner.conn, slot) {
+                (Conn::Cluster(conn), Some(slot)) => {
+                    let to = Route::new(*slot, SlotAddr::Master);
+                    let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(to));
+                    conn.clone()
+                        .route_command(cmd, routing)
+                        .await
+                        .and_then(|value| Ok(redis::from_redis_value(value)?))
+                }
+                _ => cmd.query_async(&mut self.inner.conn.clone()).await,
+            };
+            let policy: HashMap<String, String> = match policy {
+                Ok(policy) => policy,
+                Err(err) => {
+                    tracing::debug!(error = %err, "idempotency store: could not read Redis's maxmemory-policy");
+                    continue;
+                }
+            };
+            if let Some(policy) = policy.get("maxmemory-policy")
+                && policy != "noeviction"
+            {
+                tracing::warn!(
+                    "idempotency store: Redis evicts keys when full (maxmemory-policy {policy}): an evicted claim or response lets a request run twice; set maxmemory-policy noeviction, or give the store a Redis of its own"
+                );
+                break;
             }
         }
         Ok(())
     }
 
-    async fn check_steps(&self) -> Result<(), StoreError> {
-        let key = StoreKey::new(b"", &crate::IdempotencyKey::auto());
+    /// A key of its own for [`check`](Self::check): one, or on a cluster one in the slots of
+    /// each primary, with a slot of it to send commands to (one key when the cluster's map
+    /// cannot be read).
+    async fn keys_on_each_primary(&self) -> Vec<(StoreKey, Option<u16>)> {
+        let fresh = || StoreKey::new(b"", &crate::IdempotencyKey::auto());
+        if !self.is_cluster() {
+            return vec![(fresh(), None)];
+        }
+        // Each entry: first slot, last slot, then the primary (address, port, id), replicas.
+        let mut cmd = redis::cmd("CLUSTER");
+        cmd.arg("SLOTS");
+        let Ok(slots) = self
+            .query::<Vec<Vec<Value>>>("read the cluster's slots", &cmd)
+            .await
+        else {
+            return vec![(fresh(), None)];
+        };
+        let mut primaries: Vec<(Value, Vec<(u16, u16)>)> = Vec::new();
+        for entry in slots {
+            let [first, last, primary, ..] = &entry[..] else {
+                continue;
+            };
+            let (Ok(first), Ok(last)) = (
+                redis::from_redis_value_ref::<u16>(first),
+                redis::from_redis_value_ref::<u16>(last),
+            ) else {
+                continue;
+            };
+            match primaries.iter_mut().find(|(p, _)| p == primary) {
+                Some((_, ranges)) => ranges.push((first, last)),
+                None => primaries.push((primary.clone(), vec![(first, last)])),
+            }
+        }
+        // Candidates' slots, as the cluster computes them, in one round trip a batch.
+        let mut keys = Vec::new();
+        for _ in 0..4 {
+            let candidates: Vec<StoreKey> = (0..64).map(|_| fresh()).collect();
+            let mut pipe = redis::pipe();
+            for key in &candidates {
+                pipe.cmd("CLUSTER").arg("KEYSLOT").arg(self.redis_key(key));
+            }
+            let mut conn = self.inner.conn.clone();
+            let Ok(slots): redis::RedisResult<Vec<u16>> = pipe.query_async(&mut conn).await else {
+                break;
+            };
+            primaries.retain(|(_, ranges)| {
+                let found = candidates.iter().zip(&slots).find(|(_, slot)| {
+                    ranges
+                        .iter()
+                        .any(|(first, last)| (first..=last).contains(slot))
+                });
+                if let Some((key, &slot)) = found {
+                    keys.push((*key, Some(slot)));
+                }
+                found.is_none()
+            });
+            if primaries.is_empty() {
+                break;
+            }
+        }
+        if keys.is_empty() {
+            keys.push((fresh(), None));
+        }
+        keys
+    }
+
+    async fn check_steps(&self, key: StoreKey) -> Result<(), StoreError> {
         let fingerprint = Fingerprint::from_bytes([0; 32]);
         let lease = Duration::from_secs(10);
         let steps = async {
@@ -985,12 +1073,13 @@ impl KeyStore for RedisStore {
         let args = |cmd: &mut Cmd| {
             cmd.arg(&token_arg(token)[..])
                 .arg(&value[..])
-                .arg(millis(retention));
+                .arg(millis(retention))
+                .arg(&channel);
         };
         let script = &self.inner.complete;
         Ok(
             if self
-                .owned_step("complete", key, script, &[&redis_key, &channel], args)
+                .owned_step("complete", key, script, &[&redis_key], args)
                 .await?
             {
                 Completion::Stored
@@ -1004,10 +1093,10 @@ impl KeyStore for RedisStore {
         let redis_key = self.redis_key(key);
         let channel = channel_of(&redis_key);
         let args = |cmd: &mut Cmd| {
-            cmd.arg(&token_arg(token)[..]);
+            cmd.arg(&token_arg(token)[..]).arg(&channel);
         };
         let script = &self.inner.release;
-        self.owned_step("release", key, script, &[&redis_key, &channel], args)
+        self.owned_step("release", key, script, &[&redis_key], args)
             .await
     }
 

@@ -254,15 +254,23 @@ fn spin_answers(streams: Vec<TcpStream>) -> Result<Vec<Answer>, String> {
             if answer.is_some() {
                 continue;
             }
+            let mut closed = false;
             loop {
                 match sock.read(&mut chunk) {
-                    Ok(0) => return Err("the server closed a connection before answering".into()),
+                    Ok(0) => {
+                        closed = true;
+                        break;
+                    }
                     Ok(n) => buf.extend_from_slice(&chunk[..n]),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) => return Err(e.to_string()),
                 }
             }
-            if let Some((status, replayed)) = parse_answer(buf)? {
+            let parsed = parse_answer(buf)?;
+            if parsed.is_none() && closed {
+                return Err("the server closed a connection before answering".into());
+            }
+            if let Some((status, replayed)) = parsed {
                 *answer = Some(Answer {
                     status,
                     replayed,

@@ -103,7 +103,7 @@ async fn each_attempt_and_each_decision_to_retry_or_not_is_logged() {
     let invalid = find(&[
         "WARN",
         "idempotency-key header holds no valid key",
-        "not retried",
+        "a POST or PATCH with it is not retried",
     ]);
     let not_retrying = find(&["not retrying", "outcome=503", "no idempotency key"]);
     assert!(second < invalid && invalid < not_retrying, "{text}");

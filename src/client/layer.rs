@@ -235,7 +235,7 @@ where
                 Err(err) => {
                     tracing::warn!(
                         target: super::policy::TARGET,
-                        "the request's {header} header holds no valid key ({err}); it is sent as it is, and the request is not retried"
+                        "the request's {header} header holds no valid key ({err}); it is sent as it is, and is not taken for a key (a POST or PATCH with it is not retried)"
                     );
                     None
                 }

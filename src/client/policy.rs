@@ -100,7 +100,8 @@ impl<E, F: Fn(&E) -> bool> ClassifyError<E> for F {
 /// # Logging
 ///
 /// Each attempt is logged at debug level under the `tower_idempotency::client` target, and so
-/// is each decision to retry (with what the attempt got and the wait) or not (with why):
+/// is each decision to retry a failure (with what the attempt got and the wait) or not (with
+/// why); with `max_attempts(1)` there is no decision to log:
 ///
 /// ```text
 /// Request: POST /api/v1/deployments request_id=abc123 idempotency_key=deploy-v1 attempt=1

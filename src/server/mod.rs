@@ -94,10 +94,10 @@
 //!
 //! `Router::layer` runs the service after routing, on each route and on the router's
 //! fallback: a keyed request to a path no route matches is answered 404, and that answer is
-//! stored and replayed like any other (as is a 405 for a method a route does not serve); the
-//! key then cannot be used for another request. `Router::route_layer` runs it on the routes
-//! alone: the fallback's 404 is not stored. A layer on one method router
-//! (`post(handler).layer(..)`) stores neither.
+//! stored and replayed like any other; the key then cannot be used for another request.
+//! `Router::route_layer`, and a layer on one method router (`post(handler).layer(..)`), leave
+//! the router's fallback out: its 404 is not stored. All three wrap the method router's own
+//! fallback: a keyed `PATCH` to a path that serves only `POST` gets a 405 that is stored.
 //!
 //! Wrapping the whole router runs it before routing: a replay is answered without routing, and
 //! no request pays for a clone and a box of the layer on each route (in the example server

@@ -646,28 +646,24 @@ impl RedisStore {
     async fn check_steps(&self, key: StoreKey) -> Result<(), StoreError> {
         let fingerprint = Fingerprint::from_bytes([0; 32]);
         let lease = Duration::from_secs(10);
-        let steps = async {
-            let Claim::Claimed(token) = self.claim(&key, &fingerprint, lease).await? else {
-                return Err(StoreError::Corrupt("a fresh key was held".into()));
-            };
-            let renewed = self.extend(&key, token, lease).await?;
-            let (held, _) = self.read_with_ttl(&key).await?;
-            let released = self.release(&key, token).await?;
-            let Claim::Claimed(token) = self.claim(&key, &fingerprint, lease).await? else {
-                return Err(StoreError::Corrupt("a released key was held".into()));
-            };
-            let record = Record::not_replayable(fingerprint, http::StatusCode::OK);
-            let stored = self
-                .complete(&key, token, &record, Duration::from_millis(1))
-                .await?;
-            if !(renewed && held.is_some() && released && stored == Completion::Stored) {
-                return Err(StoreError::Corrupt(
-                    "a step on a key of its own did not do its work".into(),
-                ));
-            }
-            Ok(())
+        let Claim::Claimed(token) = self.claim(&key, &fingerprint, lease).await? else {
+            return Err(StoreError::Corrupt("a fresh key was held".into()));
         };
-        steps.await?;
+        let renewed = self.extend(&key, token, lease).await?;
+        let (held, _) = self.read_with_ttl(&key).await?;
+        let released = self.release(&key, token).await?;
+        let Claim::Claimed(token) = self.claim(&key, &fingerprint, lease).await? else {
+            return Err(StoreError::Corrupt("a released key was held".into()));
+        };
+        let record = Record::not_replayable(fingerprint, http::StatusCode::OK);
+        let stored = self
+            .complete(&key, token, &record, Duration::from_millis(1))
+            .await?;
+        if !(renewed && held.is_some() && released && stored == Completion::Stored) {
+            return Err(StoreError::Corrupt(
+                "a step on a key of its own did not do its work".into(),
+            ));
+        }
         // The notifications: refused, they leave waiters to poll.
         let mut publish = redis::cmd("SPUBLISH");
         publish.arg(channel_of(&self.redis_key(&key))).arg("check");

@@ -520,6 +520,8 @@ impl RedisStore {
             let Err(err) = self.check_steps(*key).await else {
                 continue;
             };
+            // A plain `ERR` is a refusal for good (an unknown command, a command a script's
+            // user may not run), but for a node that has all the clients it takes.
             let for_good = match &err {
                 StoreError::Backend(err) => err.downcast_ref::<RedisError>().is_some_and(|err| {
                     matches!(
@@ -530,7 +532,7 @@ impl RedisStore {
                                 | redis::ServerErrorKind::CrossSlot
                                 | redis::ServerErrorKind::ResponseError
                         )
-                    )
+                    ) && !err.to_string().contains("max number of clients")
                 }),
                 StoreError::Corrupt(_) => true,
                 StoreError::Timeout(_) => false,

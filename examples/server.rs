@@ -48,7 +48,7 @@ use serde_json::{Value, json};
 use tower::ServiceBuilder;
 use tower_idempotency::{
     IdempotencyServiceLayer,
-    server::OnConflict,
+    server::{OnConflict, ResponseBody},
     store::{KeyStore, MemoryStore},
 };
 
@@ -393,7 +393,9 @@ async fn main() -> ExitCode {
             // back to it.
             let background = layer.background();
             let service = ServiceBuilder::new()
-                .map_response(|response: Response<_>| response.map(Body::new))
+                .map_response(|response: Response<ResponseBody<Body>>| {
+                    response.map(|body| body.into_inner().unwrap_or_else(Body::new))
+                })
                 .layer(layer)
                 .service(app);
             let served = axum::serve(listener, ServiceExt::<Request>::into_make_service(service))

@@ -154,6 +154,17 @@ struct Partial<B: Body> {
 }
 
 impl<B: Body> ResponseBody<B> {
+    /// The inner service's own body, where the service passed it on as it was (a request
+    /// without a key, a streamed response); otherwise `self`. A server that maps the body back
+    /// to its own type (axum's `Body`) avoids boxing it a second time:
+    /// `response.map(|body| body.into_inner().unwrap_or_else(Body::new))`.
+    pub fn into_inner(self) -> Result<B, Self> {
+        match self.kind {
+            ResponseKind::Inner { body } => Ok(body),
+            kind => Err(Self { kind }),
+        }
+    }
+
     pub(crate) fn inner(body: B) -> Self {
         Self {
             kind: ResponseKind::Inner { body },
@@ -386,5 +397,16 @@ mod tests {
         assert_eq!(failed.size_hint().lower(), 6);
         let whole = Failing::partial(read(), None, None);
         assert_eq!(whole.size_hint().exact(), Some(6));
+    }
+
+    #[test]
+    fn only_a_body_passed_on_as_it_was_is_given_back() {
+        let passed = ResponseBody::inner(http_body_util::Full::new(Bytes::from_static(b"inner")));
+        let body = passed.into_inner().expect("the inner body");
+        assert_eq!(body.size_hint().exact(), Some(5));
+        let made =
+            ResponseBody::<http_body_util::Full<Bytes>>::full(Bytes::from_static(b"stored"), None);
+        let made = made.into_inner().expect_err("a body the service made");
+        assert_eq!(made.size_hint().exact(), Some(6));
     }
 }

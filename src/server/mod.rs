@@ -114,7 +114,7 @@
 //! ```
 //! use axum::{Router, body::Body, extract::Request, http::{Response, StatusCode}, routing::post};
 //! use tower::{ServiceBuilder, ServiceExt};
-//! use tower_idempotency::{IdempotencyServiceLayer, store::MemoryStore};
+//! use tower_idempotency::{IdempotencyServiceLayer, server::ResponseBody, store::MemoryStore};
 //!
 //! # #[tokio::main]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -125,7 +125,10 @@
 //!
 //! // Around the router, before routing:
 //! let around = ServiceBuilder::new()
-//!     .map_response(|response: Response<_>| response.map(Body::new))
+//!     // axum's own body type back; one passed on as it was (no key) is not boxed again.
+//!     .map_response(|response: Response<ResponseBody<Body>>| {
+//!         response.map(|body| body.into_inner().unwrap_or_else(Body::new))
+//!     })
 //!     .layer(IdempotencyServiceLayer::new(MemoryStore::new()))
 //!     .service(router.clone());
 //!

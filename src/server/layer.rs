@@ -231,11 +231,10 @@ impl IdempotencyServiceLayer {
     /// to be stored (on by default). Without renewal, a run slower than the lease loses its
     /// claim, and a duplicate the store then lets through runs too (with a store in another
     /// process, duplicates in the run's own process still wait on it; those of other
-    /// processes run). A run's response is then stored
-    /// only if, when it ends, no response is stored yet and no other run holds a live claim on
-    /// the key; otherwise it is fenced (not stored, and logged). So the response kept is not
-    /// always the first run's: the slow run's is kept when the duplicate's lease has lapsed
-    /// too by the time the slow run ends.
+    /// processes run). A run's response is then stored only if, when it ends, no response is
+    /// stored yet and no other run holds a live claim on the key; otherwise it is fenced (not
+    /// stored, and logged). So the response kept is not always the first run's: the slow
+    /// run's is kept when the duplicate's lease has lapsed too by the time the slow run ends.
     ///
     /// With renewal, a run that never ends (a handler that hangs, a body that stalls) holds its
     /// key for as long as the process lives, even once its caller has left. Bound runs inside

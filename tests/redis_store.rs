@@ -1147,6 +1147,53 @@ async fn a_cluster_node_that_cannot_run_the_steps_is_found_at_connect() {
             .expect_err("refused");
         assert!(err.to_string().contains("NoPerm"), "{err}");
     }
+
+    // The least a user needs on a cluster, as the docs list it, on every node.
+    let least = format!("least{}", rand::random::<u32>());
+    for port in &ports {
+        let rules = format!(
+            "ACL SETUSER {least} on >pw ~idem:* &idem:* +get +set +eval +evalsha +ssubscribe +sunsubscribe +ping +del +pexpire +pttl +spublish +cluster|slots"
+        );
+        assert!(command(*port, &rules).starts_with("+OK"));
+    }
+    let nodes: Vec<String> = ports
+        .iter()
+        .map(|port| format!("redis://{least}:pw@127.0.0.1:{port}"))
+        .collect();
+    let store = RedisStore::connect_cluster(nodes).await.expect("connect");
+    steps_work(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_cannot_answer_for_now_does_not_keep_another_from_being_checked() {
+    // The check stopped at the first primary that failed for the moment, and let a primary
+    // that refuses for good through.
+    let cluster = support::Cluster::start(0);
+    let ports: Vec<u16> = cluster
+        .urls()
+        .iter()
+        .map(|url| url.rsplit(':').next().unwrap().parse().unwrap())
+        .collect();
+    for (i, port) in ports.iter().enumerate() {
+        let scripting = if i == 2 { "-@scripting" } else { "" };
+        let rules = format!("ACL SETUSER app on >pw ~* &* +@all {scripting}");
+        assert!(command(*port, &rules).starts_with("+OK"));
+    }
+    assert!(command(ports[0], "CLIENT PAUSE 3000 WRITE").starts_with("+OK"));
+    let nodes: Vec<String> = ports
+        .iter()
+        .map(|port| format!("redis://app:pw@127.0.0.1:{port}"))
+        .collect();
+    let err = RedisStore::builder()
+        .response_timeout(Duration::from_millis(500))
+        .connect_cluster(nodes)
+        .await
+        .expect_err("refused");
+    let message = err.to_string();
+    assert!(
+        message.contains("NoPerm") && message.contains(&format!(":{}", ports[2])),
+        "{message}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

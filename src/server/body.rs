@@ -155,7 +155,8 @@ struct Partial<B: Body> {
 
 impl<B: Body> ResponseBody<B> {
     /// The inner service's own body, where the service passed it on as it was (a request
-    /// without a key, a streamed response); otherwise `self`. A server that maps the body back
+    /// without a key, a response it does not store, such as a 5xx, or a streamed one);
+    /// otherwise `self`. A server that maps the body back
     /// to its own type (axum's `Body`) avoids boxing it a second time:
     /// `response.map(|body| body.into_inner().unwrap_or_else(Body::new))`.
     pub fn into_inner(self) -> Result<B, Self> {

@@ -201,11 +201,12 @@ impl Lua {
 /// with the same prefix answer each other's keys.
 ///
 /// A Redis user with access control needs the commands `GET`, `SET`, `EVAL`, `EVALSHA`,
-/// `SSUBSCRIBE`, `SUNSUBSCRIBE` and `PING`, and in the scripts `DEL`, `PEXPIRE`, `PTTL` and
-/// `SPUBLISH`; the keys `~<prefix>*` and the channels `&<prefix>*`. For the prefix `idem:`:
+/// `SSUBSCRIBE`, `SUNSUBSCRIBE` and `PING` (and `CLUSTER|SLOTS` on a cluster), and in the
+/// scripts `DEL`, `PEXPIRE`, `PTTL` and `SPUBLISH`; the keys `~<prefix>*` and the channels
+/// `&<prefix>*`; on a cluster, on every node. For the prefix `idem:`:
 ///
 /// ```text
-/// ACL SETUSER app on >secret ~idem:* &idem:* +get +set +eval +evalsha +ssubscribe +sunsubscribe +ping +del +pexpire +pttl +spublish
+/// ACL SETUSER app on >secret ~idem:* &idem:* +get +set +eval +evalsha +ssubscribe +sunsubscribe +ping +del +pexpire +pttl +spublish +cluster|slots
 /// ```
 ///
 /// Connecting runs each step once on a key of its own (a claim, a renewal, a read, a release
@@ -213,7 +214,11 @@ impl Lua {
 /// permission, a replica, a renamed command) is refused there, with what is missing, rather
 /// than found out by the first request, which could then run and fail to store its response.
 /// A user without the channels is let through with a warning: waiters in other processes
-/// then find a finished run by polling.
+/// then find a finished run by polling. On a cluster every primary is checked, at once.
+///
+/// While a key's slot moves to another node, its completion is announced on the new node and
+/// a waiter may still listen on the old one: it finds the answer by polling (within a few
+/// poll intervals), or when the move ends.
 ///
 /// # Example
 ///
@@ -508,21 +513,23 @@ impl RedisStore {
     }
 
     /// Runs each of the store's steps once on a key of its own, and reads Redis's eviction
-    /// policy: see "Production notes" on [`RedisStore`]. A step refused for good (a missing
-    /// permission, a replica, an unknown command) is an error; one that failed for the moment
-    /// (a timeout, Redis out of memory or loading) is logged and the store is given out all
-    /// the same, as it would be had Redis gone down just after.
+    /// policy: see "Production notes" on [`RedisStore`]. On a cluster it does so on every
+    /// primary at once, since access control is set node by node and a node left out would
+    /// refuse only the keys of its slots. A step refused for good (a missing permission, a
+    /// replica, an unknown command) is an error; one that failed for the moment (a timeout,
+    /// Redis out of memory or loading) is logged and the store is given out all the same, as
+    /// it would be had Redis gone down just after.
     async fn check(&self) -> Result<(), StoreError> {
-        // On a cluster, a key on each primary: access control is set node by node, and a node
-        // left out would refuse only the keys in its slots.
-        let keys = self.keys_on_each_primary().await;
-        for (key, _) in &keys {
-            let Err(err) = self.check_steps(*key).await else {
-                continue;
-            };
+        let targets = self.check_targets().await;
+        let outcomes = futures_util::future::join_all(
+            targets.iter().map(|target| self.check_steps(target.key)),
+        )
+        .await;
+        for (target, outcome) in targets.iter().zip(&outcomes) {
+            let Err(err) = outcome else { continue };
             // A plain `ERR` is a refusal for good (an unknown command, a command a script's
             // user may not run), but for a node that has all the clients it takes.
-            let for_good = match &err {
+            let for_good = match err {
                 StoreError::Backend(err) => err.downcast_ref::<RedisError>().is_some_and(|err| {
                     matches!(
                         err.kind(),
@@ -539,19 +546,22 @@ impl RedisStore {
             };
             if for_good {
                 return Err(StoreError::backend(format!(
-                    "Redis refused a step of the idempotency store ({err}). The store needs a primary (not a replica), and a user allowed the commands GET, SET, EVAL, EVALSHA, SSUBSCRIBE, SUNSUBSCRIBE and PING, and in its scripts DEL, PEXPIRE, PTTL and SPUBLISH, on the keys ~{prefix}* and the channels &{prefix}* (on every node of a cluster)",
+                    "Redis{node} refused a step of the idempotency store ({err}). The store needs a primary (not a replica), and a user allowed the commands GET, SET, EVAL, EVALSHA, SSUBSCRIBE, SUNSUBSCRIBE and PING (and CLUSTER|SLOTS on a cluster), and in its scripts DEL, PEXPIRE, PTTL and SPUBLISH, on the keys ~{prefix}* and the channels &{prefix}* (on every node of a cluster)",
+                    node = target.node,
                     prefix = self.inner.prefix,
                 )));
             }
-            tracing::warn!(error = %err, "idempotency store: connected, but a first step against Redis failed; keyed requests cannot be checked until it answers");
-            return Ok(());
         }
-        for (_, slot) in &keys {
+        for (target, outcome) in targets.iter().zip(&outcomes) {
+            if let Err(err) = outcome {
+                tracing::warn!(error = %err, "idempotency store: connected, but a first step against Redis{} failed; keyed requests on it cannot be checked until it answers", target.node);
+                continue;
+            }
             let mut cmd = redis::cmd("CONFIG");
             cmd.arg("GET").arg("maxmemory-policy");
-            let policy = match (&self.inner.conn, slot) {
+            let policy = match (&self.inner.conn, target.slot) {
                 (Conn::Cluster(conn), Some(slot)) => {
-                    let to = Route::new(*slot, SlotAddr::Master);
+                    let to = Route::new(slot, SlotAddr::Master);
                     let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(to));
                     conn.clone()
                         .route_command(cmd, routing)
@@ -563,7 +573,7 @@ impl RedisStore {
             let policy: HashMap<String, String> = match policy {
                 Ok(policy) => policy,
                 Err(err) => {
-                    tracing::debug!(error = %err, "idempotency store: could not read Redis's maxmemory-policy");
+                    tracing::debug!(error = %err, "idempotency store: could not read the maxmemory-policy of Redis{}", target.node);
                     continue;
                 }
             };
@@ -571,21 +581,27 @@ impl RedisStore {
                 && policy != "noeviction"
             {
                 tracing::warn!(
-                    "idempotency store: Redis evicts keys when full (maxmemory-policy {policy}): an evicted claim or response lets a request run twice; set maxmemory-policy noeviction, or give the store a Redis of its own"
+                    "idempotency store: Redis{} evicts keys when full (maxmemory-policy {policy}): an evicted claim or response lets a request run twice; set maxmemory-policy noeviction, or give the store a Redis of its own",
+                    target.node
                 );
-                break;
             }
         }
         Ok(())
     }
 
-    /// A key of its own for [`check`](Self::check): one, or on a cluster one in the slots of
-    /// each primary, with a slot of it to send commands to (one key when the cluster's map
-    /// cannot be read).
-    async fn keys_on_each_primary(&self) -> Vec<(StoreKey, Option<u16>)> {
+    /// Where [`check`](Self::check) runs: one key of its own, or on a cluster one in the slots
+    /// of each primary (one key when the cluster's map cannot be read).
+    async fn check_targets(&self) -> Vec<CheckTarget> {
         let fresh = || StoreKey::new(b"", &crate::IdempotencyKey::auto());
+        let anywhere = || {
+            vec![CheckTarget {
+                key: fresh(),
+                slot: None,
+                node: String::new(),
+            }]
+        };
         if !self.is_cluster() {
-            return vec![(fresh(), None)];
+            return anywhere();
         }
         // Each entry: first slot, last slot, then the primary (address, port, id), replicas.
         let mut cmd = redis::cmd("CLUSTER");
@@ -594,55 +610,60 @@ impl RedisStore {
             .query::<Vec<Vec<Value>>>("read the cluster's slots", &cmd)
             .await
         else {
-            return vec![(fresh(), None)];
+            return anywhere();
         };
-        let mut primaries: Vec<(Value, Vec<(u16, u16)>)> = Vec::new();
+        let mut primaries: Vec<(String, Vec<(u16, u16)>)> = Vec::new();
         for entry in slots {
             let [first, last, primary, ..] = &entry[..] else {
                 continue;
             };
-            let (Ok(first), Ok(last)) = (
+            let Ok(primary) = redis::from_redis_value_ref::<Vec<Value>>(primary) else {
+                continue;
+            };
+            let [host, port, ..] = &primary[..] else {
+                continue;
+            };
+            let (Ok(first), Ok(last), Ok(host), Ok(port)) = (
                 redis::from_redis_value_ref::<u16>(first),
                 redis::from_redis_value_ref::<u16>(last),
+                redis::from_redis_value_ref::<String>(host),
+                redis::from_redis_value_ref::<u16>(port),
             ) else {
                 continue;
             };
-            match primaries.iter_mut().find(|(p, _)| p == primary) {
+            let node = format!(" {host}:{port}");
+            match primaries.iter_mut().find(|(n, _)| *n == node) {
                 Some((_, ranges)) => ranges.push((first, last)),
-                None => primaries.push((primary.clone(), vec![(first, last)])),
+                None => primaries.push((node, vec![(first, last)])),
             }
         }
-        // Candidates' slots, as the cluster computes them, in one round trip a batch.
-        let mut keys = Vec::new();
-        for _ in 0..4 {
-            let candidates: Vec<StoreKey> = (0..64).map(|_| fresh()).collect();
-            let mut pipe = redis::pipe();
-            for key in &candidates {
-                pipe.cmd("CLUSTER").arg("KEYSLOT").arg(self.redis_key(key));
-            }
-            let mut conn = self.inner.conn.clone();
-            let Ok(slots): redis::RedisResult<Vec<u16>> = pipe.query_async(&mut conn).await else {
-                break;
-            };
-            primaries.retain(|(_, ranges)| {
-                let found = candidates.iter().zip(&slots).find(|(_, slot)| {
-                    ranges
-                        .iter()
-                        .any(|(first, last)| (first..=last).contains(slot))
-                });
-                if let Some((key, &slot)) = found {
-                    keys.push((*key, Some(slot)));
-                }
-                found.is_none()
+        let mut targets = Vec::new();
+        for (node, ranges) in primaries {
+            // Slots are computed here, as the cluster does: a primary with a share of the
+            // slots takes a few tries, one with a single slot some thousands, at no round trip.
+            let found = (0..1_000_000).find_map(|_| {
+                let key = fresh();
+                let slot = key_slot(&key);
+                ranges
+                    .iter()
+                    .any(|&(first, last)| (first..=last).contains(&slot))
+                    .then_some((key, slot))
             });
-            if primaries.is_empty() {
-                break;
+            match found {
+                Some((key, slot)) => targets.push(CheckTarget {
+                    key,
+                    slot: Some(slot),
+                    node,
+                }),
+                None => tracing::warn!(
+                    "idempotency store: found no key of its own for Redis{node} to check it with"
+                ),
             }
         }
-        if keys.is_empty() {
-            keys.push((fresh(), None));
+        if targets.is_empty() {
+            return anywhere();
         }
-        keys
+        targets
     }
 
     async fn check_steps(&self, key: StoreKey) -> Result<(), StoreError> {
@@ -962,6 +983,24 @@ fn put_header(buf: &mut BytesMut, state: u8, token: FencingToken, fingerprint: &
 
 fn token_arg(token: FencingToken) -> [u8; 16] {
     token.as_u128().to_be_bytes()
+}
+
+/// A key the connect check runs the steps on, the slot it is in (on a cluster), and the node
+/// that serves it, for messages (` host:port`, or nothing).
+struct CheckTarget {
+    key: StoreKey,
+    slot: Option<u16>,
+    node: String,
+}
+
+/// The cluster slot of the Redis key that holds `key`: CRC16 (XMODEM) of its hash tag, the
+/// hex digest, as Redis Cluster computes it.
+fn key_slot(key: &StoreKey) -> u16 {
+    slot_of_tag(key.to_hex().as_bytes())
+}
+
+fn slot_of_tag(tag: &[u8]) -> u16 {
+    crc16::State::<crc16::XMODEM>::calculate(tag) % 16384
 }
 
 /// The sharded pub/sub channel of the Redis key `redis_key`: in the key's cluster slot, since the
@@ -1588,6 +1627,15 @@ mod tests {
     use http::StatusCode;
 
     use super::*;
+
+    #[test]
+    fn slots_are_computed_as_redis_cluster_computes_them() {
+        // The example of the Redis Cluster specification: CRC16 of "123456789" is 0x31C3.
+        assert_eq!(slot_of_tag(b"123456789"), 0x31C3);
+        // `CLUSTER KEYSLOT` of these keys, read from a Redis 7.0 server.
+        assert_eq!(slot_of_tag(b"foo"), 12182);
+        assert_eq!(slot_of_tag(b"user1000"), 3443);
+    }
 
     #[tokio::test]
     async fn a_subscription_reply_marks_only_the_entry_it_was_made_for() {

@@ -1247,3 +1247,48 @@ async fn a_prefix_with_a_brace_is_refused() {
         .expect_err("refused");
     assert!(err.to_string().contains("brace"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_waited_on_across_a_failover_is_left_on_every_node() {
+    // A failover drops the demoted node's subscriptions; the store subscribed again through
+    // its stale map of the slots (the demoted node, now a replica, took it), then the client
+    // renewed its subscriptions on the new master once its map was refreshed. The waiter's
+    // unsubscribe reached the new master only, and the replica kept the channel for as long
+    // as the connection lived.
+    let cluster = Arc::new(support::Cluster::start(1));
+    let claimer = RedisStore::connect_cluster(cluster.urls()).await.unwrap();
+    let waiter = RedisStore::connect_cluster(cluster.urls()).await.unwrap();
+    let first = fresh_key();
+    claimed(&claimer, &first, LEASE).await;
+    let waiting = tokio::spawn({
+        let waiter = waiter.clone();
+        async move { waiter.wait(&first, Duration::from_secs(3)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let failing_over = waiter.redis_key(&first);
+    tokio::task::spawn_blocking({
+        let cluster = cluster.clone();
+        move || cluster.fail_over_slot_of(&failing_over)
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A key whose slot moved: waiting on it meets MOVED, and the client refreshes its map.
+    let second = fresh_key();
+    claimed(&claimer, &second, LEASE).await;
+    let moved = waiter.redis_key(&second);
+    tokio::task::spawn_blocking({
+        let cluster = cluster.clone();
+        move || cluster.move_slot_of(&moved).finish()
+    })
+    .await
+    .unwrap();
+    let _ = waiter.wait(&second, Duration::from_millis(500)).await;
+    let _ = waiting.await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for url in cluster.urls() {
+        let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+        let channels = command(port, "PUBSUB SHARDCHANNELS *");
+        assert!(channels.starts_with("*0"), "node {port}: {channels}");
+    }
+}

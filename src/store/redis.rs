@@ -1246,6 +1246,12 @@ struct Subscriptions {
     check_now: Notify,
     /// Failed subscriptions are tried again every watchdog interval, and warned of once a minute.
     failing: clock::OncePerMinute,
+    /// Channels the server dropped while waited on (their slot moved, or failed over). The
+    /// store subscribes again through the map of the slots it has, which may send the
+    /// subscription to the demoted node, now a replica that takes it; the cluster client
+    /// renews it on the new master once its map is refreshed. Leaving such a channel goes to
+    /// every node.
+    moved: Mutex<std::collections::HashSet<Vec<u8>>>,
 }
 
 struct Channel {
@@ -1272,6 +1278,7 @@ impl Subscriptions {
             stale: AtomicBool::new(false),
             check_now: Notify::new(),
             failing: clock::OncePerMinute::new(),
+            moved: Mutex::default(),
         });
         (subscriptions, rx)
     }
@@ -1350,6 +1357,10 @@ impl Subscriptions {
     /// and have them look at their keys now, in case a notification was missed meanwhile.
     fn dropped(&self, channel: &[u8]) {
         if let Some(entry) = self.lock().get(channel) {
+            self.moved
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .insert(channel.to_vec());
             // Until it is subscribed again, its waiters poll at the interval.
             entry.subscribed.send_replace(false);
             let _ = self
@@ -1515,7 +1526,17 @@ async fn carry_out(
     for ((channel, entries), result) in last.iter().zip(sent) {
         // A failed unsubscribe leaves a subscription nobody listens to; it dies with the
         // connection.
-        let Some(entries) = entries else { continue };
+        let Some(entries) = entries else {
+            let moved = subscriptions
+                .moved
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .remove(channel);
+            if let (true, Conn::Cluster(conn)) = (moved, conn) {
+                leave_everywhere(conn, channel, limit).await;
+            }
+            continue;
+        };
         if let Err(err) = result {
             if subscriptions.failing.now() {
                 tracing::warn!(error = %err, "idempotency store: subscribing failed; waiters poll until it is renewed");
@@ -1526,6 +1547,43 @@ async fn carry_out(
         }
         for entry in entries {
             subscriptions.mark_subscribed(channel, entry);
+        }
+    }
+}
+
+/// Unsubscribes from `channel` on every node of the cluster, replicas included, each by its
+/// address, so on the connection to it that holds the subscription.
+async fn leave_everywhere(conn: &ClusterConnection, channel: &[u8], limit: Duration) {
+    let mut conn = conn.clone();
+    let mut cmd = redis::cmd("CLUSTER");
+    cmd.arg("SLOTS");
+    // Each entry: first slot, last slot, then every node serving them (address, port, id).
+    let Ok(Ok(slots)) =
+        tokio::time::timeout(limit, cmd.query_async::<Vec<Vec<Value>>>(&mut conn)).await
+    else {
+        return;
+    };
+    let mut nodes: Vec<(String, u16)> = slots
+        .iter()
+        .flat_map(|entry| entry.iter().skip(2))
+        .filter_map(|node| {
+            let node = redis::from_redis_value_ref::<Vec<Value>>(node).ok()?;
+            let [host, port, ..] = &node[..] else {
+                return None;
+            };
+            Some((
+                redis::from_redis_value_ref(host).ok()?,
+                redis::from_redis_value_ref(port).ok()?,
+            ))
+        })
+        .collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    for (host, port) in nodes {
+        let to = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+        let left = conn.route_command(channel_command("SUNSUBSCRIBE", channel), to);
+        if let Err(err) = bounded(limit, left).await {
+            tracing::debug!(error = %err, "idempotency store: leaving a moved channel on one node failed");
         }
     }
 }

@@ -220,7 +220,14 @@ impl Cluster {
             let port = address.split(['@', ':']).nth(1).unwrap().parse().unwrap();
             (id, port)
         };
-        let lines: Vec<&str> = nodes.lines().filter(|l| l.contains("master")).collect();
+        // Masters by their own account: another node's view lags behind a failover.
+        let lines: Vec<&str> = nodes
+            .lines()
+            .filter(|l| {
+                l.contains("master")
+                    && command(node(l).1, "INFO replication").contains("role:master")
+            })
+            .collect();
         let (from_id, from): (String, u16) = node(lines.iter().find(|l| owns(l)).unwrap());
         let (to_id, to) = node(lines.iter().find(|l| !owns(l)).unwrap());
         ok(command(
@@ -259,9 +266,12 @@ pub struct SlotMove<'a> {
 }
 
 impl SlotMove<'_> {
-    /// Hands the slot to its new node, on every node.
+    /// Hands the slot to its new node, on every master (replicas follow theirs).
     pub fn finish(self) {
         for node in &self.cluster.nodes {
+            if command(node.port(), "INFO replication").contains("role:slave") {
+                continue;
+            }
             let line = format!("CLUSTER SETSLOT {} NODE {}", self.slot, self.to_id);
             ok(command(node.port(), &line));
         }

@@ -617,17 +617,10 @@ impl RedisStore {
             let [first, last, primary, ..] = &entry[..] else {
                 continue;
             };
-            let Ok(primary) = redis::from_redis_value_ref::<Vec<Value>>(primary) else {
-                continue;
-            };
-            let [host, port, ..] = &primary[..] else {
-                continue;
-            };
-            let (Ok(first), Ok(last), Ok(host), Ok(port)) = (
+            let (Ok(first), Ok(last), Some((host, port))) = (
                 redis::from_redis_value_ref::<u16>(first),
                 redis::from_redis_value_ref::<u16>(last),
-                redis::from_redis_value_ref::<String>(host),
-                redis::from_redis_value_ref::<u16>(port),
+                node_address(primary),
             ) else {
                 continue;
             };
@@ -1551,6 +1544,18 @@ async fn carry_out(
     }
 }
 
+/// The address of a node in an entry of `CLUSTER SLOTS`: `[host, port, id, ...]`.
+fn node_address(node: &Value) -> Option<(String, u16)> {
+    let node = redis::from_redis_value_ref::<Vec<Value>>(node).ok()?;
+    let [host, port, ..] = &node[..] else {
+        return None;
+    };
+    Some((
+        redis::from_redis_value_ref(host).ok()?,
+        redis::from_redis_value_ref(port).ok()?,
+    ))
+}
+
 /// Unsubscribes from `channel` on every node of the cluster, replicas included, each by its
 /// address, so on the connection to it that holds the subscription.
 async fn leave_everywhere(conn: &ClusterConnection, channel: &[u8], limit: Duration) {
@@ -1566,16 +1571,7 @@ async fn leave_everywhere(conn: &ClusterConnection, channel: &[u8], limit: Durat
     let mut nodes: Vec<(String, u16)> = slots
         .iter()
         .flat_map(|entry| entry.iter().skip(2))
-        .filter_map(|node| {
-            let node = redis::from_redis_value_ref::<Vec<Value>>(node).ok()?;
-            let [host, port, ..] = &node[..] else {
-                return None;
-            };
-            Some((
-                redis::from_redis_value_ref(host).ok()?,
-                redis::from_redis_value_ref(port).ok()?,
-            ))
-        })
+        .filter_map(node_address)
         .collect();
     nodes.sort_unstable();
     nodes.dedup();

@@ -1104,14 +1104,21 @@ async fn a_redis_that_cannot_run_the_store_s_steps_is_refused_at_connect_with_wh
     let message = refused(&redis_user(&server, "resetkeys ~idem:* &* +@all -pexpire")).await;
     assert!(message.contains("PEXPIRE"), "{message}");
 
-    // A replica cannot take writes.
+    // A replica cannot take writes; one that does would keep its claims from the processes
+    // on its master.
     let replica =
         RedisServer::start_with(&["--replicaof", "127.0.0.1", &server.port().to_string()]);
     let message = refused(&replica.url()).await;
-    assert!(
-        message.contains("ReadOnly") || message.contains("READONLY"),
-        "{message}"
-    );
+    assert!(message.contains("primary"), "{message}");
+    let writable = RedisServer::start_with(&[
+        "--replicaof",
+        "127.0.0.1",
+        &server.port().to_string(),
+        "--replica-read-only",
+        "no",
+    ]);
+    let message = refused(&writable.url()).await;
+    assert!(message.contains("is a slave"), "{message}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

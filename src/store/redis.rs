@@ -520,6 +520,19 @@ impl RedisStore {
     /// Redis out of memory or loading) is logged and the store is given out all the same, as
     /// it would be had Redis gone down just after.
     async fn check(&self) -> Result<(), StoreError> {
+        // A replica that takes writes (`replica-read-only no`) would pass the steps, and keep
+        // its claims from the processes on its master. Where the user may not ask, go on.
+        if !self.is_cluster() {
+            let cmd = redis::cmd("ROLE");
+            if let Ok(role) = self.query::<Vec<Value>>("read the role", &cmd).await
+                && let Some(Ok(role)) = role.first().map(redis::from_redis_value_ref::<String>)
+                && role != "master"
+            {
+                return Err(StoreError::backend(format!(
+                    "Redis is a {role}: the store needs a primary, whose claims every process sees; connect to the primary"
+                )));
+            }
+        }
         let targets = self.check_targets().await;
         let outcomes = futures_util::future::join_all(
             targets.iter().map(|target| self.check_steps(target.key)),

@@ -14,10 +14,7 @@ use super::{
     body::{ReplayBody, replay_request},
     layer::KeyHeader,
 };
-use crate::{
-    clock,
-    key::{self, IDEMPOTENCY_KEY},
-};
+use crate::{IdempotencyKey, clock, key::IDEMPOTENCY_KEY};
 
 /// The `tracing` target of the client's events.
 pub(crate) const TARGET: &str = "tower_idempotency::client";
@@ -306,11 +303,11 @@ impl<C> RetryPolicy<C> {
     /// A header that holds no valid key (empty, too long, given twice) is none either: a server
     /// may take it for no key at all, and run each attempt.
     fn has_key<B>(&self, req: &Request<B>) -> bool {
-        key::single_value(req.headers(), self.key_header(req))
-            .ok()
-            .flatten()
-            .and_then(|value| key::parse(value).ok())
-            .is_some_and(|key| !key::is_auto(&key))
+        // The key layer's reading of a caller's header: one valid key, not `auto`.
+        matches!(
+            IdempotencyKey::from_headers(req.headers(), self.key_header(req)),
+            Ok(Some(_))
+        )
     }
 }
 

@@ -1062,9 +1062,15 @@ async fn a_redis_out_of_memory_still_releases_and_renews_claims_but_stores_nothi
 
 /// Gives `server` a user `app` (password `pw`) with `rules`, and the URL that logs in as it.
 fn redis_user(server: &RedisServer, rules: &str) -> String {
-    let reply = support::command(server.port(), &format!("ACL SETUSER app on >pw {rules}"));
+    user_on(server.port(), "app", rules)
+}
+
+/// Gives the server on `port` a user `user` (password `pw`) with `rules`, and the URL that
+/// logs in as it.
+fn user_on(port: u16, user: &str, rules: &str) -> String {
+    let reply = support::command(port, &format!("ACL SETUSER {user} on >pw {rules}"));
     assert!(reply.starts_with("+OK"), "ACL SETUSER: {reply}");
-    format!("redis://app:pw@127.0.0.1:{}", server.port())
+    format!("redis://{user}:pw@127.0.0.1:{port}")
 }
 
 /// A completion, a release and a replay, through `store`.
@@ -1125,28 +1131,19 @@ async fn a_redis_that_cannot_run_the_store_s_steps_is_refused_at_connect_with_wh
 async fn a_cluster_node_that_cannot_run_the_steps_is_found_at_connect() {
     // Access control is set node by node. The check tried one key, on one node: a node left
     // without scripting was found one connect in three, and refused the keys of its slots.
-    let cluster = support::cluster();
-    let urls = cluster.urls();
-    let ports: Vec<u16> = urls
-        .iter()
-        .map(|url| url.rsplit(':').next().unwrap().parse().unwrap())
-        .collect();
+    let ports = support::cluster().ports();
     let user = format!("split{}", rand::random::<u32>());
-    for (i, port) in ports.iter().enumerate() {
-        let scripting = if i == ports.len() - 1 {
-            "-@scripting"
-        } else {
-            ""
-        };
-        let reply = command(
-            *port,
-            &format!("ACL SETUSER {user} on >pw ~* &* +@all {scripting}"),
-        );
-        assert!(reply.starts_with("+OK"), "{reply}");
-    }
     let nodes: Vec<String> = ports
         .iter()
-        .map(|port| format!("redis://{user}:pw@127.0.0.1:{port}"))
+        .enumerate()
+        .map(|(i, port)| {
+            let scripting = if i == ports.len() - 1 {
+                "-@scripting"
+            } else {
+                ""
+            };
+            user_on(*port, &user, &format!("~* &* +@all {scripting}"))
+        })
         .collect();
     for _ in 0..5 {
         let err = RedisStore::connect_cluster(nodes.clone())
@@ -1157,15 +1154,10 @@ async fn a_cluster_node_that_cannot_run_the_steps_is_found_at_connect() {
 
     // The least a user needs on a cluster, as the docs list it, on every node.
     let least = format!("least{}", rand::random::<u32>());
-    for port in &ports {
-        let rules = format!(
-            "ACL SETUSER {least} on >pw ~idem:* &idem:* +get +set +eval +evalsha +ssubscribe +sunsubscribe +ping +del +pexpire +pttl +spublish +cluster|slots"
-        );
-        assert!(command(*port, &rules).starts_with("+OK"));
-    }
+    let rules = "~idem:* &idem:* +get +set +eval +evalsha +ssubscribe +sunsubscribe +ping +del +pexpire +pttl +spublish +cluster|slots";
     let nodes: Vec<String> = ports
         .iter()
-        .map(|port| format!("redis://{least}:pw@127.0.0.1:{port}"))
+        .map(|port| user_on(*port, &least, rules))
         .collect();
     let store = RedisStore::connect_cluster(nodes).await.expect("connect");
     steps_work(&store).await;
@@ -1176,21 +1168,16 @@ async fn a_primary_that_cannot_answer_for_now_does_not_keep_another_from_being_c
     // The check stopped at the first primary that failed for the moment, and let a primary
     // that refuses for good through.
     let cluster = support::Cluster::start(0);
-    let ports: Vec<u16> = cluster
-        .urls()
-        .iter()
-        .map(|url| url.rsplit(':').next().unwrap().parse().unwrap())
-        .collect();
-    for (i, port) in ports.iter().enumerate() {
-        let scripting = if i == 2 { "-@scripting" } else { "" };
-        let rules = format!("ACL SETUSER app on >pw ~* &* +@all {scripting}");
-        assert!(command(*port, &rules).starts_with("+OK"));
-    }
-    assert!(command(ports[0], "CLIENT PAUSE 3000 WRITE").starts_with("+OK"));
+    let ports = cluster.ports();
     let nodes: Vec<String> = ports
         .iter()
-        .map(|port| format!("redis://app:pw@127.0.0.1:{port}"))
+        .enumerate()
+        .map(|(i, port)| {
+            let scripting = if i == 2 { "-@scripting" } else { "" };
+            user_on(*port, "app", &format!("~* &* +@all {scripting}"))
+        })
         .collect();
+    assert!(command(ports[0], "CLIENT PAUSE 3000 WRITE").starts_with("+OK"));
     let err = RedisStore::builder()
         .response_timeout(Duration::from_millis(500))
         .connect_cluster(nodes)
@@ -1293,8 +1280,7 @@ async fn a_channel_waited_on_across_a_failover_is_left_on_every_node() {
     let _ = waiter.wait(&second, Duration::from_millis(500)).await;
     let _ = waiting.await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    for url in cluster.urls() {
-        let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+    for port in cluster.ports() {
         let channels = command(port, "PUBSUB SHARDCHANNELS *");
         assert!(channels.starts_with("*0"), "node {port}: {channels}");
     }

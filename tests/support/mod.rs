@@ -203,6 +203,11 @@ impl Cluster {
         self.nodes.iter().map(RedisServer::url).collect()
     }
 
+    /// The nodes' ports, in the order of [`urls`](Self::urls).
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(RedisServer::port).collect()
+    }
+
     /// Starts moving the slot that holds `redis_key` to another node, as resharding does: the
     /// key goes to its new node, and the old one redirects to it (`ASK`) until
     /// [`SlotMove::finish`] hands the slot over.

@@ -241,7 +241,7 @@ impl fmt::Debug for Config {
 
 /// The settings, the in-process flights and the tasks left running, shared by a layer and
 /// every service it makes.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) flights: Arc<Flights>,
@@ -253,7 +253,6 @@ pub(crate) struct Shared {
 }
 
 /// How many runs whose callers went away go on, and the warning that one was cancelled.
-#[derive(Debug)]
 pub(crate) struct Detached {
     running: AtomicUsize,
     pub(crate) cancelled: crate::clock::OncePerMinute,

@@ -148,16 +148,13 @@ impl Lua {
 
     /// The command that runs the script on `keys`, then `args` (which adds the arguments).
     fn cmd(&self, by_source: bool, keys: &[&str], args: &impl Fn(&mut Cmd)) -> Cmd {
-        let mut cmd = if by_source {
-            let mut cmd = redis::cmd("EVAL");
-            cmd.arg(self.source);
-            cmd
+        let (command, script) = if by_source {
+            ("EVAL", self.source)
         } else {
-            let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(&self.sha);
-            cmd
+            ("EVALSHA", self.sha.as_str())
         };
-        cmd.arg(keys.len()).arg(keys);
+        let mut cmd = redis::cmd(command);
+        cmd.arg(script).arg(keys.len()).arg(keys);
         args(&mut cmd);
         cmd
     }
